@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export LONGITUDINAL_HOME ?= $(CURDIR)/workspace
+# Offline and quiet: no telemetry, no version checks.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export MLFLOW_ENABLE_TELEMETRY := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test lint layers venv clean bench
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned, so nothing else can pull a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check longitudinal storage flows tests benchmarks
+
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+test: $(STAMP) lint layers
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m longitudinal.demo
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) workspace .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: the only importer of prefect. Thin orchestration over library calls."""

@@ -1,0 +1,3 @@
+from longitudinal.cli import main
+
+main()

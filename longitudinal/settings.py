@@ -1,0 +1,134 @@
+"""One place for every location and URI the project uses.
+
+Values come from environment variables prefixed ``LONGITUDINAL_`` (or a CLI flag that overrides them).
+``LONGITUDINAL_HOME`` is the workspace root; every default location lives under it, so nothing is ever
+written wherever a command happens to run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".longitudinal"
+
+# Project channel names; sources map their own naming onto these.
+CHANNELS: tuple[str, ...] = ("T1c", "FLAIR")
+
+# BIDS entities -> project channel. Real datasets name contrasts differently, so this is configurable
+# (LONGITUDINAL_BIDS_CHANNEL_MAP as JSON). Each value is a dict of BIDS entities that must all match.
+DEFAULT_BIDS_CHANNEL_MAP: dict[str, dict[str, str]] = {
+    "T1c": {"suffix": "T1w", "ce": "gd"},
+    "FLAIR": {"suffix": "FLAIR"},
+}
+
+# DICOM SeriesDescription (case-insensitive substring) -> project channel.
+DEFAULT_DICOM_CHANNEL_MAP: dict[str, str] = {
+    "t1c": "T1c",
+    "t1 post": "T1c",
+    "t1+c": "T1c",
+    "t1w_gd": "T1c",
+    "flair": "FLAIR",
+}
+
+
+class Settings(BaseSettings):
+    """Resolved locations and knobs. Build with ``Settings()`` (env) or ``Settings(home=...)`` (CLI flags)."""
+
+    model_config = SettingsConfigDict(env_prefix="LONGITUDINAL_", extra="ignore")
+
+    home: Path = Field(default=DEFAULT_HOME, description="Workspace root; all default locations live here.")
+    store: str | None = Field(default=None, description="Cohort store URL (path or fsspec URL).")
+    data_dir: Path | None = Field(default=None, description="Where `synth` writes the synthetic BIDS cohort.")
+    runs_dir: Path | None = Field(default=None, description="Training runs: checkpoints, splits, logs.")
+    reports_dir: Path | None = Field(default=None, description="Ingest QC reports and quarantine lists.")
+    forecasts_dir: Path | None = Field(default=None, description="Default output folder of forecasts.")
+    mlflow_tracking_uri: str | None = Field(default=None, description="Overrides MLFLOW_TRACKING_URI.")
+    prefect_api_url: str | None = Field(default=None, description="Overrides PREFECT_API_URL.")
+    pseudonym_key: str | None = Field(default=None, description="Secret key for patient pseudonyms.")
+    target_spacing_mm: float = Field(default=2.0, gt=0, description="Isotropic spacing of the store (mm).")
+    bids_channel_map: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(DEFAULT_BIDS_CHANNEL_MAP))
+    dicom_channel_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DICOM_CHANNEL_MAP))
+    registered_model_name: str = "tumor-growth-forecaster"
+
+    # --- resolved locations -------------------------------------------------------------------------
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def store_url(self) -> str:
+        return self.store or str(self.home_dir / "cohort.zarr")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else self.home_dir / "data" / "synthetic"
+
+    @property
+    def runs_path(self) -> Path:
+        return Path(self.runs_dir) if self.runs_dir else self.home_dir / "runs"
+
+    @property
+    def reports_path(self) -> Path:
+        return Path(self.reports_dir) if self.reports_dir else self.home_dir / "reports"
+
+    @property
+    def forecasts_path(self) -> Path:
+        return Path(self.forecasts_dir) if self.forecasts_dir else self.home_dir / "forecasts"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI: explicit setting, else MLFLOW_TRACKING_URI, else sqlite under home."""
+        return (
+            self.mlflow_tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+        )
+
+    @property
+    def mlflow_artifacts_path(self) -> Path:
+        return self.home_dir / "mlartifacts"
+
+    @property
+    def prefect_url(self) -> str | None:
+        return self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+
+    @cached_property
+    def pseudonym_secret(self) -> bytes:
+        """Key for keyed patient pseudonyms.
+
+        From LONGITUDINAL_PSEUDONYM_KEY when set; otherwise a random key created once under the workspace
+        (mode 0600), so pseudonyms are stable across runs of one site but unguessable elsewhere.
+        """
+        if self.pseudonym_key:
+            return self.pseudonym_key.encode()
+        path = self.home_dir / "secrets" / "pseudonym.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def locations(self) -> dict[str, str]:
+        """Every location this settings object resolves to, for commands to print."""
+        return {
+            "home": str(self.home_dir),
+            "store": self.store_url,
+            "data": str(self.data_path),
+            "runs": str(self.runs_path),
+            "reports": str(self.reports_path),
+            "forecasts": str(self.forecasts_path),
+            "mlflow": self.tracking_uri,
+            "prefect": self.prefect_url or "(ephemeral)",
+        }
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with non-None CLI overrides applied on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Cohort store: schema v1, atomic per-patient writes, index, readers. No torch, prefect or mlflow."""

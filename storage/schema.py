@@ -1,0 +1,129 @@
+"""Cohort store schema v1: names, dtypes, chunking, and the records written per patient and session.
+
+Layout (Zarr v3)::
+
+    cohort.zarr/                     attrs: schema_version, created_by, reference_space
+      patients/<patient_id>/         one group per patient; the unit of atomic write and of task mapping
+        image  (time, channel, z, y, x) float32, chunks (1, 1, 64, 64, 64), zstd
+        label  (time, z, y, x)          uint8 (0 background, 1 oedema/non-enhancing, 2 enhancing)
+        time   (time)                   float64, days since the patient's baseline scan
+        attrs: see PatientRecord.attrs()
+      index/<patient_id>.parquet     one row per session (INDEX_COLUMNS); ``pandas.read_parquet(store/"index")``
+                                     reads the whole cohort as one table
+
+Arrays carry ``_ARRAY_DIMENSIONS``-equivalent dimension names so plain ``xarray.open_zarr`` labels them.
+Strings live in attributes or the index table (zarr v3 has no fixed-width unicode spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+IMAGE_CHUNKS = (1, 1, 64, 64, 64)
+LABEL_CHUNKS = (1, 64, 64, 64)
+IMAGE_DIMS = ("time", "channel", "z", "y", "x")
+LABEL_DIMS = ("time", "z", "y", "x")
+TIME_DIMS = ("time",)
+LABEL_VALUES = {0: "background", 1: "oedema/non-enhancing", 2: "enhancing"}
+
+INDEX_COLUMNS = (
+    "patient_id",  # pseudonymised id (never the source id)
+    "session",  # session label, e.g. "ses-03" (pseudonymised sources use "s<k>")
+    "days",  # float64 days since the patient's baseline scan
+    "time_index",  # position along the patient's time axis
+    "qc_status",  # "ok" (quarantined sessions are never stored)
+    "registration_metric",  # float, see SessionRecord
+    "content_sha256",  # sha256 over the session's source files (sorted by channel)
+    "has_label",  # bool
+)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """Everything kept about one stored session (one time point).
+
+    days: days since the patient's baseline scan (float).
+    shifted_date: ISO date after the per-patient date shift (never the real calendar date), or None.
+    source_sha256: channel (or "label") -> sha256 of the source file bytes.
+    transform_to_reference: 4x4 RAS-mm matrix mapping points of this session's native physical space
+        onto the reference (baseline) grid's physical space.
+    registration_metric: QC metric after registration (documented by the registration module; lower is better).
+    native_shape: (x, y, z) voxel shape of the native scan, as stored in its NIfTI header.
+    native_affine: 4x4 voxel->RAS mm affine of the native scan.
+    qc_flags: free-form QC flags (empty when clean).
+    """
+
+    session: str
+    days: float
+    shifted_date: str | None
+    source_sha256: dict[str, str]
+    transform_to_reference: list[list[float]]
+    registration_metric: float
+    native_shape: list[int]
+    native_affine: list[list[float]]
+    has_label: bool = False
+    qc_flags: list[str] = field(default_factory=list)
+
+    @property
+    def content_sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in sorted(self.source_sha256):
+            h.update(key.encode())
+            h.update(self.source_sha256[key].encode())
+        return h.hexdigest()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SessionRecord:
+        return cls(**d)
+
+
+@dataclass
+class PatientRecord:
+    """One patient's whole series, in reference space, ready to be written atomically.
+
+    image: (T, C, Z, Y, X) float32 on the reference grid.
+    label: (T, Z, Y, X) uint8; zeros where a session has no label (see SessionRecord.has_label).
+    days: (T,) float64, strictly increasing, days[0] == 0 (the baseline).
+    channels: channel names, length C (project names, e.g. ("T1c", "FLAIR")).
+    spacing_mm: (z, y, x) voxel spacing of the reference grid in mm.
+    reference_affine: 4x4 NIfTI affine of the reference grid: voxel (i, j, k) -> RAS mm. Store arrays are
+        the NIfTI volume transposed, i.e. ``array[..., z, y, x] == nifti_data[x, y, z]`` with i=x, j=y, k=z.
+    sessions: one SessionRecord per time point, same order as days.
+    """
+
+    patient_id: str
+    image: np.ndarray
+    label: np.ndarray
+    days: np.ndarray
+    channels: tuple[str, ...]
+    spacing_mm: tuple[float, float, float]
+    reference_affine: np.ndarray
+    sessions: list[SessionRecord]
+
+    def check(self) -> list[str]:
+        """Every inconsistency in this record (empty when valid)."""
+        problems: list[str] = []
+        t = len(self.sessions)
+        if self.image.ndim != 5:
+            problems.append(f"image must be (T,C,Z,Y,X), got shape {self.image.shape}")
+        elif self.image.shape[0] != t or self.image.shape[1] != len(self.channels):
+            problems.append(f"image shape {self.image.shape} does not match T={t}, C={len(self.channels)}")
+        if self.label.shape != (self.image.shape[:1] + self.image.shape[2:]):
+            problems.append(f"label shape {self.label.shape} does not match image {self.image.shape}")
+        if self.days.shape != (t,):
+            problems.append(f"days shape {self.days.shape} != ({t},)")
+        elif t and (self.days[0] != 0 or np.any(np.diff(self.days) <= 0)):
+            problems.append(f"days must start at 0 and strictly increase, got {self.days.tolist()}")
+        if not np.all(np.isfinite(self.image)):
+            problems.append("image has non-finite voxels")
+        if [s.days for s in self.sessions] != [float(d) for d in self.days]:
+            problems.append("session days do not match the days array")
+        return problems
