@@ -17,6 +17,7 @@ Strings live in attributes or the index table (zarr v3 has no fixed-width unicod
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,6 +29,36 @@ IMAGE_DIMS = ("time", "channel", "z", "y", "x")
 LABEL_DIMS = ("time", "z", "y", "x")
 TIME_DIMS = ("time",)
 LABEL_VALUES = {0: "background", 1: "oedema/non-enhancing", 2: "enhancing"}
+
+# Patient ids become path components (group names, index file names): a strict whitelist, no separators,
+# no dots (so no "..", no hidden names), bounded length.
+PATIENT_ID_MAX_LEN = 64
+_PATIENT_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{PATIENT_ID_MAX_LEN}}}")
+
+
+def patient_id_problem(patient_id: object) -> str | None:
+    """Why ``patient_id`` cannot name a patient in the store, or None when it is acceptable.
+
+    Accepted: 1 to 64 characters from ``[A-Za-z0-9_-]`` (so no path separators, no ``..``, no control
+    characters, no whitespace).
+    """
+    if not isinstance(patient_id, str):
+        return f"patient id must be a string, got {type(patient_id).__name__}"
+    if not _PATIENT_ID_RE.fullmatch(patient_id):
+        return (
+            f"invalid patient id {patient_id!r}: use 1-{PATIENT_ID_MAX_LEN} characters from [A-Za-z0-9_-] "
+            "(no path separators, '..', dots, spaces or control characters)"
+        )
+    return None
+
+
+def validate_patient_id(patient_id: object) -> str:
+    """Return ``patient_id`` unchanged when valid; raise ValueError naming it otherwise."""
+    problem = patient_id_problem(patient_id)
+    if problem:
+        raise ValueError(problem)
+    return patient_id  # type: ignore[return-value]
+
 
 INDEX_COLUMNS = (
     "patient_id",  # pseudonymised id (never the source id)
@@ -111,6 +142,9 @@ class PatientRecord:
     def check(self) -> list[str]:
         """Every inconsistency in this record (empty when valid)."""
         problems: list[str] = []
+        id_problem = patient_id_problem(self.patient_id)
+        if id_problem:
+            problems.append(id_problem)
         t = len(self.sessions)
         if self.image.ndim != 5:
             problems.append(f"image must be (T,C,Z,Y,X), got shape {self.image.shape}")
@@ -124,6 +158,22 @@ class PatientRecord:
             problems.append(f"days must start at 0 and strictly increase, got {self.days.tolist()}")
         if not np.all(np.isfinite(self.image)):
             problems.append("image has non-finite voxels")
-        if [s.days for s in self.sessions] != [float(d) for d in self.days]:
+        if [s.days for s in self.sessions] != [float(d) for d in np.ravel(self.days)]:
             problems.append("session days do not match the days array")
+        names = [s.session for s in self.sessions]
+        if len(set(names)) != len(names):
+            problems.append(f"session names are not unique: {names}")
+        if len(set(self.channels)) != len(self.channels) or not self.channels:
+            problems.append(f"channel names must be non-empty and unique, got {list(self.channels)}")
+        if len(self.spacing_mm) != 3 or not all(np.isfinite(v) and v > 0 for v in self.spacing_mm):
+            problems.append(f"spacing_mm must be 3 positive numbers (z, y, x), got {self.spacing_mm}")
+        affine = np.asarray(self.reference_affine)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            problems.append(f"reference_affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        if self.label.size and (
+            not np.issubdtype(self.label.dtype, np.integer)
+            or self.label.min() < 0
+            or self.label.max() > max(LABEL_VALUES)
+        ):
+            problems.append(f"label must hold integers in {sorted(LABEL_VALUES)}")
         return problems
