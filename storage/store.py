@@ -805,13 +805,13 @@ class CohortStore:
         attrs = self._root_attrs() or {}
         pids = self.patient_ids()
         sessions = 0
-        channels: set[str] = set()
+        channels: dict[str, None] = {}  # ordered set: channels in stored order
         grids: set[str] = set()
         spacings: set[str] = set()
         for pid in pids:
             a = self._committed_attrs(pid)
             sessions += len(a.get("sessions", []))
-            channels.update(a.get("channels", []))
+            channels.update(dict.fromkeys(a.get("channels", [])))
             shape = a.get("reference_nifti", {}).get("shape_xyz")
             if shape:
                 grids.add("x".join(str(v) for v in reversed(shape)))
@@ -827,7 +827,7 @@ class CohortStore:
             "created_by": attrs.get("created_by"),
             "patients": len(pids),
             "sessions": sessions,
-            "channels": sorted(channels),
+            "channels": list(channels),
             "grids_zyx": sorted(grids),
             "spacings_mm_zyx": sorted(spacings),
             "size_bytes": size,
