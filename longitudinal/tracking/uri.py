@@ -1,0 +1,58 @@
+"""Tracking URI and experiments, always explicit.
+
+MLflow 3 writes ``./mlflow.db`` and ``./mlruns`` in the current directory when nothing is configured; every
+entry point here calls ``configure`` first, and experiments on a local backend get an artifact root under the
+workspace (``Settings.mlflow_artifacts_path``) so nothing lands wherever a command happened to run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+
+from longitudinal.settings import Settings
+
+EXPERIMENT_NAME = "tumor-growth-forecasting"
+_REMOTE_SCHEMES = ("http", "https", "databricks")
+
+
+def configure(settings: Settings) -> str:
+    """Set the tracking and registry URI from settings (creating a sqlite file's folder); return the URI."""
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def is_remote(uri: str) -> bool:
+    """True for a tracking server (which owns the artifact store); False for a database or file backend."""
+    return urlparse(uri).scheme in _REMOTE_SCHEMES
+
+
+def client(settings: Settings) -> MlflowClient:
+    """A client bound to the configured URI (configures the process too)."""
+    uri = configure(settings)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(settings: Settings, name: str = EXPERIMENT_NAME) -> str:
+    """Id of experiment ``name``, created on first use.
+
+    On a local backend the artifact root is ``<home>/mlartifacts/<name>`` (a file URI); a server decides its
+    own (``--artifacts-destination``).
+    """
+    c = client(settings)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not is_remote(settings.tracking_uri):
+        root = settings.mlflow_artifacts_path / name
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
