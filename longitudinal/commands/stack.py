@@ -1,9 +1,167 @@
-"""CLI commands for the 'stack' area."""
+"""CLI commands for the 'stack' area: the local Prefect + MLflow stack, deployments, and `serve`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from longitudinal.commands._common import console, fail, print_locations, settings_of
+
+stack_app = typer.Typer(
+    help="Local Prefect server + workers + MLflow server on loopback.", no_args_is_help=True
+)
+
+
+@stack_app.command("up")
+def up(
+    ctx: typer.Context,
+    prefect_port: int | None = typer.Option(None, help="Prefect API port (0 = any free port; default 4200)."),
+    mlflow_port: int | None = typer.Option(
+        None, help="MLflow server port (0 = any free port; default 5000)."
+    ),
+    worker_port: int | None = typer.Option(
+        None, help="First worker health-check port (0 = free ports; default 8765)."
+    ),
+    prefect_db: str | None = typer.Option(
+        None, help="Prefect database URL, e.g. postgresql+asyncpg://u:p@127.0.0.1/prefect (default sqlite)."
+    ),
+    mlflow_db: str | None = typer.Option(
+        None, help="MLflow backend store URI, e.g. postgresql://u:p@127.0.0.1/mlflow (default sqlite)."
+    ),
+    gpu_worker: bool = typer.Option(False, help="Also start a worker for the gpu pool on this machine."),
+    ui: bool = typer.Option(True, help="Serve the Prefect dashboard."),
+) -> None:
+    """Start the stack, wait until every service is healthy, print URLs and the export line."""
+    from longitudinal.stack.config import resolve_config
+    from longitudinal.stack.local import stack_up
+    from longitudinal.stack.process import StackError
+
+    settings = settings_of(ctx)
+    try:
+        cfg = resolve_config(
+            settings,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            worker_health_port=worker_port,
+            prefect_database_url=prefect_db,
+            mlflow_backend_uri=mlflow_db,
+            worker_pools=("cpu", "gpu") if gpu_worker else ("cpu",),
+            prefect_ui=ui,
+        )
+        state = stack_up(cfg)
+    except StackError as exc:
+        fail(str(exc))
+    print_locations(settings, ("home", "store"))
+    for svc in state.services.values():
+        console.print(f"[green]up[/green] {svc.name:<15} pid {svc.pid:<8} {svc.url}  (log {svc.log})")
+    console.print(f"prefect database: {cfg.prefect_database_url}")
+    console.print(
+        f"mlflow backend:   {cfg.mlflow_backend_uri}  artifacts: {cfg.mlflow_artifacts_destination}"
+    )
+    print(state.exports())
+
+
+@stack_app.command("down")
+def down(ctx: typer.Context) -> None:
+    """Stop every process group the stack started and check that no port is left open."""
+    from longitudinal.stack.local import stack_down
+    from longitudinal.stack.process import StackError
+
+    stack_dir = settings_of(ctx).home_dir / "stack"
+    try:
+        stopped = stack_down(stack_dir)
+    except StackError as exc:
+        fail(str(exc))
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else f"no stack recorded under {stack_dir}")
+
+
+@stack_app.command("status")
+def status(ctx: typer.Context) -> None:
+    """One line per service: pid alive, HTTP health, port open. Exits 1 when any service is down."""
+    from longitudinal.stack.local import read_state, stack_status
+
+    stack_dir = settings_of(ctx).home_dir / "stack"
+    rows = stack_status(stack_dir)
+    if not rows:
+        fail(f"no stack recorded under {stack_dir}")
+    for r in rows:
+        ok = r.alive and r.healthy and r.port_open
+        mark = "[green]ok[/green]  " if ok else "[red]DOWN[/red]"
+        console.print(
+            f"{mark} {r.name:<15} pid {r.pid:<8} alive={r.alive} healthy={r.healthy} port_open={r.port_open} {r.url}"
+        )
+    state = read_state(stack_dir)
+    if state is not None:
+        print(state.exports())
+    if not all(r.alive and r.healthy and r.port_open for r in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command("env")
+def env(ctx: typer.Context) -> None:
+    """Print the export line of the running stack (use: eval "$(longitudinal stack env)")."""
+    from longitudinal.stack.local import read_state
+
+    state = read_state(settings_of(ctx).home_dir / "stack")
+    if state is None:
+        fail("no stack recorded; run `longitudinal stack up`")
+    print(state.exports())
+
+
+@stack_app.command("deploy")
+def deploy(
+    ctx: typer.Context,
+    prefect_file: Path | None = typer.Option(None, help="Default: deploy/prefect.yaml of this checkout."),
+    api_url: str | None = typer.Option(None, help="Prefect API URL (default: the running stack's)."),
+) -> None:
+    """Register every deployment of prefect.yaml with the server (prefect deploy --all)."""
+    from longitudinal.stack.local import read_state
+    from longitudinal.stack.prefect_file import deploy_all
+    from longitudinal.stack.process import StackError
+
+    settings = settings_of(ctx)
+    state = read_state(settings.home_dir / "stack")
+    url = api_url or settings.prefect_url or (state.prefect_api_url if state else None)
+    try:
+        result = deploy_all(settings, prefect_file=prefect_file, api_url=url)
+    except StackError as exc:
+        fail(str(exc))
+    for name in result.deployments:
+        console.print(f"[green]deployed[/green] {name}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app (none yet)."""
+    """Add `stack up|down|status|env|deploy` and `serve` to the root app."""
+    app.add_typer(stack_app, name="stack")
+
+    @app.command("serve")
+    def serve(
+        ctx: typer.Context,
+        prefect_file: Path | None = typer.Option(None, help="Default: deploy/prefect.yaml of this checkout."),
+        deployment: list[str] = typer.Option([], help="Serve only these deployments (repeatable)."),
+        limit: int | None = typer.Option(None, help="Most flow runs executed at once."),
+    ) -> None:
+        """Serve the prefect.yaml deployments with their schedules from this one process (no worker).
+
+        Needs a Prefect server: PREFECT_API_URL, or a stack started with `longitudinal stack up`.
+        """
+        import os
+
+        from longitudinal.stack.local import read_state
+        from longitudinal.stack.serve import serve_command
+
+        settings = settings_of(ctx)
+        state = read_state(settings.home_dir / "stack")
+        try:
+            argv, env = serve_command(
+                settings,
+                prefect_file=prefect_file,
+                deployments=deployment,
+                limit=limit,
+                api_url=state.prefect_api_url if state else None,
+            )
+        except ValueError as exc:
+            fail(str(exc))
+        console.print(f"serving with PREFECT_API_URL={env['PREFECT_API_URL']}: {' '.join(argv[1:])}")
+        os.execve(argv[0], argv, env)
