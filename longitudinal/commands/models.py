@@ -1,9 +1,57 @@
-"""CLI commands for the 'models' area."""
+"""CLI commands for the 'models' area: the model registry (versions, aliases, gate decisions)."""
 
 from __future__ import annotations
 
 import typer
 
+from longitudinal.commands._common import console, fail, print_locations, settings_of
+
+models_app = typer.Typer(help="Registered forecaster versions, aliases and promotion decisions.",
+                         no_args_is_help=True)
+
+
+@models_app.command("list")
+def list_cmd(
+    ctx: typer.Context,
+    name: str | None = typer.Option(None, "--name", help="Registered model name (default tumor-growth-forecaster)."),
+) -> None:
+    """Versions (newest first) with aliases, model kind, gate decision and validation figures."""
+    from rich.table import Table
+
+    from longitudinal.tracking.registry import list_versions
+
+    settings = settings_of(ctx)
+    print_locations(settings, ("mlflow",))
+    rows = list_versions(settings, name)
+    shown = name or settings.registered_model_name
+    if not rows:
+        console.print(f"no versions of {shown!r}")
+        return
+    table = Table(title=shown, title_justify="left")
+    for col in ("version", "aliases", "kind", "gate", "val dice whole", "val vol err (ml)", "run"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.version, ", ".join(r.aliases) or "-", r.kind, r.decision, r.val_dice_whole,
+                      r.val_volume_error_ml, (r.run_id or "-")[:12])
+    console.print(table)
+
+
+@models_app.command("resolve")
+def resolve_cmd(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a checkpoint path."),
+) -> None:
+    """Download (if needed) and print the local checkpoint a model reference points to."""
+    from longitudinal.tracking.registry import resolve_model_ref
+
+    settings = settings_of(ctx)
+    try:
+        resolved = resolve_model_ref(ref, settings)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print_json(data=resolved.to_dict())
+
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app (none yet)."""
+    """Add `longitudinal models ...` to the root app."""
+    app.add_typer(models_app, name="models")

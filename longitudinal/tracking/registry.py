@@ -46,14 +46,14 @@ class GateMetrics:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], model: str) -> GateMetrics:
-        """Pool per-horizon evaluation rows of ``model`` into target-weighted means.
+        """The pooled row (``horizon == "all"``) of ``model``, else its per-horizon rows pooled by ``n``.
 
         Raises ValueError when the rows hold no finite figures for ``model``.
         """
+        mine = [r for r in rows if r.get("model") == model]
+        pooled = [r for r in mine if r.get("horizon") == "all"]
         n_tot, dice, verr = 0, 0.0, 0.0
-        for r in rows:
-            if r.get("model") != model:
-                continue
+        for r in pooled or mine:
             n = int(r.get("n", 0) or 0)
             d, v = r.get("dice_whole"), r.get("volume_error_ml")
             if n <= 0 or d is None or v is None or not (math.isfinite(d) and math.isfinite(v)):

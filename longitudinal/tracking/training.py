@@ -1,0 +1,381 @@
+"""``run_training``: split, fit, evaluate against the baselines, log, register, promote -- resumable.
+
+The run folder is keyed by (training config, store content): ``<runs>/<kind>-<key>``. A rerun with the same
+config and store finds the folder, resumes ``fit`` from its checkpoint, reopens the SAME MLflow run (its id is
+kept in ``tracking.json`` and as the run tag ``run_key``) and registers at most one version per run (the
+registry is searched for a version of that run before one is created). The candidate is gated on the
+validation split against LCI and the current champion, all scored on the same targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+
+from longitudinal.settings import Settings
+from longitudinal.tracking import figures
+from longitudinal.tracking import uri as uri_mod
+from longitudinal.tracking.inference import load_checkpoint
+from longitudinal.tracking.logged_model import log_forecaster, slim_checkpoint
+from longitudinal.tracking.logger import MlflowLogger, flatten
+from longitudinal.tracking.registry import (
+    CHAMPION,
+    GateDecision,
+    GateMetrics,
+    alias_version,
+    apply_decision,
+    find_version_for_run,
+    gate,
+    register_version,
+    resolve_model_ref,
+)
+
+log = logging.getLogger(__name__)
+STATE_FILE = "tracking.json"
+CANDIDATE = "candidate"
+CHAMPION_NAME = "champion"
+
+
+@dataclass
+class TrainOutcome:
+    """What one (possibly resumed) training produced.
+
+    run_dir: local folder with checkpoints and the split. checkpoint: the model-only checkpoint that was logged.
+    model_uri: ``models:/m-...`` of the logged pyfunc. version/aliases: the registry entry of this run.
+    decision: the gate's decision (None when the version existed already and was gated before).
+    val_rows / test_rows: per-horizon evaluation rows (candidate named ``candidate``, plus lci, linear and the
+    previous champion on validation). created_version: False when a rerun found the version of this run.
+    """
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    run_dir: Path
+    checkpoint: Path
+    model_uri: str
+    registered_name: str
+    version: str
+    aliases: list[str]
+    created_version: bool
+    resumed: bool
+    decision: GateDecision | None
+    split_id: str
+    val_rows: list[dict[str, Any]] = field(default_factory=list)
+    test_rows: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary for CLIs and flows."""
+        return {
+            "run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.tracking_uri,
+            "run_dir": str(self.run_dir), "model_uri": self.model_uri, "registered_name": self.registered_name,
+            "version": self.version, "aliases": self.aliases, "created_version": self.created_version,
+            "resumed": self.resumed, "split_id": self.split_id, "wall_s": round(self.wall_s, 2),
+            "decision": None if self.decision is None else self.decision.tags(),
+        }
+
+
+# --- identities ----------------------------------------------------------------------------------------
+def config_dict(config: Any) -> dict[str, Any]:
+    """A training config (dataclass, pydantic model or dict) as a plain JSON-able dict."""
+    if is_dataclass(config):
+        d = asdict(config)
+    elif hasattr(config, "model_dump"):
+        d = config.model_dump()
+    else:
+        d = dict(config)
+    return json.loads(json.dumps(d, default=str))
+
+
+def store_hash(store_url: str) -> str:
+    """Hash of the store's content: every (patient, session, days, content sha256) of the index."""
+    from storage.store import CohortStore
+
+    idx = CohortStore.open(store_url).index()
+    h = hashlib.sha256()
+    for row in idx.sort_values(["patient_id", "days"]).itertuples(index=False):
+        h.update(f"{row.patient_id}|{row.session}|{float(row.days):.6f}|{row.content_sha256}\n".encode())
+    return h.hexdigest()
+
+
+def run_key(config: dict[str, Any], store_digest: str) -> str:
+    """Key of a run folder: config + store content (16 hex chars)."""
+    blob = json.dumps(config, sort_keys=True) + "|" + store_digest
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when available (``0.1.0+g1234abc``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("longitudinal")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+g{sha}" if sha else v
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def _open_run(settings: Settings, run_dir: Path, key: str, experiment_id: str, name: str) -> tuple[str, bool]:
+    """Reuse this run folder's MLflow run (state file, else the ``run_key`` tag), or create one.
+    Returns (run_id, resumed)."""
+    client = uri_mod.client(settings)
+    state = run_dir / STATE_FILE
+    if state.exists():
+        rid = json.loads(state.read_text()).get("run_id")
+        try:
+            if rid and client.get_run(rid).info.lifecycle_stage == "active":
+                return rid, True
+        except MlflowException:
+            pass
+    found = client.search_runs([experiment_id], f"tags.run_key = '{key}'", max_results=1)
+    if found:
+        rid, resumed = found[0].info.run_id, True
+    else:
+        rid, resumed = client.create_run(experiment_id, run_name=name, tags={"run_key": key}).info.run_id, False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": rid, "tracking_uri": settings.tracking_uri, "run_key": key}))
+    tmp.replace(state)
+    return rid, resumed
+
+
+def _train_config(train_config: Any) -> Any:
+    """Accept a TrainConfig, a dict or a path to a YAML/JSON file."""
+    from longitudinal import training
+
+    cls = training.TrainConfig
+    if isinstance(train_config, cls):
+        return train_config
+    if isinstance(train_config, str | Path):
+        loader = getattr(training, "load_train_config", None)
+        if loader is not None:
+            return loader(Path(train_config))
+        text = Path(train_config).read_text()
+        if str(train_config).endswith((".yaml", ".yml")):
+            import yaml
+
+            train_config = yaml.safe_load(text)
+        else:
+            train_config = json.loads(text)
+    from_dict = getattr(cls, "from_dict", None)
+    return from_dict(dict(train_config)) if from_dict else cls(**dict(train_config))
+
+
+def _eval_config(meta: dict[str, Any]) -> Any:
+    from longitudinal.evaluation.harness import EvalConfig
+
+    data = meta.get("data") or (meta.get("meta") or {}).get("data") or {}
+    cs = meta.get("crop_size") or data.get("crop_size") or (32, 32, 32)
+    return EvalConfig(crop_size=tuple(int(c) for c in cs), max_context=int(data.get("max_context", 3)),
+                      normalize=str(data.get("normalize", "none")))
+
+
+def run_training(
+    settings: Settings,
+    store_url: str,
+    train_config: Any,
+    register_as: str | None = None,
+    flow_run_id: str | None = None,
+    experiment: str = uri_mod.EXPERIMENT_NAME,
+    system_metrics_interval_s: float = 2.0,
+) -> TrainOutcome:
+    """Split, fit (resuming), evaluate on validation (gate) and test (report), log, register once, promote.
+
+    train_config: ``longitudinal.training.TrainConfig``, a dict of its fields, or a YAML/JSON path.
+    register_as: registered model name (default ``Settings.registered_model_name``).
+    flow_run_id: Prefect flow-run id recorded as a tag when the flow calls this.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from longitudinal.training import fit
+
+    t0 = time.perf_counter()
+    name = register_as or settings.registered_model_name
+    cfg = _train_config(train_config)
+    cfg_dict = config_dict(cfg)
+    kind = str(cfg_dict.get("model_kind") or cfg_dict.get("kind") or cfg_dict.get("model", "model"))
+    digest = store_hash(store_url)
+    key = run_key(cfg_dict, digest)
+    run_dir = settings.runs_path / f"{kind}-{key}"
+    tracking_uri = uri_mod.configure(settings)
+    experiment_id = uri_mod.ensure_experiment(settings, experiment)
+    run_id, resumed = _open_run(settings, run_dir, key, experiment_id, f"{kind}-{key[:8]}")
+    logger = MlflowLogger(run_id, tracking_uri)
+    logger.log_params(flatten(cfg_dict))
+    tags = {"store_url": store_url, "store_hash": digest, "code_version": code_version(), "model_kind": kind,
+            "registered_name": name, "run_dir": str(run_dir)}
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = str(flow_run_id)
+    logger.set_tags(tags)
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=system_metrics_interval_s, resume_logging=resumed,
+                                   tracking_uri=tracking_uri)
+    # The run was created (or reopened) by id; fluent start makes it the active run for log_model.
+    mlflow.start_run(run_id=run_id)
+    monitor.start()
+    ok = False
+    try:
+        result = fit(cfg, store_url, run_dir, logger, resume=True)
+        monitor.finish()
+        split = result.split
+        logger.set_tags({"split_id": split.split_id})
+        logger.log_json({"train": list(split.train), "val": list(split.val), "test": list(split.test),
+                         "seed": split.seed, "split_id": split.split_id}, "split.json")
+        logger.log_json(cfg_dict, "config.json")
+
+        model_ckpt = run_dir / "model.pt"
+        slim_checkpoint(Path(result.checkpoint), model_ckpt)
+        candidate, meta = load_checkpoint(model_ckpt)
+        eval_cfg = _eval_config(meta)
+        outcome = _evaluate_register_promote(settings, name, run_id, tracking_uri, logger, candidate, meta,
+                                             model_ckpt, eval_cfg, store_url, split)
+        ok = True
+    finally:
+        monitor.finish()
+        mlflow.end_run(status="FINISHED" if ok else "FAILED")
+    model_uri, version, created, aliases, decision, val_rows, test_rows = outcome
+    return TrainOutcome(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, run_dir=run_dir,
+                        checkpoint=model_ckpt, model_uri=model_uri, registered_name=name, version=version,
+                        aliases=aliases, created_version=created, resumed=resumed, decision=decision,
+                        split_id=split.split_id, val_rows=val_rows, test_rows=test_rows,
+                        wall_s=time.perf_counter() - t0)
+
+
+def _evaluate_register_promote(
+    settings: Settings, name: str, run_id: str, tracking_uri: str, logger: MlflowLogger, candidate: Any,
+    meta: dict[str, Any], model_ckpt: Path, eval_cfg: Any, store_url: str, split: Any,
+) -> tuple[str, str, bool, list[str], GateDecision | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    from longitudinal.evaluation.harness import evaluate_models
+
+    client = uri_mod.client(settings)
+    val_ids = list(split.val) or list(split.test)
+    logger.set_tags({"gate.split": "val" if split.val else "test (no validation patients)"})
+
+    # The version of this run may exist already (a rerun after a crash past registration): never gate twice.
+    existing = find_version_for_run(client, name, run_id)
+    gated_before = existing is not None and "gate.decision" in (existing.tags or {})
+
+    val_models = {CANDIDATE: candidate}
+    champ = None if gated_before else alias_version(client, name, CHAMPION)
+    if champ is not None:
+        champ_model, _ = load_checkpoint(resolve_model_ref(f"{name}/{champ.version}", settings).checkpoint)
+        val_models[CHAMPION_NAME] = champ_model
+    val = evaluate_models(val_models, store_url, val_ids, eval_cfg)
+    test = evaluate_models({CANDIDATE: candidate}, store_url, list(split.test), eval_cfg)
+    logger.log_table(val.rows, "validation", prefix="val")
+    logger.log_table(test.rows, "test", prefix="test")
+    _log_figures(logger, candidate, meta, store_url, list(split.test) or val_ids, test.rows, eval_cfg)
+
+    model_uri = log_forecaster(model_ckpt, run_id, tracking_uri)
+    model_id = model_uri.removeprefix("models:/")
+    mv, created = register_version(client, name, model_uri, run_id, model_id,
+                                   {"model_kind": str(meta.get("kind")), "split_id": split.split_id})
+    decision = None
+    if not gated_before:
+        cand = GateMetrics.from_rows(val.rows, CANDIDATE)
+        lci = GateMetrics.from_rows(val.rows, "lci")
+        champ_metrics = GateMetrics.from_rows(val.rows, CHAMPION_NAME) if champ is not None else None
+        decision = gate(cand, lci, champ_metrics, champ.version if champ is not None else None)
+        aliases = apply_decision(client, name, mv.version, decision)
+        logger.set_tags({f"registry.{k}": v for k, v in decision.tags().items()})
+    else:
+        aliases = sorted(client.get_model_version(name, mv.version).aliases)
+    logger.set_tags({"registry.name": name, "registry.version": str(mv.version)})
+    return model_uri, str(mv.version), created, aliases, decision, val.rows, test.rows
+
+
+# --- figures -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _log_figures(logger: MlflowLogger, model: Any, meta: dict[str, Any], store_url: str, patient_ids: list[str],
+                 rows: list[dict[str, Any]], eval_cfg: Any, n_samples: int = 8, max_patients: int = 3) -> None:
+    """Skill per horizon (from ``rows``), a forecast montage and volume trajectories for a few patients.
+
+    A figure that cannot be drawn is recorded as the tag ``figures.error``: it never costs the trained model.
+    """
+    try:
+        logger.log_figure(figures.skill_per_horizon(rows), "skill_vs_lci.png")
+        trajs = []
+        for i, pid in enumerate(patient_ids[:max_patients]):
+            tr, montage = _patient_forecast(model, store_url, pid, eval_cfg, n_samples)
+            if tr is None:
+                continue
+            trajs.append(tr)
+            if i == 0:
+                logger.log_figure(figures.forecast_montage(*montage, title=f"{pid}: day {tr['target_day']:g}"),
+                                  "forecast_montage.png")
+        if trajs:
+            logger.log_figure(figures.volume_trajectories(trajs), "volume_trajectories.png")
+    except Exception as exc:  # noqa: BLE001 -- figures are secondary; record and go on
+        log.warning("figures failed: %s", exc)
+        logger.set_tags({"figures.error": f"{type(exc).__name__}: {exc}"[:500]})
+
+
+def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_samples: int
+                      ) -> tuple[dict[str, Any] | None, tuple]:
+    """Forecast one stored patient from all but its last scan over a grid of days; the montage at the last."""
+    from longitudinal.data.crops import context_crop_centre, crop_start, read_crop, tumour_bbox
+    from storage.store import CohortStore
+
+    arr = CohortStore.open(store_url).arrays(pid)
+    days = np.asarray(arr.days, float)
+    if len(days) < 2:
+        return None, ()
+    k = min(int(eval_cfg.max_context), len(days) - 1)
+    ctx = list(range(len(days) - 1 - k, len(days) - 1))
+    labels_all = np.asarray(arr.label[:])
+    size = tuple(int(s) for s in eval_cfg.crop_size)
+    centre = context_crop_centre([tumour_bbox(labels_all[t]) for t in ctx], labels_all.shape[-3:])
+    start = crop_start(centre, size)
+    imgs = read_crop(arr.image, (ctx,), start, size)  # (K, C, D, H, W)
+    labs = read_crop(labels_all, (ctx,), start, size)
+    truth_img = read_crop(arr.image, (len(days) - 1,), start, size)
+    if eval_cfg.normalize == "context_mean":
+        scale = np.array([imgs[:, c][imgs[:, c] > 0].mean() if (imgs[:, c] > 0).any() else 1.0
+                          for c in range(imgs.shape[1])], np.float32)
+        imgs = imgs / scale[None, :, None, None, None]
+        truth_img = truth_img / scale[:, None, None, None]
+    last = float(days[-1])
+    grid = np.unique(np.concatenate([np.linspace(days[ctx[-1]] + 1, last + 180.0, 8), [last]]))
+    dev = next(iter(model.parameters()), torch.zeros(())).device
+    fc = model.sample(
+        torch.from_numpy(imgs).float()[None].to(dev), torch.from_numpy(labs.astype(np.int64))[None].to(dev),
+        torch.tensor(days[ctx], dtype=torch.float32)[None].to(dev), torch.ones(1, k, dtype=torch.bool, device=dev),
+        torch.tensor(grid, dtype=torch.float32)[None].to(dev), n_samples=n_samples,
+        generator=torch.Generator(device=dev).manual_seed(0),
+    )
+    spacing = np.asarray(arr.spacing_mm, float)
+    vols = fc.volumes_ml(float(np.prod(spacing)) / 1000.0)[0, :, :, 0].cpu().numpy()  # [Q, S]
+    q = lambda p: np.quantile(vols, p, axis=1).tolist()  # noqa: E731
+    observed = [float((labels_all[t] > 0).sum() * np.prod(spacing) / 1000.0) for t in range(len(days))]
+    tr = {"patient_id": pid, "observed_days": days.tolist(), "observed_ml": observed, "query_days": grid.tolist(),
+          "median": q(0.5), "lo80": q(0.1), "hi80": q(0.9), "lo95": q(0.025), "hi95": q(0.975),
+          "target_day": last}
+    qi = int(np.argmin(np.abs(grid - last)))
+    montage = (imgs[-1, 0], truth_img[0], fc.images[0, qi].mean(0)[0].cpu().numpy(),
+               fc.whole_prob[0, qi].mean(0).cpu().numpy())
+    return tr, montage
+
+
+def default_train_config() -> Any:
+    """The shipped TrainConfig (``longitudinal.training``'s default)."""
+    from longitudinal import training
+
+    default = getattr(training, "DEFAULT_TRAIN_CONFIG", None)
+    return default if default is not None else training.TrainConfig()
