@@ -616,8 +616,9 @@ class CohortStore:
         _pause("swapped")
         self._refresh(staged)
         files = [f for f in fs.find(staged) if f.rstrip("/") != f"{staged}/zarr.json"]
-        for src in files:
-            fs.copy(src, target + src[len(staged) :])
+        if files:
+            # One batched call: async filesystems run the server-side copies concurrently.
+            fs.copy(files, [target + f[len(staged) :] for f in files])
         fs.copy(f"{staged}/zarr.json", f"{target}/zarr.json")
         self._refresh(target)
 
