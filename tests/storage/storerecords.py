@@ -6,6 +6,7 @@ A plain module (not conftest) so crash-test subprocesses can import it too.
 from __future__ import annotations
 
 import numpy as np
+
 from storage.schema import PatientRecord, SessionRecord
 
 GRID = (12, 14, 10)  # (z, y, x) voxels: small, and deliberately not a multiple of any chunk size

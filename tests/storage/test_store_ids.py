@@ -34,7 +34,13 @@ def test_hostile_ids_rejected_everywhere(tmp_path, pid):
     with pytest.raises(ValueError, match="invalid patient id") as err:
         store.write_patient(make_record(pid))
     assert repr(pid) in str(err.value)
-    for call in (store.read_patient, store.arrays, store.sessions, store.content_hashes, store.delete_patient):
+    for call in (
+        store.read_patient,
+        store.arrays,
+        store.sessions,
+        store.content_hashes,
+        store.delete_patient,
+    ):
         with pytest.raises(ValueError, match="invalid patient id"):
             call(pid)
     assert store.patient_ids() == []
