@@ -6,74 +6,13 @@ and touch a signal file; the test then SIGKILLs it, reopens the store (recovery)
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from storerecords import make_record
+from storerecords import NEW, OLD, assert_patient_is, kill_when_paused, make_record, start_writer
 
-from storage.store import PAUSE_ENV, PAUSE_SIGNAL_ENV, CohortStore
-
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-
-WRITER = """
-import json, sys
-sys.path[:0] = [{repo!r}, {here!r}]
-from storerecords import make_record
 from storage.store import CohortStore
-args = json.loads(sys.argv[1])
-store = CohortStore.open(args["url"], storage_options=args.get("options"))
-store.write_patient(make_record(args["pid"], days=tuple(args["days"]), seed=args["seed"]))
-print("done")
-"""
-
-OLD = {"days": (0.0, 45.5, 120.0), "seed": 0}
-NEW = {"days": (0.0, 30.0, 45.5, 120.0), "seed": 1}
-
-
-def start_writer(url: str, pid: str, spec: dict, stage: str | None, signal_file: Path, options=None):
-    """Start a writer subprocess; with ``stage`` it pauses there (after touching ``signal_file``)."""
-    env = dict(os.environ)
-    env.pop(PAUSE_ENV, None)
-    if stage:
-        env[PAUSE_ENV] = f"{stage}:120"
-        env[PAUSE_SIGNAL_ENV] = str(signal_file)
-    args = {"url": url, "pid": pid, "days": list(spec["days"]), "seed": spec["seed"], "options": options}
-    code = WRITER.format(repo=str(REPO), here=str(HERE))
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE)
-
-
-def kill_when_paused(proc: subprocess.Popen, signal_file: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not signal_file.exists():
-        assert proc.poll() is None, "writer exited before reaching the pause"
-        assert time.monotonic() < deadline, "writer never reached the pause"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()  # reap it, so its pid is really gone
-
-
-def assert_patient_is(store: CohortStore, pid: str, spec: dict | None) -> None:
-    if spec is None:
-        assert pid not in store.patient_ids()
-        assert pid not in set(store.index()["patient_id"])
-        return
-    want = make_record(pid, days=spec["days"], seed=spec["seed"])
-    got = store.read_patient(pid)
-    np.testing.assert_array_equal(got.image, want.image)
-    np.testing.assert_array_equal(got.label, want.label)
-    np.testing.assert_array_equal(got.days, want.days)
-    rows = store.index()
-    rows = rows[rows.patient_id == pid]
-    assert rows["days"].tolist() == list(spec["days"])  # each session exactly once
-
 
 # (stage killed at, existing patient before?, what recovery must show)
 CASES = [
