@@ -186,6 +186,10 @@ def list_versions(settings: Settings, name: str | None = None) -> list[VersionIn
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []
+    # search results do not carry aliases on every backend; the registered model holds alias -> version.
+    by_version: dict[str, list[str]] = {}
+    for alias, ver in (client.get_registered_model(name).aliases or {}).items() if versions else []:
+        by_version.setdefault(str(ver), []).append(alias)
     rows = []
     for v in sorted(versions, key=lambda v: -int(v.version)):
         t = v.tags or {}
@@ -193,7 +197,7 @@ def list_versions(settings: Settings, name: str | None = None) -> list[VersionIn
             VersionInfo(
                 name=name,
                 version=str(v.version),
-                aliases=sorted(v.aliases or []),
+                aliases=sorted(set(v.aliases or []) | set(by_version.get(str(v.version), []))),
                 kind=t.get("model_kind", "?"),
                 run_id=v.run_id,
                 created=int(v.creation_timestamp or 0),
