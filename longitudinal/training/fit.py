@@ -1,0 +1,383 @@
+"""The fit loop: split by patient, stream samples from the store, AdamW with warm-up, gradient clipping, an EMA
+of the weights, autocast on CUDA, checkpoints (latest + best) with exact resume, and metrics to a MetricLogger.
+
+Run folder layout::
+
+    run_dir/split.json             patient split (train/val/test, seed, split_id)
+    run_dir/config.json            the resolved TrainConfig
+    run_dir/checkpoints/latest.pt  training state for resume (model, EMA, optimizer, scaler, step, RNG, ...)
+    run_dir/checkpoints/best.pt    model checkpoint (EMA weights) with the best validation whole-tumour Dice
+    run_dir/model.pt               model checkpoint (EMA weights) at the end of training
+
+Resume is exact on CPU: the sample stream is a pure function of (seed, sample position), the loader has its own
+generator, and every global RNG is restored; a run stopped after n steps and resumed reaches the same weights as
+an uninterrupted run (given the same checkpoint cadence).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from longitudinal.data.dataset import (
+    EvalDataset,
+    ForecastDataset,
+    StreamSampler,
+    collate_batch,
+    collate_eval,
+    enumerate_targets,
+    reset_worker_reader,
+)
+from longitudinal.data.splits import Split, make_split
+from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.training.checkpoint import (
+    atomic_save,
+    load_train_state,
+    rng_state,
+    save_model_checkpoint,
+    set_rng_state,
+)
+from longitudinal.training.config import TrainConfig
+from longitudinal.training.logger import MetricLogger, NullLogger
+
+# Config fields that may change when resuming (how long to train); anything else must match the saved run.
+_RESUMABLE_CHANGES = {"steps", "epochs", "budget_s", "eval_every", "ckpt_every", "log_every", "num_workers",
+                      "device"}
+
+
+@dataclass
+class FitResult:
+    """checkpoint: best validation model checkpoint (the final one when there is no validation set).
+    best_metric: best val whole-tumour Dice (None without validation). wall_s: training seconds over all
+    resumes. samples_per_s: training throughput of this invocation."""
+
+    checkpoint: Path
+    final_checkpoint: Path
+    best_metric: float | None
+    best_step: int | None
+    steps: int
+    wall_s: float
+    split: Split
+    split_path: Path
+    run_dir: Path
+    samples_per_s: float = 0.0
+    final_val: dict[str, float] = field(default_factory=dict)
+
+
+class EMA:
+    """Exponential moving average of a model's state (floating tensors averaged, others copied). The effective
+    decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if s.dtype.is_floating_point:
+                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.updates = int(state["updates"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+def select_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed). CPU always trains in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for (0-based) ``step``: linear warm-up, then constant or cosine to 10% of ``lr``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine" and cfg.steps:
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _resolve_split(cfg: TrainConfig, store_url: str, run_dir: Path, resume: bool) -> tuple[Split, Path]:
+    from storage.store import CohortStore
+
+    path = run_dir / "split.json"
+    if resume and path.exists():
+        return Split.load(path), path
+    pids = CohortStore.open(store_url).patient_ids()
+    split = make_split(pids, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    split.save(path)
+    return split, path
+
+
+def _store_geometry(store_url: str, pid: str) -> tuple[tuple[str, ...], tuple[float, float, float]]:
+    from storage.store import CohortStore
+
+    arr = CohortStore.open(store_url).arrays(pid)
+    return tuple(arr.channels), tuple(float(s) for s in arr.spacing_mm)  # type: ignore[return-value]
+
+
+def _val_batches(cfg: TrainConfig, store_url: str, split: Split) -> list[Any]:
+    """Deterministic validation targets (at most cfg.val_targets, evenly spaced), cut once and kept."""
+    if not split.val or cfg.val_targets == 0:
+        return []
+    items = enumerate_targets(store_url, split.val, cfg.max_context)
+    if len(items) > cfg.val_targets:
+        keep = np.linspace(0, len(items) - 1, cfg.val_targets).round().astype(int)
+        items = [items[i] for i in keep]
+    ds = EvalDataset(store_url, items, cfg.data_config(train=False))
+    return list(DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_eval))
+
+
+def validate(models: dict[str, ForecastModel], batches: list[Any], cfg: TrainConfig, device: torch.device
+             ) -> dict[str, dict[str, float]]:
+    """Pooled validation metrics per model name: dice_whole, dice_enhancing, volume_error_ml, hd95_mm, mse."""
+    from longitudinal.evaluation.harness import EvalConfig, _score_batch, aggregate
+
+    ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context,  # type: ignore[arg-type]
+                      normalize=cfg.normalize, n_samples=cfg.val_samples, seed=cfg.seed)
+    records: list[dict[str, Any]] = []
+    offset = 0
+    with torch.no_grad():
+        for eb in batches:
+            records.extend(_score_batch(models, eb, ecfg, device, offset))
+            offset += len(eb.samples)
+    rows = [r for r in aggregate(records, list(models)) if r["horizon"] == "all"]
+    keys = ("dice_whole", "dice_enhancing", "volume_error_ml", "hd95_mm", "mse")
+    return {r["model"]: {k: float(r[k]) for k in keys if k in r} for r in rows}
+
+
+def fit(
+    config: TrainConfig,
+    store_url: str,
+    run_dir: Path,
+    logger: MetricLogger | None = None,
+    resume: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> FitResult:
+    """Train ``config.model`` on the train split of ``store_url``; write checkpoints under ``run_dir``.
+
+    Stops at the first of ``steps`` / ``epochs`` / ``budget_s``. With ``resume`` and an existing
+    ``run_dir/checkpoints/latest.pt`` training continues from it (same split, config checked for
+    incompatible changes). Non-trainable kinds (baselines) are only validated and saved.
+    """
+    logger = logger or NullLogger()
+    say = progress or (lambda _msg: None)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    latest_path, best_path, final_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt", run_dir / "model.pt"
+    device = _resolve_device(config.device)
+    amp_dtype, use_scaler = select_precision(config.precision, device)
+
+    state = load_train_state(latest_path) if (resume and latest_path.exists()) else None
+    if state is not None:
+        _check_resume_config(state["config"], config)
+    split, split_path = _resolve_split(config, store_url, run_dir, resume=state is not None or resume)
+    if state is not None and state.get("split_id") != split.split_id:
+        raise ValueError(f"split.json ({split.split_id}) does not match the checkpoint ({state.get('split_id')})")
+    if not split.train:
+        raise ValueError("the training split is empty")
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    channels, spacing = _store_geometry(store_url, split.train[0])
+
+    if state is None:
+        seed_everything(config.seed)
+    model = build_model(config.model, dict(config.model_options), in_channels=len(channels)).to(device)
+    ema = EMA(model, config.ema_decay)
+    ema_model = copy.deepcopy(model).eval()
+    meta_base = {"data": {"max_context": config.max_context, "normalize": config.normalize},
+                 "split_id": split.split_id, "store_url": store_url, "train_config": config.to_dict()}
+
+    if state is None:
+        logger.log_params(config.flat_params())
+        logger.set_tags({"split_id": split.split_id, "model_kind": config.model, "store_url": store_url})
+        logger.log_artifact(split_path)
+        logger.log_artifact(run_dir / "config.json")
+
+    val_batches = _val_batches(config, store_url, split)
+    if state is None and val_batches:
+        base = validate({k: build_model(k) for k in ("lci", "linear")}, val_batches, config, device)
+        logger.log_metrics({f"val_{m}_{k}": v for m, d in base.items() for k, v in d.items()}, step=0)
+        say("baselines on validation: " + ", ".join(f"{m} dice {d['dice_whole']:.3f} vol.err "
+                                                       f"{d['volume_error_ml']:.2f} ml" for m, d in base.items()))
+
+    if not model.trainable:
+        val = validate({config.model: model}, val_batches, config, device).get(config.model, {}) \
+            if val_batches else {}
+        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, {**meta_base, "step": 0})
+        return FitResult(checkpoint=final_path, final_checkpoint=final_path, best_metric=val.get("dice_whole"),
+                         best_step=0 if val else None, steps=0, wall_s=0.0, split=split, split_path=split_path,
+                         run_dir=run_dir, final_val=val)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    step, elapsed_before, best, best_step = 0, 0.0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if use_scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        best, best_step = state.get("best_metric"), state.get("best_step")
+        set_rng_state(state["rng"])
+        say(f"resumed {run_dir} at step {step} ({elapsed_before:.0f} s trained)")
+
+    train_ds = ForecastDataset(store_url, split.train, config.data_config(train=True), seed=config.seed)
+    if len(train_ds) == 0:
+        raise ValueError(f"no training patient has >= 2 scans (skipped: {train_ds.skipped})")
+    max_steps = _max_steps(config, len(train_ds))
+    loader = DataLoader(
+        train_ds, batch_size=config.batch_size,
+        sampler=StreamSampler(len(train_ds), seed=config.seed, start=step * config.batch_size),
+        num_workers=config.num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
+        persistent_workers=False, worker_init_fn=reset_worker_reader,
+        generator=torch.Generator().manual_seed(config.seed + step),
+    )
+
+    def save_state() -> None:
+        atomic_save({
+            "format": "train_state", "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - t0),
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if use_scaler else {}, "rng": rng_state(), "best_metric": best,
+            "best_step": best_step, "config": config.to_dict(), "split_id": split.split_id,
+        }, latest_path)
+
+    last_val: dict[str, Any] = {"step": None, "val": {}}
+
+    def evaluate_now() -> dict[str, float]:
+        nonlocal best, best_step
+        if not val_batches:
+            return {}
+        if last_val["step"] == step:
+            return last_val["val"]
+        ema_model.load_state_dict(ema.shadow)
+        val = validate({config.model: ema_model}, val_batches, config, device)[config.model]
+        logger.log_metrics({f"val_{k}": v for k, v in val.items()}, step=step)
+        if best is None or val["dice_whole"] > best:
+            best, best_step = val["dice_whole"], step
+            save_model_checkpoint(best_path, model, channels, spacing, config.crop_size,
+                                  {**meta_base, "step": step, "val": val}, state_dict=ema.shadow)
+        say(f"step {step}: val dice {val['dice_whole']:.3f} vol.err {val['volume_error_ml']:.2f} ml "
+            f"(best {best:.3f} at {best_step})")
+        last_val.update(step=step, val=val)
+        return val
+
+    t0 = time.perf_counter()
+    t_window, n_window, losses, gnorms, n_bad = time.perf_counter(), 0, [], [], 0
+    samples_seen = 0
+    model.train()
+    it = iter(loader)
+    while step < max_steps:
+        if config.budget_s is not None and elapsed_before + (time.perf_counter() - t0) >= config.budget_s:
+            say(f"budget of {config.budget_s:.0f} s reached at step {step}")
+            break
+        batch = next(it).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, config)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            n_bad += 1
+            if n_bad >= 10:
+                raise FloatingPointError(f"10 consecutive non-finite losses at step {step}")
+            continue
+        n_bad = 0
+        scaler.scale(loss).backward()
+        if config.grad_clip > 0:
+            scaler.unscale_(opt)
+            gnorms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)))
+        scaler.step(opt)
+        scaler.update()
+        ema.update(model)
+        step += 1
+        losses.append(float(loss.detach()))
+        n_window += batch.context_images.shape[0]
+        samples_seen += batch.context_images.shape[0]
+        if step % config.log_every == 0 or step == max_steps:
+            dt = time.perf_counter() - t_window
+            m = {"train_loss": float(np.mean(losses)), "lr": lr_at(step - 1, config),
+                 "samples_per_s": n_window / max(dt, 1e-9)}
+            if gnorms:
+                m["grad_norm"] = float(np.mean(gnorms))
+            logger.log_metrics(m, step=step)
+            say(f"step {step}/{max_steps if max_steps < 10**12 else '-'} loss {m['train_loss']:.4f} "
+                f"lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s "
+                f"{elapsed_before + time.perf_counter() - t0:.0f} s")
+            t_window, n_window, losses, gnorms = time.perf_counter(), 0, [], []
+        if step % config.eval_every == 0:
+            evaluate_now()
+        if step % config.ckpt_every == 0:
+            save_state()
+    del it
+    train_s = time.perf_counter() - t0
+    final_val = evaluate_now()
+    save_state()
+    save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
+                          {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
+    logger.log_artifact(final_path)
+    checkpoint = best_path if best_path.exists() else final_path
+    wall = elapsed_before + (time.perf_counter() - t0)
+    say(f"trained {step} steps in {wall:.0f} s; checkpoint {checkpoint}")
+    return FitResult(checkpoint=checkpoint, final_checkpoint=final_path, best_metric=best, best_step=best_step,
+                     steps=step, wall_s=wall, split=split, split_path=split_path, run_dir=run_dir,
+                     samples_per_s=samples_seen / max(train_s, 1e-9), final_val=final_val)
+
+
+def _resolve_device(device: str) -> torch.device:
+    from longitudinal.evaluation.harness import resolve_device
+
+    return resolve_device(device)
+
+
+def _max_steps(cfg: TrainConfig, n_items: int) -> int:
+    limits = []
+    if cfg.steps is not None:
+        limits.append(cfg.steps)
+    if cfg.epochs is not None:
+        limits.append(math.ceil(cfg.epochs * n_items / cfg.batch_size))
+    return min(limits) if limits else 10**12
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError("cannot resume: the config differs from the checkpoint in "
+                         + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in diff)
+                         + "; use a new run folder or resume=False")
