@@ -53,6 +53,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,6 +78,7 @@ PATIENTS = "patients"
 INDEX = "index"
 STAGING = ".staging"
 TRASH = ".trash"
+LOCKS = ".locks"
 ZSTD_LEVEL = 3
 # A journal written by another host is considered abandoned after this long (seconds); same-host journals
 # are judged by whether their process still exists.
@@ -578,35 +580,75 @@ class CohortStore:
                     "data_sha256": checksum,
                     "checksum_definition": CHECKSUM_DEFINITION,
                     "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    # Orders generations when recovery finds an abandoned commit (see _finish_commit).
+                    "staged_unix": time.time(),
                 },
             }
         )
         return checksum
 
-    def _finish_commit(self, pid: str, uid: str) -> None:
-        """Steps 3-5 of the commit; idempotent, so recovery can call it again after a crash."""
+    @contextlib.contextmanager
+    def _patient_lock(self, pid: str) -> Iterator[None]:
+        """Serialise swap + index write of one patient across threads and processes (local stores).
+
+        Object stores have no lock: there, one writer per patient at a time is the caller's contract (the
+        ingest flow maps one task per patient).
+        """
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(self._path(LOCKS), exist_ok=True)
+        with open(self._path(LOCKS, f"{pid}.lock"), "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _finish_commit(self, pid: str, uid: str, flipped_at: float | None = None) -> None:
+        """Steps 3-5 of the commit; idempotent, so recovery can call it again after a crash.
+
+        ``flipped_at`` (recovery only): when the abandoned journal was flipped to "commit". A generation
+        committed since then, staged after that moment, is newer: the abandoned one is dropped, not swapped in.
+        """
         name = f"{pid}.{uid}"
         staged = self._path(STAGING, name)
         target = self._path(PATIENTS, pid)
-        current = (self._group_meta(pid) or {}).get("attributes", {}).get("commit", {})
-        if current.get("generation") != uid:
-            if self.is_local:
-                self._swap_local(staged, target, self._path(TRASH, name))
-            else:
-                self._swap_object(staged, target)
-        attrs = self._committed_attrs(pid)
-        sessions = [SessionRecord.from_dict(d) for d in attrs["sessions"]]
-        self._write_index_fragment(pid, sessions)
-        self._rm(self._path(TRASH, name))
+        with self._patient_lock(pid):
+            current = (self._group_meta(pid) or {}).get("attributes", {}).get("commit", {})
+            superseded = flipped_at is not None and float(current.get("staged_unix", 0.0)) > flipped_at
+            if current.get("generation") != uid and not superseded:
+                if self.is_local:
+                    self._swap_local(staged, target, self._path(TRASH, name))
+                else:
+                    self._swap_object(staged, target)
+            if self.has_patient(pid):
+                sessions = [SessionRecord.from_dict(d) for d in self._committed_attrs(pid)["sessions"]]
+                self._write_index_fragment(pid, sessions)
+        if self.is_local:
+            for entry in self._listdir(TRASH):
+                if entry == name or entry.startswith(f"{name}."):
+                    self._rm(self._path(TRASH, entry))
         self._rm(staged)
         self._rm(self._path(STAGING, f"{name}.json"))
 
     def _swap_local(self, staged: str, target: str, trash: str) -> None:
-        if os.path.isdir(target):
-            os.makedirs(os.path.dirname(trash), exist_ok=True)
-            os.rename(target, trash)
-        _pause("swapped")
-        os.rename(staged, target)
+        # Trash is never restored from (recovery rolls forward from staging), so each attempt may use a fresh
+        # name and anyone may delete it. Retrying only matters if two writers race on one patient.
+        for attempt in range(5):
+            if os.path.isdir(target):
+                os.makedirs(os.path.dirname(trash), exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(target, trash if attempt == 0 else f"{trash}.{attempt}")
+            _pause("swapped")
+            try:
+                os.rename(staged, target)
+                return
+            except OSError:
+                if attempt == 4 or not os.path.isdir(staged):
+                    raise
 
     def _swap_object(self, staged: str, target: str) -> None:
         fs = self._fs
@@ -634,9 +676,10 @@ class CohortStore:
     def delete_patient(self, pid: str) -> None:
         """Remove a patient (index fragment first, so the index never names a missing group)."""
         validate_patient_id(pid)
-        self._rm(self._path(INDEX, f"{pid}.parquet"))
-        self._rm(f"{self._path(PATIENTS, pid)}/zarr.json")
-        self._rm(self._path(PATIENTS, pid))
+        with self._patient_lock(pid):
+            self._rm(self._path(INDEX, f"{pid}.parquet"))
+            self._rm(f"{self._path(PATIENTS, pid)}/zarr.json")
+            self._rm(self._path(PATIENTS, pid))
 
     # --- recovery --------------------------------------------------------------------------------------
     def _journals(self) -> list[tuple[str, dict | None]]:
@@ -664,7 +707,7 @@ class CohortStore:
                     continue
                 pid, _, uid = name.partition(".")
                 if journal is not None and journal.get("state") == "commit":
-                    self._finish_commit(pid, uid)
+                    self._finish_commit(pid, uid, flipped_at=float(journal.get("time", 0.0)))
                     done.append(f"rolled forward write {uid} of patient {pid}")
                 else:
                     self._rm(self._path(STAGING, name))

@@ -81,3 +81,18 @@ def test_recovery_leaves_live_writers_alone(tmp_path):
     after = CohortStore.open(url)
     assert after.verify() == []
     assert_patient_is(after, "p001", OLD)
+
+
+@pytest.mark.slow
+def test_abandoned_commit_does_not_override_a_later_write(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    CohortStore.open(url, create=True).write_patient(make_record("p001", days=OLD["days"], seed=OLD["seed"]))
+    signal_file = tmp_path / "paused"
+    proc = start_writer(url, "p001", NEW, "committing", signal_file)
+    kill_when_paused(proc, signal_file)
+    # A writer that skipped recovery commits a newer version before anyone rolls the dead one forward.
+    newest = {"days": (0.0, 7.0), "seed": 5}
+    CohortStore.open(url, recover=False).write_patient(make_record("p001", days=newest["days"], seed=5))
+    healed = CohortStore.open(url)
+    assert healed.verify() == []
+    assert_patient_is(healed, "p001", newest)
