@@ -191,10 +191,11 @@ def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) 
             dt_safety=preset.dt_safety,
             max_dt_rho=preset.max_dt_rho,
         )
-        # The silent period starts from a single seeded voxel (a cluster far below imaging resolution).
-        c0 = np.zeros(solver.shape, dtype=np.float32)
-        c0[tuple(s - b.start for s, b in zip(seed_voxel, box, strict=True))] = 0.3
-        c = solver.initial(c0)
+        # The silent period starts from a dense cluster of radius 4 mm (0.27 ml), below the smallest visible
+        # volume; a dense start gives a mature profile (c -> 1 behind the front) as real tumours show.
+        grids = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+        r2 = sum((g - s) ** 2 for g, s in zip(grids, seed_voxel, strict=True)) * anatomy.spacing_mm**2
+        c = solver.initial((r2 <= max(4.0, anatomy.spacing_mm) ** 2).astype(np.float32))
 
         def visible(state: np.ndarray, thr: float = thresholds.flair, target: float = v0) -> bool:
             return np.count_nonzero(state >= thr) * voxel_ml >= target

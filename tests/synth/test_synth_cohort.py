@@ -75,6 +75,15 @@ def test_pybids_finds_every_subject_session_and_date(cohort) -> None:
         days = (dates - dates.iloc[0]).dt.total_seconds() / 86400.0
         np.testing.assert_allclose(days, [s["days_since_baseline"] for s in truth["sessions"]], atol=1e-6)
         assert truth["params"]["baseline_date"] == str(dates.iloc[0].date())
+    # The labels derivative is a dataset pybids indexes too.
+    with_labels = BIDSLayout(str(root), derivatives=str(root / "derivatives" / "labels"))
+    assert len(with_labels.get(suffix="dseg", extension=".nii.gz")) == summary.n_visits
+    # Every raw file has a valid BIDS name (the validator's own rules).
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    raw = [f for f in root.rglob("*") if f.is_file() and "derivatives" not in f.relative_to(root).parts]
+    assert [f for f in raw if not validator.is_bids("/" + str(f.relative_to(root)))] == []
     participants = pd.read_csv(root / "participants.tsv", sep="\t")
     assert list(participants["participant_id"]) == [f"sub-{p.subject}" for p in summary.patients]
     desc = json.loads((root / "dataset_description.json").read_text())
