@@ -1,0 +1,54 @@
+"""Patient splits: disjoint, complete, persisted, and stable under a seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longitudinal.data.splits import Split, make_split
+
+IDS = [f"P{i:03d}" for i in range(23)]
+
+
+@pytest.mark.parametrize(("n", "val", "test"), [(23, 0.15, 0.15), (3, 0.15, 0.15), (10, 0.2, 0.0), (1, 0.15, 0.15)])
+def test_split_is_disjoint_and_complete(n, val, test):
+    split = make_split(IDS[:n], seed=3, val_fraction=val, test_fraction=test)
+    parts = [set(split.train), set(split.val), set(split.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert parts[0] | parts[1] | parts[2] == set(IDS[:n])
+    assert split.train, "train keeps at least one patient"
+    if n >= 3 and val > 0:
+        assert split.val
+    assert split.check() == []
+
+
+def test_split_sizes_follow_fractions():
+    split = make_split(IDS, seed=0, val_fraction=0.15, test_fraction=0.15)
+    assert (len(split.train), len(split.val), len(split.test)) == (17, 3, 3)
+
+
+def test_split_is_seeded():
+    a, b, c = make_split(IDS, seed=1), make_split(IDS, seed=1), make_split(IDS, seed=2)
+    assert a == b and a.split_id == b.split_id
+    assert a.split_id != c.split_id
+    # Input order never matters (ids are sorted before shuffling).
+    assert make_split(list(reversed(IDS)), seed=1) == a
+
+
+def test_split_round_trips_through_json_and_detects_tampering(tmp_path):
+    split = make_split(IDS, seed=4)
+    path = split.save(tmp_path / "split.json")
+    assert Split.load(path) == split
+    d = json.loads(path.read_text())
+    assert set(d) == {"train", "val", "test", "seed", "split_id"}
+    d["val"].append(d["train"][0])  # a patient in two splits
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="both train and val"):
+        Split.load(path)
+
+
+def test_bad_split_arguments_are_all_reported():
+    with pytest.raises(ValueError) as exc:
+        make_split(["A", "A"], val_fraction=0.7, test_fraction=0.5)
+    assert "duplicates" in str(exc.value) and "fractions" in str(exc.value)
