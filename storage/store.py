@@ -9,6 +9,7 @@ Layout (schema v1, see :mod:`storage.schema`)::
     <store>/.staging/<pid>.<uid>/         a patient group being written (never read by anyone)
     <store>/.staging/<pid>.<uid>.json     the write's journal: owner (host, pid), state "writing" | "commit"
     <store>/.trash/<pid>.<uid>/           a replaced patient group awaiting deletion (local stores)
+    <store>/.locks/<pid>.lock             per-patient commit lock (local stores)
 
 Reading without our code: ``xarray.open_zarr(url, group="patients/<pid>", consolidated=False)`` gives
 ``image`` (time, channel, z, y, x) float32, ``label`` (time, z, y, x) uint8 and the ``time`` coordinate in days
@@ -18,7 +19,8 @@ shapes) as soon as one patient is appended by another writer. Without ``consolid
 opens the group, after a RuntimeWarning. ``zarr.open_group`` on the root warns that ``index`` and ``.staging``
 are not Zarr nodes; that is harmless.
 
-Atomic commit (a crash never leaves a half-written patient visible):
+Atomic commit (a crash never leaves a half-written patient visible; a reader sees the old version, the
+new one, or -- only during a swap -- no such patient):
 
 1. Validate the record (every problem, one ValueError). Write the journal ``.staging/<pid>.<uid>.json`` with
    state "writing", then the complete patient group under ``.staging/<pid>.<uid>/``. Its group attributes
@@ -36,11 +38,21 @@ Atomic commit (a crash never leaves a half-written patient visible):
    The fragment is derivable from the committed group, so recovery can always rewrite it.
 5. Delete trash, staging and the journal.
 
+Concurrency: writers of different patients run in parallel freely (threads or processes). On local disk a
+per-patient ``fcntl.flock`` on ``.locks/<pid>.lock`` serialises steps 3-4, so racing writers of one patient
+leave one complete version with a matching index. Object stores have no lock: one writer per patient at a
+time is the caller's contract (the ingest flow maps one task per patient); verify() catches violations
+through the data checksum.
+
 Recovery runs when a store is opened (``recover=True``): journals whose owner is gone (same host: the
 process no longer exists; another host: older than ``STALE_AFTER_S``) are rolled back ("writing") or
-forward ("commit"). Journals of live writers are left alone, so parallel writers of different patients
-never undo each other. ``verify()`` reports any leftover journal, staging or trash entry, uncommitted group,
-and every inconsistency between arrays, attributes, index and the stored data checksum.
+forward ("commit"). Journals of live writers are left alone, so parallel writers never undo each other. An
+abandoned "commit" is dropped instead of rolled forward when a generation staged after its flip has been
+committed since (a newer write wins). ``verify()`` reports any leftover journal, staging or trash entry,
+uncommitted group, and every inconsistency between arrays, attributes, index and the stored data checksum.
+
+Crash means a process crash (SIGKILL, OOM, node loss with the disk intact). Chunk files are not fsynced, so
+a power loss on a local disk may still lose a recent write; the checksum in verify() would notice.
 """
 
 from __future__ import annotations
@@ -83,6 +95,8 @@ ZSTD_LEVEL = 3
 # A journal written by another host is considered abandoned after this long (seconds); same-host journals
 # are judged by whether their process still exists.
 STALE_AFTER_S = 6 * 3600.0
+# Temp files of atomic local writes exist for microseconds; older ones were left by a crash.
+TEMP_STALE_S = 300.0
 # Test hook: "STAGE:SECONDS" makes a writer sleep at STAGE (see _pause) so a test can SIGKILL it there.
 PAUSE_ENV = "COHORT_STORE_PAUSE"
 PAUSE_SIGNAL_ENV = "COHORT_STORE_PAUSE_SIGNAL"
@@ -698,14 +712,26 @@ class CohortStore:
         return time.time() - float(journal.get("time", 0)) < STALE_AFTER_S
 
     def recover(self) -> list[str]:
-        """Finish or roll back writes abandoned by dead writers; returns what was done (one line each)."""
+        """Finish or roll back writes abandoned by dead writers; returns what was done (one line each).
+
+        Each item is handled on its own: on a read-only store (or when a concurrent recoverer got there
+        first) the OSError is skipped and verify() reports what is left.
+        """
         done: list[str] = []
         try:
+            # List entries before journals: a writer creates its journal before its staging group, so any
+            # staging entry seen here has its journal in the later listing while that write is alive.
+            entries = {area: self._listdir(area) for area in (STAGING, TRASH)}
             journals = self._journals()
-            for name, journal in journals:
-                if journal is not None and self._owner_alive(journal):
-                    continue
-                pid, _, uid = name.partition(".")
+        except OSError:
+            return done
+        for name, journal in journals:
+            if journal is not None and self._owner_alive(journal):
+                continue
+            pid, _, uid = name.partition(".")
+            try:
+                if validate_patient_id_or_none(pid) is None:
+                    raise OSError(f"foreign journal {name}")
                 if journal is not None and journal.get("state") == "commit":
                     self._finish_commit(pid, uid, flipped_at=float(journal.get("time", 0.0)))
                     done.append(f"rolled forward write {uid} of patient {pid}")
@@ -714,20 +740,41 @@ class CohortStore:
                     self._rm(self._path(TRASH, name))
                     self._rm(self._path(STAGING, f"{name}.json"))
                     done.append(f"rolled back unfinished write {uid} of patient {pid}")
-            # List entries before journals: a writer creates its journal before its staging group, so any
-            # staging entry seen here has its journal in the later listing while that write is alive.
-            entries = {area: self._listdir(area) for area in (STAGING, TRASH)}
-            live = {name for name, _ in self._journals()}
-            # Staging or trash entries that no journal owns are debris (e.g. a crash during clean-up).
-            for area in (STAGING, TRASH):
-                for entry in entries[area]:
-                    base = entry[: -len(".json")] if entry.endswith(".json") else entry
-                    if base not in live and not entry.startswith("."):
-                        self._rm(self._path(area, entry))
-                        done.append(f"removed leftover {area}/{entry}")
-        except PermissionError:
-            pass  # a read-only store: verify() reports what is left
+            except (OSError, KeyError, ValueError):
+                continue
+        try:
+            live = {name for name, journal in self._journals() if journal is not None}
+        except OSError:
+            return done
+        # Staging or trash entries that no journal owns are debris (e.g. a crash during clean-up); temp files
+        # (".<name>.tmp", alive for microseconds) only once they are clearly abandoned.
+        for area in (STAGING, TRASH):
+            for entry in entries[area]:
+                base = entry[: -len(".json")] if entry.endswith(".json") else entry
+                if entry.startswith("."):
+                    if not self._is_old_temp(self._path(area, entry)):
+                        continue
+                elif base in live:
+                    continue
+                try:
+                    self._rm(self._path(area, entry))
+                    done.append(f"removed leftover {area}/{entry}")
+                except OSError:
+                    continue
+        for entry in self._listdir(INDEX):
+            if entry.startswith(".") and self._is_old_temp(self._path(INDEX, entry)):
+                with contextlib.suppress(OSError):
+                    self._rm(self._path(INDEX, entry))
+                    done.append(f"removed leftover {INDEX}/{entry}")
         return done
+
+    def _is_old_temp(self, path: str) -> bool:
+        if not (self.is_local and path.endswith(".tmp")):
+            return False
+        try:
+            return time.time() - os.path.getmtime(path) > TEMP_STALE_S
+        except OSError:
+            return False
 
     # --- checking --------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
