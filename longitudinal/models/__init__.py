@@ -1,1 +1,9 @@
-"""longitudinal.models"""
+"""longitudinal.models: pure-torch forecasting models behind one interface (see ``base``).
+
+Importing this package registers every model kind in ``MODEL_KINDS``: one import line per kind's module.
+"""
+
+from longitudinal.models import (
+    baselines,  # noqa: F401  (registers lci, linear)
+    tfm,  # noqa: F401  (registers tfm)
+)
