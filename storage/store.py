@@ -196,6 +196,32 @@ def index_rows(pid: str, sessions: list[SessionRecord]) -> list[dict]:
     ]
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None: attributes must stay strict JSON for other readers
+    (Python's json would write a bare NaN token that most JSON parsers reject)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _session_from_attrs(d: dict) -> SessionRecord:
+    """SessionRecord from stored attributes (a null registration metric was a non-finite float)."""
+    d = dict(d)
+    if d.get("registration_metric") is None:
+        d["registration_metric"] = float("nan")
+    return SessionRecord.from_dict(d)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    return bool(a == b)
+
+
 def _pause(stage: str) -> None:
     """Crash-test hook: sleep at ``stage`` when COHORT_STORE_PAUSE="stage:seconds" (touching the signal file)."""
     spec = os.environ.get(PAUSE_ENV)
@@ -417,7 +443,7 @@ class CohortStore:
 
     def sessions(self, pid: str) -> list[SessionRecord]:
         """The patient's session records in time order (reads attributes only). KeyError if absent."""
-        return [SessionRecord.from_dict(d) for d in self._committed_attrs(pid)["sessions"]]
+        return [_session_from_attrs(d) for d in self._committed_attrs(pid)["sessions"]]
 
     def patient_attrs(self, pid: str) -> dict:
         """All group attributes of a committed patient (channels, spacing, affine, sessions, commit, ...)."""
@@ -448,7 +474,7 @@ class CohortStore:
             spacing_mm=tuple(float(v) for v in attrs["spacing_mm"]),
             affine=np.asarray(attrs["reference_affine"], dtype=np.float64),
             channels=tuple(attrs["channels"]),
-            sessions=[SessionRecord.from_dict(d) for d in attrs["sessions"]],
+            sessions=[_session_from_attrs(d) for d in attrs["sessions"]],
         )
 
     def read_patient(self, pid: str) -> PatientRecord:
@@ -587,7 +613,7 @@ class CohortStore:
                 "reference_nifti": reference_nifti(record.reference_affine, (z, y, x), record.spacing_mm),
                 "days": [float(d) for d in days],
                 "acquisition_dates": [s.shifted_date for s in sessions],
-                "sessions": [s.to_dict() for s in sessions],
+                "sessions": [_json_safe(s.to_dict()) for s in sessions],
                 # Written last: the staged group is complete once this attribute exists.
                 "commit": {
                     "generation": uid,
@@ -639,7 +665,7 @@ class CohortStore:
                 else:
                     self._swap_object(staged, target)
             if self.has_patient(pid):
-                sessions = [SessionRecord.from_dict(d) for d in self._committed_attrs(pid)["sessions"]]
+                sessions = [_session_from_attrs(d) for d in self._committed_attrs(pid)["sessions"]]
                 self._write_index_fragment(pid, sessions)
         if self.is_local:
             for entry in self._listdir(TRASH):
@@ -859,7 +885,7 @@ class CohortStore:
         if len(sessions) != t:
             out.append(f"{len(sessions)} session records for {t} time points")
         try:
-            records = [SessionRecord.from_dict(d) for d in sessions]
+            records = [_session_from_attrs(d) for d in sessions]
         except Exception as exc:
             out.append(f"unreadable session records ({exc})")
             records = []
@@ -872,8 +898,8 @@ class CohortStore:
             want = index_rows(pid, records)
             got = rows.sort_values("time_index").to_dict("records")
             for w, g in zip(want, got, strict=True):
-                for col in ("session", "days", "time_index", "content_sha256"):
-                    if w[col] != g[col]:
+                for col in INDEX_COLUMNS[1:]:
+                    if not _same(w[col], g[col]):
                         out.append(f"index row {w['time_index']}: {col} {g[col]!r} != stored {w[col]!r}")
         if out:
             return out

@@ -143,3 +143,24 @@ def test_info_summary(tmp_path):
     assert info["channels"] == ["T1c", "FLAIR"]
     assert info["grids_zyx"] == ["12x14x10"] and info["spacings_mm_zyx"] == ["2x2x2"]
     assert info["schema_version"] == 1 and info["size_bytes"] > 0
+
+
+def test_non_finite_metric_round_trips_as_strict_json(tmp_path):
+    import dataclasses
+    import json
+    import math
+
+    store = CohortStore.open(tmp_path / "c.zarr", create=True)
+    rec = make_record("p001")
+    rec.sessions[0] = dataclasses.replace(
+        rec.sessions[0], registration_metric=float("nan"), qc_flags=["baseline"]
+    )
+    store.write_patient(rec)
+    text = (tmp_path / "c.zarr" / "patients" / "p001" / "zarr.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    got = store.sessions("p001")[0]
+    assert math.isnan(got.registration_metric) and got.qc_flags == ["baseline"]
+    assert got.content_sha256 == rec.sessions[0].content_sha256
+    df = store.index()
+    assert df.loc[0, "qc_status"] == "warn" and math.isnan(df.loc[0, "registration_metric"])
+    assert store.verify() == []
