@@ -164,17 +164,29 @@ def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) 
     seeds = np.argwhere((anatomy.wm >= 0.9) & anatomy.parenchyma)
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         n_visits = int(rng.integers(preset.visits[0], preset.visits[1] + 1))
-        gaps = rng.integers(preset.gap_days[0], preset.gap_days[1] + 1, size=n_visits - 1)
-        window = float(gaps.sum())
-        # Front speed 2 sqrt(D rho) (mm/day) times the window bounds the radial growth seen in the scans.
-        for _ in range(1000):
+        n_gaps = n_visits - 1
+        (g_min, g_max), (a_min, a_max) = preset.gap_days, preset.radial_growth_mm
+        # The front advances 2 sqrt(D rho) mm/day (Fisher-KPP speed); over the observation window it must move
+        # a_min..a_max mm so that the tumour visibly grows but stays below max_volume_ml. Half the patients get
+        # their follow-up schedule first and then parameters that fit it (slow tumours, long horizons); the
+        # other half get parameters first and then a schedule that fits them (fast tumours, close visits).
+        schedule_first = bool(rng.random() < 0.5)
+        gaps = rng.integers(g_min, g_max + 1, size=n_gaps) if schedule_first else None
+        window = (float(gaps.sum()),) * 2 if gaps is not None else (g_min * n_gaps, g_max * n_gaps)
+        for _ in range(2000):
             d_white = _log_uniform(rng, preset.d_white)
             rho = _log_uniform(rng, preset.rho)
-            advance = 2.0 * math.sqrt(d_white * rho) * window
-            if preset.radial_growth_mm[0] <= advance <= preset.radial_growth_mm[1]:
+            speed = 2.0 * math.sqrt(d_white * rho)
+            if a_min / window[1] <= speed <= a_max / window[0]:
                 break
         else:
             continue
+        if gaps is None:
+            lo = max(math.ceil(a_min / speed / n_gaps), g_min)
+            hi = min(math.floor(a_max / speed / n_gaps), g_max)
+            if lo > hi:
+                continue
+            gaps = rng.integers(lo, hi + 1, size=n_gaps)
         thresholds = Thresholds(
             flair=float(rng.uniform(*preset.flair_threshold)),
             enhancing=float(rng.uniform(*preset.enhancing_threshold)),
