@@ -223,3 +223,18 @@ def test_bad_arguments_are_reported_together_and_foreign_folders_refused(tmp_pat
     with pytest.raises(ValueError, match="refusing"):
         generate_cohort(foreign, 1, 0, "tiny")
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_default_preset_is_the_mni_2mm_grid(tmp_path: Path) -> None:
+    from nilearn.datasets import load_mni152_template
+
+    summary = generate_cohort(tmp_path / "d", 1, 2, "default")
+    mni = load_mni152_template(resolution=2)
+    p = summary.patients[0]
+    assert 3 <= p.n_visits <= 8
+    assert 1.0 <= p.min_whole_ml <= p.max_whole_ml <= 150.0
+    img = nib.load(str(_anat(tmp_path / "d", p.subject, "01", "FLAIR")))
+    assert img.shape == mni.shape
+    np.testing.assert_allclose(img.affine, mni.affine)
+    assert img.get_data_dtype() == np.int16
+    assert nib.load(str(_label(tmp_path / "d", p.subject, "01"))).shape == mni.shape
