@@ -140,7 +140,10 @@ class Forecaster:
         self.spacing_mm = float(np.mean(sp))
         cs = self.meta.get("crop_size")
         self.crop_size = tuple(int(c) for c in (cs if isinstance(cs, list | tuple) else (cs,) * 3)) if cs else None
-        self.max_context = int((self.meta.get("meta") or {}).get("max_context", 0) or 0) or None
+        inner = self.meta.get("meta") or {}
+        data = inner.get("data") or self.meta.get("data") or {}
+        self.max_context = int(data.get("max_context") or inner.get("max_context") or 0) or None
+        self.normalize = str(data.get("normalize") or "none")
 
     def predict(
         self,
@@ -191,6 +194,11 @@ class Forecaster:
         k = len(prep.days) if self.max_context is None else min(self.max_context, len(prep.days))
         imgs = np.stack([_crop(prep.images[t], start, size) for t in range(len(prep.days) - k, len(prep.days))])
         labs = np.stack([_crop(prep.labels[t], start, size) for t in range(len(prep.days) - k, len(prep.days))])
+        scale = np.ones(imgs.shape[1], np.float32)
+        if self.normalize == "context_mean":  # as the data layer: per channel, mean of non-zero context voxels
+            scale = np.array([imgs[:, c][imgs[:, c] > 0].mean() if (imgs[:, c] > 0).any() else 1.0
+                              for c in range(imgs.shape[1])], np.float32)
+            imgs = imgs / scale[None, :, None, None, None]
         dev = self.device
         ctx_i = torch.from_numpy(imgs).float()[None].to(dev)
         ctx_l = torch.from_numpy(labs.astype(np.int64))[None].to(dev)
@@ -209,7 +217,7 @@ class Forecaster:
                 for name, p in QUANTILES.items():
                     row[f"volume_{kind}_ml_{name}"] = float(np.quantile(vols[qi, :, vi], p))
             if out_dir is not None:
-                img = fc.images[0, qi].mean(0).float().cpu().numpy()  # (C, D, H, W)
+                img = fc.images[0, qi].mean(0).float().cpu().numpy() * scale[:, None, None, None]  # (C,D,H,W)
                 prob = fc.whole_prob[0, qi].mean(0).float().cpu().numpy()
                 row["forecast_path"], row["tumour_prob_path"] = _write_forecast(
                     Path(out_dir), pid, float(day), img, prob, start, prep

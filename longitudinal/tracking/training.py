@@ -157,25 +157,15 @@ def _open_run(settings: Settings, run_dir: Path, key: str, experiment_id: str, n
 
 
 def _train_config(train_config: Any) -> Any:
-    """Accept a TrainConfig, a dict or a path to a YAML/JSON file."""
-    from longitudinal import training
+    """A TrainConfig from a TrainConfig, a dict of its fields or a YAML/JSON path (missing fields take the
+    shipped defaults)."""
+    from longitudinal.training.config import DEFAULT_TRAIN_CONFIG, TrainConfig, load_train_config
 
-    cls = training.TrainConfig
-    if isinstance(train_config, cls):
+    if isinstance(train_config, TrainConfig):
         return train_config
     if isinstance(train_config, str | Path):
-        loader = getattr(training, "load_train_config", None)
-        if loader is not None:
-            return loader(Path(train_config))
-        text = Path(train_config).read_text()
-        if str(train_config).endswith((".yaml", ".yml")):
-            import yaml
-
-            train_config = yaml.safe_load(text)
-        else:
-            train_config = json.loads(text)
-    from_dict = getattr(cls, "from_dict", None)
-    return from_dict(dict(train_config)) if from_dict else cls(**dict(train_config))
+        return load_train_config(Path(train_config))
+    return TrainConfig(**{**DEFAULT_TRAIN_CONFIG.to_dict(), **dict(train_config)})
 
 
 def _eval_config(meta: dict[str, Any]) -> Any:
@@ -204,13 +194,13 @@ def run_training(
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    from longitudinal.training import fit
+    from longitudinal.training.fit import fit
 
     t0 = time.perf_counter()
     name = register_as or settings.registered_model_name
     cfg = _train_config(train_config)
     cfg_dict = config_dict(cfg)
-    kind = str(cfg_dict.get("model_kind") or cfg_dict.get("kind") or cfg_dict.get("model", "model"))
+    kind = str(cfg.model)
     digest = store_hash(store_url)
     key = run_key(cfg_dict, digest)
     run_dir = settings.runs_path / f"{kind}-{key}"
@@ -240,7 +230,7 @@ def run_training(
                          "seed": split.seed, "split_id": split.split_id}, "split.json")
         logger.log_json(cfg_dict, "config.json")
 
-        model_ckpt = run_dir / "model.pt"
+        model_ckpt = run_dir / "logged_model.pt"  # fit owns run_dir/model.pt
         slim_checkpoint(Path(result.checkpoint), model_ckpt)
         candidate, meta = load_checkpoint(model_ckpt)
         eval_cfg = _eval_config(meta)
@@ -292,7 +282,7 @@ def _evaluate_register_promote(
         cand = GateMetrics.from_rows(val.rows, CANDIDATE)
         lci = GateMetrics.from_rows(val.rows, "lci")
         champ_metrics = GateMetrics.from_rows(val.rows, CHAMPION_NAME) if champ is not None else None
-        decision = gate(cand, lci, champ_metrics, champ.version if champ is not None else None)
+        decision = gate(cand, lci, champ_metrics, str(champ.version) if champ is not None else None)
         aliases = apply_decision(client, name, mv.version, decision)
         logger.set_tags({f"registry.{k}": v for k, v in decision.tags().items()})
     else:
@@ -343,9 +333,9 @@ def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_sam
     size = tuple(int(s) for s in eval_cfg.crop_size)
     centre = context_crop_centre([tumour_bbox(labels_all[t]) for t in ctx], labels_all.shape[-3:])
     start = crop_start(centre, size)
-    imgs = read_crop(arr.image, (ctx,), start, size)  # (K, C, D, H, W)
+    imgs = read_crop(arr.image, (ctx, slice(None)), start, size)  # (K, C, D, H, W)
     labs = read_crop(labels_all, (ctx,), start, size)
-    truth_img = read_crop(arr.image, (len(days) - 1,), start, size)
+    truth_img = read_crop(arr.image, (len(days) - 1, slice(None)), start, size)  # (C, D, H, W)
     if eval_cfg.normalize == "context_mean":
         scale = np.array([imgs[:, c][imgs[:, c] > 0].mean() if (imgs[:, c] > 0).any() else 1.0
                           for c in range(imgs.shape[1])], np.float32)
@@ -375,7 +365,6 @@ def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_sam
 
 def default_train_config() -> Any:
     """The shipped TrainConfig (``longitudinal.training``'s default)."""
-    from longitudinal import training
+    from longitudinal.training.config import DEFAULT_TRAIN_CONFIG
 
-    default = getattr(training, "DEFAULT_TRAIN_CONFIG", None)
-    return default if default is not None else training.TrainConfig()
+    return DEFAULT_TRAIN_CONFIG

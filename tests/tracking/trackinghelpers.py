@@ -106,3 +106,68 @@ def baseline_checkpoint(path: Path, kind: str = "linear", crop: int = 32) -> Pat
                 "channels": ["T1c", "FLAIR"], "spacing_mm": [2.0, 2.0, 2.0], "crop_size": [crop] * 3,
                 "meta": {"max_context": 3}}, path)
     return path
+
+
+# Tiny training settings: 16^3 crops, a few steps, no workers, so a whole run_training takes seconds of compute.
+TINY_TRAIN = {"crop_size": [16, 16, 16], "steps": 4, "batch_size": 2, "num_workers": 0, "val_fraction": 0.25,
+              "test_fraction": 0.25, "eval_every": 2, "ckpt_every": 2, "log_every": 1, "val_targets": 4,
+              "augment": None, "warmup_steps": 0}
+
+CONSUMER_SCRIPT = """
+import json, sys
+import mlflow
+import pandas as pd
+
+uri, frame_csv, out_dir, out_json = sys.argv[1:5]
+mlflow.set_tracking_uri(uri)
+model = mlflow.pyfunc.load_model("models:/tumor-growth-forecaster@champion")
+frame = pd.read_csv(frame_csv)
+out = model.predict(frame, params={"query_days": [180.0, 240.0], "n_samples": 2, "out_dir": out_dir})
+out.to_json(out_json, orient="records")
+print("modules", sorted(m for m in sys.modules if m.split(".")[0] == "longitudinal")[:3])
+"""
+
+
+def run_consumer(tracking_uri: str, frame: pd.DataFrame, work: Path) -> list[dict]:
+    """A fresh Python process that loads the champion with ``mlflow.pyfunc.load_model`` alone and predicts."""
+    import json
+
+    work.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(work / "frame.csv", index=False)
+    (work / "consumer.py").write_text(CONSUMER_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(work / "consumer.py"), tracking_uri, str(work / "frame.csv"), str(work / "maps"),
+         str(work / "out.json")],
+        cwd=work, env={**os.environ, **ENV_QUIET, "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((work / "out.json").read_text())
+
+
+def check_consumer_output(rows: list[dict], truth: dict) -> None:
+    """Known answers for a ``linear`` champion on a growing sphere: volumes extrapolate the last two scans'
+    whole-tumour volumes linearly in time; the probability map sits on the baseline's tumour (registration
+    undid the header shifts)."""
+    import nibabel as nib
+
+    v, d = truth["whole_ml"], truth["days"]
+    assert [r["query_day"] for r in rows] == [180.0, 240.0]
+    for r in rows:
+        expected = v[-1] + (v[-1] - v[-2]) * (r["query_day"] - d[-1]) / (d[-1] - d[-2])
+        assert r["volume_whole_ml_median"] == pytest_approx(expected, rel=0.15)
+        assert r["volume_whole_ml_lo95"] <= r["volume_whole_ml_median"] <= r["volume_whole_ml_hi95"]
+        assert 0 < r["volume_enhancing_ml_median"] < r["volume_whole_ml_median"]
+    assert rows[1]["volume_whole_ml_median"] > rows[0]["volume_whole_ml_median"] > v[-1]
+    prob = nib.load(rows[0]["tumour_prob_path"])
+    data = np.asarray(prob.dataobj)
+    centroid = np.argwhere(data > 0.5).mean(0)
+    assert np.allclose(centroid, (np.array(data.shape) - 1) / 2, atol=0.75), centroid
+    assert Path(rows[0]["forecast_path"]).is_file()
+    assert nib.load(rows[0]["forecast_path"]).shape == (*data.shape, 2)
+
+
+def pytest_approx(value: float, rel: float) -> object:
+    import pytest
+
+    return pytest.approx(value, rel=rel)
