@@ -1,9 +1,117 @@
-"""CLI commands for the 'train' area."""
+"""CLI commands for the 'train' area: `longitudinal train` and `longitudinal evaluate`."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from longitudinal.commands._common import console, fail, print_locations, settings_of
+
+
+def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast evaluation") -> None:
+    """Per-horizon table: one line per (horizon bin, model); skill columns are against LCI."""
+    from rich.table import Table
+
+    cols = [("n", "n", "{:d}"), ("dice_whole", "Dice WT", "{:.3f}"), ("dice_enhancing", "Dice EC", "{:.3f}"),
+            ("hd95_mm", "HD95 mm", "{:.2f}"), ("volume_error_ml", "|dV| ml", "{:.3f}"), ("mse", "MSE", "{:.4f}"),
+            ("ssim", "SSIM", "{:.3f}"), ("coverage80", "cov80", "{:.2f}"), ("coverage95", "cov95", "{:.2f}"),
+            ("crps_ml", "CRPS ml", "{:.3f}"), ("skill_dice_whole", "skill Dice", "{:+.2f}"),
+            ("skill_volume_error_ml", "skill |dV|", "{:+.2f}")]
+    present = [c for c in cols if any(c[0] in r for r in rows)]
+    table = Table(title=title, title_justify="left")
+    table.add_column("horizon (days)")
+    table.add_column("model")
+    for _, head, _ in present:
+        table.add_column(head, justify="right")
+    last = None
+    for r in rows:
+        cells = []
+        for key, _, fmt in present:
+            v = r.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("-")
+            else:
+                cells.append(fmt.format(int(v)) if fmt == "{:d}" else fmt.format(v))
+        if last is not None and r["horizon"] != last:
+            table.add_section()
+        last = r["horizon"]
+        table.add_row(r["horizon"], r["model"], *cells)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app (none yet)."""
+    """Add `train` and `evaluate` to the root app."""
+
+    @app.command()
+    def train(
+        ctx: typer.Context,
+        store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
+        model: str | None = typer.Option(None, "--model", help="Model kind: tfm, np, lci, linear."),
+        config: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False,
+                                           help="TrainConfig as YAML or JSON (unset keys: tuned defaults)."),
+        budget_s: float | None = typer.Option(None, "--budget-s", help="Wall-clock training budget (s)."),
+        steps: int | None = typer.Option(None, "--steps", help="Stop after this many optimiser steps."),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default: runs/<model>)."),
+        fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in the run folder."),
+    ) -> None:
+        """Train a forecasting model on the store's training split (resumes a run folder by default)."""
+        from longitudinal.training.config import load_train_config
+        from longitudinal.training.fit import fit
+        from longitudinal.training.logger import JsonlLogger
+
+        settings = settings_of(ctx)
+        store_url = store or settings.store_url
+        try:
+            cfg = load_train_config(config, model=model, budget_s=budget_s, steps=steps)
+        except ValueError as exc:
+            fail(str(exc))
+        run = run_dir or settings.runs_path / cfg.model
+        print_locations(settings, ("store", "runs"))
+        console.print(f"run folder: {run}")
+        try:
+            res = fit(cfg, store_url, run, JsonlLogger(run), resume=not fresh, progress=console.print)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+        best = "-" if res.best_metric is None else f"{res.best_metric:.3f}"
+        console.print(f"[bold]model[/bold] {res.checkpoint}  steps {res.steps}  {res.wall_s:.0f} s  "
+                      f"best val Dice {best}  split {res.split.split_id} ({res.split_path})")
+
+    @app.command()
+    def evaluate(
+        ctx: typer.Context,
+        model: str = typer.Option(..., "--model", help="Checkpoint path, or a baseline kind (lci, linear)."),
+        store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
+        json_path: Path | None = typer.Option(None, "--json", help="Write the per-horizon rows as JSON here."),
+        patients: str | None = typer.Option(None, "--patients",
+                                            help="Comma-separated patient ids, or a split.json to use its "
+                                                 "test patients (default: every patient)."),
+        n_samples: int = typer.Option(8, "--samples", min=1, help="Samples per target for sampled models."),
+    ) -> None:
+        """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear)."""
+        from longitudinal.evaluation.harness import evaluate_ref
+
+        settings = settings_of(ctx)
+        store_url = store or settings.store_url
+        pids = _patients(patients)
+        print_locations(settings, ("store",))
+        try:
+            report = evaluate_ref(model, store_url, pids, n_samples=n_samples)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+        print_evaluation_table(report.rows, f"{report.n_targets} targets, {len(report.patients)} patients")
+        if json_path is not None:
+            console.print(f"rows written to {report.to_json(json_path)}")
+
+
+def _patients(spec: str | None) -> list[str] | None:
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.suffix == ".json" and path.exists():
+        from longitudinal.data.splits import Split
+
+        return list(Split.load(path).test)
+    return [p.strip() for p in spec.split(",") if p.strip()]

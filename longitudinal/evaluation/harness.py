@@ -140,6 +140,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], models: Sequence[str],
               bins: Sequence[tuple[float, float]] = HORIZON_BINS) -> list[dict[str, Any]]:
     """Per (model, bin) means of the per-target records, plus skill against ``lci`` on the same targets."""
     rows: list[dict[str, Any]] = []
+    # Columns per model come from all its records, so an empty bin still has every column (as NaN).
+    model_keys = {m: {k for r in records if r["model"] == m for k in _MEAN_KEYS if k in r} for m in models}
     all_bins = [(bin_label(lo, hi), lo, hi) for lo, hi in bins] + [("all", 0.0, math.inf)]
     for label, lo, hi in all_bins:
         in_bin = [r for r in records if lo <= r["horizon_days"] < hi]
@@ -149,8 +151,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], models: Sequence[str],
             row: dict[str, Any] = {"model": model, "horizon": label, "horizon_lo": float(lo),
                                    "horizon_hi": None if math.isinf(hi) else float(hi), "n": len(rs)}
             for key in _MEAN_KEYS:
-                vals = [r[key] for r in rs if key in r and not math.isnan(r[key])]
-                if any(key in r for r in rs):
+                if key in model_keys[model]:
+                    vals = [r[key] for r in rs if key in r and not math.isnan(r[key])]
                     row[key] = float(np.mean(vals)) if vals else float("nan")
             row["hd95_undefined"] = sum(1 for r in rs if math.isnan(r.get("hd95_mm", 0.0)))
             means[model] = row
@@ -246,14 +248,14 @@ def load_model_ref(ref: str, device: str = "cpu") -> tuple[str, ForecastModel, d
 
 
 def evaluate_ref(ref: str, store_url: str, patient_ids: Sequence[str] | None = None,
-                 config: EvalConfig | None = None, progress: Callable[[str], None] | None = None
-                 ) -> EvaluationReport:
+                 config: EvalConfig | None = None, progress: Callable[[str], None] | None = None,
+                 n_samples: int = 8) -> EvaluationReport:
     """`evaluate_models` for one model reference (see `load_model_ref`); crop size, K and normalisation come
-    from the checkpoint unless ``config`` is given."""
+    from the checkpoint unless ``config`` is given (``n_samples`` applies only then)."""
     name, model, meta = load_model_ref(ref)
     if config is None:
         data = meta.get("data", {})
         config = EvalConfig(crop_size=tuple(meta.get("crop_size") or (32, 32, 32)),  # type: ignore[arg-type]
                             max_context=int(data.get("max_context", 3)),
-                            normalize=str(data.get("normalize", "none")))
+                            normalize=str(data.get("normalize", "none")), n_samples=n_samples)
     return evaluate_models({name: model}, store_url, patient_ids, config, progress)

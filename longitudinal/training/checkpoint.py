@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.base import ForecastModel
+from longitudinal.models.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
 
 
 def atomic_save(obj: Any, path: Path) -> Path:
@@ -45,32 +46,17 @@ def save_model_checkpoint(
     meta: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a model checkpoint; ``state_dict`` overrides the model's own weights (e.g. the EMA copy)."""
-    sd = state_dict if state_dict is not None else model.state_dict()
-    payload = {
-        "kind": model.kind,
-        "config": model.config_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in sd.items()},
-        "channels": list(channels),
-        "spacing_mm": [float(s) for s in spacing_mm],
-        "crop_size": [int(s) for s in crop_size],
-        "meta": meta or {},
-    }
-    return atomic_save(payload, path)
+    """Write a model checkpoint atomically; ``state_dict`` overrides the model's own weights (e.g. the EMA)."""
+    return atomic_save(checkpoint_dict(model, channels, spacing_mm, crop_size, meta, state_dict), path)
 
 
 def load_model_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[ForecastModel, dict[str, Any]]:
-    """Rebuild the model of a checkpoint with its weights. Returns (model, everything but the weights)."""
-    ckpt = torch.load(Path(path), map_location=device, weights_only=True)
-    missing = [k for k in ("kind", "config", "state_dict") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a model checkpoint (missing {missing})")
-    model = build_model(ckpt["kind"], dict(ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device)
-    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    meta = dict(info.get("meta") or {})
-    return model, {**meta, **{k: v for k, v in info.items() if k != "meta"}}
+    """Rebuild the model of a checkpoint with its weights. Returns (model, meta merged with every top-level
+    key but the weights: kind, config, channels, spacing_mm, crop_size)."""
+    ckpt = load_checkpoint(Path(path))
+    model = model_from_checkpoint(ckpt).to(device)
+    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "meta")}
+    return model, {**dict(ckpt.get("meta") or {}), **info}
 
 
 def rng_state() -> dict[str, Any]:
