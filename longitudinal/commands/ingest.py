@@ -1,9 +1,74 @@
-"""CLI commands for the 'ingest' area."""
+"""CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N]``.
+
+The CLI twin of the ``ingest-cohort`` flow: both call ``longitudinal.ingest`` (this one through
+``ingest_cohort``). Exit status: 0 when the run completed, even with quarantined sessions (their number is
+printed); 1 when nothing could be ingested; 2 when the store could not be written.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from longitudinal.commands._common import console, fail, print_locations, settings_of
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app (none yet)."""
+    """Add this area's commands to the root app."""
+
+    @app.command("ingest")
+    def ingest(
+        ctx: typer.Context,
+        source: Path = typer.Argument(..., help="BIDS folder, manifest CSV, or folder of DICOM series."),
+        store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: the workspace's)."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Patients processed in parallel."),
+        spacing: float | None = typer.Option(None, "--spacing", min=0.1, help="Target isotropic spacing (mm)."),
+        affine: bool = typer.Option(False, "--affine", help="Affine instead of rigid registration."),
+    ) -> None:
+        """Discover, de-identify, validate, register and store a cohort (idempotent; appends new sessions)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from longitudinal.ingest import IngestConfig, ingest_cohort
+        from longitudinal.registration.rigid import RegistrationConfig
+
+        settings = settings_of(ctx)
+        if spacing is not None:
+            settings = settings.model_copy(update={"target_spacing_mm": spacing})
+        if store:
+            settings = settings.model_copy(update={"store": store})
+        print_locations(settings, ("store", "reports"))
+        if not source.exists():
+            fail(f"source {source} does not exist")
+        config = IngestConfig(registration=RegistrationConfig(kind="affine" if affine else "rigid"))
+
+        with Progress(
+            TextColumn("[bold]ingest[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=console, transient=False,
+            disable=not console.is_terminal,
+        ) as bar:
+            job = bar.add_task("patients", total=None)
+
+            def progress(done: int, total: int, outcome) -> None:
+                bar.update(job, completed=done, total=total, description=outcome.patient_id)
+
+            try:
+                report = ingest_cohort(source, settings.store_url, settings, workers=workers, progress=progress,
+                                       config=config)
+            except (OSError, ValueError) as exc:
+                fail(f"ingest failed: {exc}", code=2)
+
+        table = Table(title="ingest", show_header=False, box=None, title_justify="left")
+        for key, value in report.summary().items():
+            table.add_row(f"[bold]{key}[/bold]", str(value))
+        console.print(table)
+        for problem in report.problems:
+            console.print(f"[yellow]source problem:[/yellow] {problem}")
+        if report.quarantined:
+            console.print(f"[yellow]{report.quarantined} session(s) quarantined[/yellow]; reasons in {report.report_path}")
+        code = report.exit_code()
+        if code == 1:
+            fail("nothing could be ingested (every session was quarantined or the source is empty)", code=1)
+        if code == 2:
+            fail(f"the store could not be written for {len(report.failed_patients)} patient(s)", code=2)

@@ -1,0 +1,198 @@
+"""Validation: collect every problem of every scan of a session before anything of it is written.
+
+Checked per file: missing, unreadable or truncated; dimensionality (3D, or 4D with one volume); empty (no
+voxels, or every voxel equal); non-finite voxels; implausible spacing; label values outside the schema; a label
+grid that does not match its session's image. Per session: a missing or unparseable date (found by discovery),
+a duplicate session date, a channel missing. Per patient: a hostile id. Every problem names the file (relative
+to the source) so a person can find it; none echoes a raw patient id, a raw date or a DICOM tag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from longitudinal.ingest.sources import LABEL_KEY, ScanFile, SessionSource
+from storage.schema import LABEL_VALUES
+
+# Plausible voxel sizes for clinical head imaging, in mm.
+MIN_SPACING_MM = 0.1
+MAX_SPACING_MM = 15.0
+# Geometry tolerance between a label and its image (mm for origin/spacing, unitless for direction cosines).
+GRID_TOLERANCE = 1e-3
+
+
+@dataclass
+class SessionScans:
+    """The images of one validated session, read once and kept for preprocessing.
+
+    images: channel -> 3D SimpleITK image (native grid, LPS physical space as ITK reads it).
+    label: 3D uint8 image on the grid of ``images[<registration channel>]``, or None.
+    sha256: channel (or "label") -> sha256 of the source bytes (``SessionRecord.source_sha256``).
+    problems: every problem found; the session may only be stored when this is empty.
+    """
+
+    images: dict[str, sitk.Image] = field(default_factory=dict)
+    label: sitk.Image | None = None
+    sha256: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def file_sha256(scan: ScanFile) -> str:
+    """sha256 of the source bytes: the file, or the files of a DICOM series in series order. Raises OSError."""
+    h = hashlib.sha256()
+    for path in scan.paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def session_sha256(session: SessionSource) -> dict[str, str] | None:
+    """channel -> sha256 for every file of the session, or None when a file cannot be read."""
+    out = {}
+    for key, scan in session.files().items():
+        try:
+            out[key] = file_sha256(scan)
+        except OSError:
+            return None
+    return out
+
+
+def read_image(scan: ScanFile) -> sitk.Image:
+    """Read a NIfTI file or a DICOM series with SimpleITK (raises RuntimeError/OSError when unreadable)."""
+    if scan.kind == "dicom":
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in scan.paths])
+        # Tags are not loaded: nothing identifying is ever pulled into memory by the image reader.
+        reader.MetaDataDictionaryArrayUpdateOff()
+        reader.LoadPrivateTagsOff()
+        return reader.Execute()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(scan.paths[0]))
+    return reader.Execute()
+
+
+def check_image(image: sitk.Image, what: str, is_label: bool = False) -> tuple[sitk.Image | None, list[str]]:
+    """Problems of one image (3D-ness, emptiness, finiteness, spacing, label values); returns the image as 3D.
+
+    A 4D image with a single volume is accepted as 3D (some converters write a trailing 1).
+    """
+    problems: list[str] = []
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4 and size[3] == 1:
+        image = image[:, :, :, 0]
+        dim, size = 3, image.GetSize()
+    if dim != 3:
+        problems.append(f"wrong dimensionality in {what}: {dim}D image of size {tuple(size)}, need 3D")
+        return None, problems
+    if min(size) < 2:
+        problems.append(f"empty image in {what}: size {tuple(size)}")
+        return None, problems
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing < MIN_SPACING_MM) or np.any(spacing > MAX_SPACING_MM):
+        problems.append(
+            f"implausible spacing in {what}: {tuple(round(float(s), 4) for s in spacing)} mm "
+            f"(need {MIN_SPACING_MM}-{MAX_SPACING_MM} mm)"
+        )
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        problems.append(f"degenerate orientation in {what}")
+    data = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(data)
+    if not finite.all():
+        problems.append(f"non-finite voxels in {what}: {int((~finite).sum())} NaN/Inf voxels")
+    valid = data[finite]
+    if valid.size == 0 or (not is_label and float(valid.min()) == float(valid.max())):
+        value = float(valid.flat[0]) if valid.size else float("nan")
+        problems.append(f"empty image in {what}: every voxel equals {value:g}")
+    if is_label and valid.size:
+        values = np.unique(valid)
+        bad = [v for v in values.tolist() if v not in LABEL_VALUES]
+        if bad:
+            problems.append(f"label values {bad[:5]} in {what} are not in {sorted(LABEL_VALUES)}")
+    return image, problems
+
+
+def grids_match(a: sitk.Image, b: sitk.Image) -> bool:
+    """Same size, spacing, origin and direction within GRID_TOLERANCE."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=GRID_TOLERANCE)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=GRID_TOLERANCE)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=GRID_TOLERANCE)
+    )
+
+
+def validate_session(session: SessionSource, channels: tuple[str, ...], registration_channel: str) -> SessionScans:
+    """Read and check every file of one session; collect every problem (discovery's included).
+
+    channels: the channels every session must have. registration_channel: the channel the label must share
+    its grid with.
+    """
+    out = SessionScans(problems=list(session.problems))
+    for channel in channels:
+        if channel not in session.scans:
+            out.problems.append(f"channel {channel} missing at {session.origin}")
+    for key, scan in session.files().items():
+        what = scan.display
+        missing = [p for p in scan.paths if not p.is_file()]
+        if missing:
+            out.problems.append(f"missing file: {what}")
+            continue
+        try:
+            out.sha256[key] = file_sha256(scan)
+            raw = read_image(scan)
+        except (RuntimeError, OSError) as exc:
+            # The library's message can quote the absolute path; the relative name and the error kind suffice.
+            out.problems.append(f"unreadable or truncated file: {what} ({type(exc).__name__})")
+            continue
+        image, problems = check_image(raw, what, is_label=key == LABEL_KEY)
+        out.problems.extend(problems)
+        if image is None:
+            continue
+        if key == LABEL_KEY:
+            out.label = sitk.Cast(image, sitk.sitkUInt8) if not problems else None
+        elif not problems:
+            out.images[key] = image
+    if session.label is not None and out.label is not None and registration_channel in out.images:
+        ref = out.images[registration_channel]
+        if not grids_match(out.label, ref):
+            out.problems.append(
+                f"label grid does not match its image: {session.label.display} has size {out.label.GetSize()}, "
+                f"spacing {tuple(round(s, 3) for s in out.label.GetSpacing())}; "
+                f"{session.scans[registration_channel].display} has size {ref.GetSize()}, "
+                f"spacing {tuple(round(s, 3) for s in ref.GetSpacing())}"
+            )
+    return out
+
+
+def duplicate_date_problems(
+    dates: dict[int, dt.datetime | None], origins: dict[int, str], stored: dict[dt.date, str] | None = None
+) -> dict[int, list[str]]:
+    """Sessions sharing a calendar date with another session (new or already stored): all of them are
+    refused, since nothing says which one is right. Keys are the caller's session numbers; ``stored`` maps
+    calendar dates of stored sessions to their labels (all dates shifted by the same per-patient offset)."""
+    stored = stored or {}
+    by_date: dict[dt.date, list[int]] = {}
+    for k, when in dates.items():
+        if when is not None:
+            by_date.setdefault(when.date(), []).append(k)
+    out: dict[int, list[str]] = {}
+    for date, ks in by_date.items():
+        if len(ks) > 1:
+            for k in ks:
+                others = ", ".join(origins[j] for j in ks if j != k)
+                out.setdefault(k, []).append(f"duplicate session date: {origins[k]} has the same date as {others}")
+        if date in stored:
+            for k in ks:
+                out.setdefault(k, []).append(
+                    f"duplicate session date: {origins[k]} has the date of stored session {stored[date]} "
+                    "but different content"
+                )
+    return out
