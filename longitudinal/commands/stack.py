@@ -33,7 +33,7 @@ def up(
     ui: bool = typer.Option(True, help="Serve the Prefect dashboard."),
 ) -> None:
     """Start the stack, wait until every service is healthy, print URLs and the export line."""
-    from longitudinal.stack.config import resolve_config
+    from longitudinal.stack.config import redact_url, resolve_config
     from longitudinal.stack.local import stack_up
     from longitudinal.stack.process import StackError
 
@@ -55,10 +55,9 @@ def up(
     print_locations(settings, ("home", "store"))
     for svc in state.services.values():
         console.print(f"[green]up[/green] {svc.name:<15} pid {svc.pid:<8} {svc.url}  (log {svc.log})")
-    console.print(f"prefect database: {cfg.prefect_database_url}")
-    console.print(
-        f"mlflow backend:   {cfg.mlflow_backend_uri}  artifacts: {cfg.mlflow_artifacts_destination}"
-    )
+    console.print(f"prefect database: {redact_url(cfg.prefect_database_url)}", soft_wrap=True)
+    console.print(f"mlflow backend:   {redact_url(cfg.mlflow_backend_uri)}", soft_wrap=True)
+    console.print(f"mlflow artifacts: {cfg.mlflow_artifacts_destination}", soft_wrap=True)
     print(state.exports())
 
 

@@ -8,6 +8,7 @@ registry.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,11 @@ class StackSettings(BaseSettings):
         default=None,
         description="Checkout the worker runs flows from (pull step); the project root if unset.",
     )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for printing database URLs)."""
+    return re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", url)
 
 
 def project_root() -> Path:
