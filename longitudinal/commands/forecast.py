@@ -1,9 +1,80 @@
-"""CLI commands for the 'forecast' area."""
+"""CLI command for the 'forecast' area: `longitudinal forecast PATIENT (--at DATE | --in DAYS)...`.
+
+The CLI twin of the Prefect flow ``forecast-patient`` (flows/forecast.py): both call
+``longitudinal.forecast.forecast_patient``. Expected failures print one message and exit 2 (a query to change:
+bad dates, days or scan arguments) or 1 (unknown patient, no model, channel mismatch, unreadable store).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from longitudinal.commands._common import console, fail, print_locations, settings_of
+
+
+def print_forecast_table(result: Any) -> None:
+    """One row per query: days, date, whole-tumour and enhancing volumes (median [80%] [95%]) in ml."""
+    from rich.table import Table
+
+    version = f" v{result.version}" if result.version else ""
+    table = Table(title=f"forecast {result.patient} ({result.model}{version}, {result.n_samples} samples)",
+                  title_justify="left")
+    for col in ("days", "+days", "date", "context", "whole ml: median", "80%", "95%", "enhancing ml: median",
+                "80%", "95%"):
+        table.add_column(col, justify="right")
+
+    def iv(v: Any) -> list[str]:
+        return [f"{v.median:.2f}", f"{v.lo80:.2f}-{v.hi80:.2f}", f"{v.lo95:.2f}-{v.hi95:.2f}"]
+
+    for q in result.queries:
+        date = f"{q.date} ({q.calendar})" if q.date else "-"
+        table.add_row(f"{q.days:g}", f"{q.days_after_last_scan:+g}", date, str(q.n_context),
+                      *iv(q.volume_whole_ml), *iv(q.volume_enhancing_ml))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app (none yet)."""
+    """Add `longitudinal forecast` to the root app."""
+
+    @app.command()
+    def forecast(
+        ctx: typer.Context,
+        patient: str = typer.Argument(..., help="Patient pseudonym in the store (or its raw id where this site's "
+                                                "pseudonym key is present; then --at dates are real dates)."),
+        store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
+        at: list[str] = typer.Option([], "--at", help="Query date YYYY-MM-DD (repeatable). With a pseudonym: the "
+                                                      "store's shifted calendar; with a raw id or --scan: real."),
+        in_days: list[float] = typer.Option([], "--in", help="Query DAYS after the latest scan (repeatable)."),
+        day: list[float] = typer.Option([], "--day", help="Query day since the baseline scan (repeatable)."),
+        model: str | None = typer.Option(None, "--model", help="NAME@ALIAS, NAME/VERSION, models:/..., runs:/... "
+                                                               "or a checkpoint (default <registered>@champion)."),
+        samples: int = typer.Option(32, "--samples", help="Samples per query (intervals need several)."),
+        out: Path | None = typer.Option(None, "--out", help="Output folder (default: forecasts/<patient>)."),
+        scan: list[str] = typer.Option([], "--scan", help="DATE:CHANNEL=PATH of a patient in no store "
+                                                          "(repeatable; CHANNEL T1c, FLAIR or label)."),
+        scans_csv: Path | None = typer.Option(None, "--scans-csv", help="CSV date,channel,path[,label_path] of a "
+                                                                        "patient in no store."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    ) -> None:
+        """Forecast a patient at future dates: NIfTI maps in the native space of the latest scan, volumes with
+        80%/95% intervals (JSON), a plot, and a table here."""
+        from longitudinal.forecast import ForecastError, forecast_patient
+
+        settings = settings_of(ctx)
+        print_locations(settings, ("store", "forecasts", "mlflow"))
+        try:
+            result = forecast_patient(
+                settings, patient, store, query_days=in_days, model_ref=model, n_samples=samples, out_dir=out,
+                dates=at, days_since_baseline=day, scans=scan, scans_csv=scans_csv, seed=seed,
+            )
+        except ForecastError as exc:
+            fail(str(exc), exc.exit_code)
+        print_forecast_table(result)
+        console.print(f"[bold]files[/bold]   {result.out_dir}")
+        console.print(f"[bold]summary[/bold] {result.summary_path}")
+        console.print(f"[bold]plot[/bold]    {result.plot_path}")
+        console.print(f"native grid of {result.native.session}: shape {list(result.native.shape)}; "
+                      f"{result.seconds:.2f} s")

@@ -1,0 +1,87 @@
+"""Flow ``forecast-patient``: one patient at the query times -> native-space maps, volume intervals, plot.
+
+Thin: one task calls ``longitudinal.forecast.forecast_patient``, the same function as the CLI twin
+``longitudinal forecast PATIENT --in DAYS / --at DATE``.
+
+De-identification: parameters are the patient's PSEUDONYM (raw ids are refused: ``allow_raw_id=False``), the
+store URL, the queries, the model reference, the sample count and the output folder. Dates given here are read
+in the store's shifted calendar (``longitudinal.forecast.queries``), so no real date enters a parameter.
+
+Retries: only on I/O (OSError: the store or the registry could not be read); a bad query, an unknown patient
+or a missing model is final (``ForecastError``), never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+SUMMARY_KEY = "forecast-summary"
+TABLE_KEY = "forecast-volumes"
+
+
+def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only I/O failures (OSError and subclasses); anything else is final."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable state is not worth a retry
+        return False
+    return isinstance(exc, OSError)
+
+
+@task(name="forecast", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+def forecast_task(patient_id: str, store: str | None, query_days: list[float], dates: list[str],
+                  days_since_baseline: list[float], model_ref: str | None, n_samples: int, out_dir: str | None,
+                  seed: int) -> dict[str, Any]:
+    from longitudinal.forecast import forecast_patient
+    from longitudinal.settings import Settings
+
+    result = forecast_patient(
+        Settings(), patient_id, store, query_days=query_days, model_ref=model_ref, n_samples=n_samples,
+        out_dir=out_dir, dates=dates, days_since_baseline=days_since_baseline, seed=seed, allow_raw_id=False,
+    )
+    body = result.to_json()
+    body["out_dir"] = str(result.out_dir)
+    body["summary_path"] = str(result.summary_path)
+    return body
+
+
+@flow(name="forecast-patient")
+def forecast_patient(
+    patient_id: str,
+    store: str | None = None,
+    query_days: list[float] | None = None,
+    dates: list[str] | None = None,
+    days_since_baseline: list[float] | None = None,
+    model_ref: str | None = None,
+    n_samples: int = 32,
+    out_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """patient_id: pseudonym in the store. store: URL (default Settings().store_url). query_days: days after the
+    latest scan; dates: YYYY-MM-DD in the store's shifted calendar; days_since_baseline: days since the baseline
+    scan. model_ref: default <registered name>@champion. out_dir: default forecasts/<patient>."""
+    body = forecast_task(patient_id, store, list(query_days or []), list(dates or []),
+                         list(days_since_baseline or []), model_ref, n_samples, out_dir, seed)
+    rows = []
+    for q in body["queries"]:
+        w, e = q["volume_whole_ml"], q["volume_enhancing_ml"]
+        rows.append({"days": round(q["days"], 2), "date": q["date"] or "-",
+                     "whole_ml_median": round(w["median"], 3), "whole_ml_80": f"{w['lo80']:.3f}-{w['hi80']:.3f}",
+                     "whole_ml_95": f"{w['lo95']:.3f}-{w['hi95']:.3f}",
+                     "enhancing_ml_median": round(e["median"], 3),
+                     "enhancing_ml_95": f"{e['lo95']:.3f}-{e['hi95']:.3f}"})
+    create_table_artifact(key=TABLE_KEY, table=rows, description=f"Forecast volumes of {body['patient']}")
+    create_markdown_artifact(
+        key=SUMMARY_KEY,
+        markdown=(
+            f"## forecast-patient\n\n| field | value |\n|---|---|\n| patient | `{body['patient']}` |\n"
+            f"| model | `{body['model']}` v{body['version'] or '-'} ({body['model_kind']}) |\n"
+            f"| samples | {body['n_samples']} |\n| files | `{body['out_dir']}` |\n"
+            f"| summary | `{body['summary_path']}` |\n| plot | `{body['plot']}` |\n"
+        ),
+        description="Forecast outputs and where they are",
+    )
+    return body

@@ -1,0 +1,53 @@
+"""The volume plot of a forecast: observed label volumes over time, forecast medians with 80% and 95% bands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longitudinal.forecast.result import ForecastResult
+
+
+def plot_volumes(result: ForecastResult, path: Path) -> Path:
+    """Two panels (whole tumour, enhancing core), x = days since baseline, y = ml. Written with Agg."""
+    # The object API with the Agg canvas: no pyplot state, no GUI backend, safe in worker threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharex=True)
+    obs = [o for o in result.observed if o.volume_whole_ml is not None]
+    qd = [q.days for q in result.queries]
+    for ax, kind, title in ((axes[0], "whole", "whole tumour"), (axes[1], "enhancing", "enhancing core")):
+        ivs = [getattr(q, f"volume_{kind}_ml") for q in result.queries]
+        if obs:
+            ax.plot([o.days for o in obs], [getattr(o, f"volume_{kind}_ml") for o in obs], "o-", color="black",
+                    label="observed")
+        # Bands start at the last observed point so the eye follows the trajectory into the forecast.
+        x, lo95, hi95, lo80, hi80, med = list(qd), [], [], [], [], []
+        for iv in ivs:
+            lo95.append(iv.lo95)
+            hi95.append(iv.hi95)
+            lo80.append(iv.lo80)
+            hi80.append(iv.hi80)
+            med.append(iv.median)
+        if obs and qd and obs[-1].days < qd[0]:
+            last = getattr(obs[-1], f"volume_{kind}_ml")
+            x = [obs[-1].days, *x]
+            for seq in (lo95, hi95, lo80, hi80, med):
+                seq.insert(0, last)
+        ax.fill_between(x, lo95, hi95, color="tab:blue", alpha=0.18, label="95% interval")
+        ax.fill_between(x, lo80, hi80, color="tab:blue", alpha=0.35, label="80% interval")
+        ax.plot(x, med, "s--", color="tab:blue", label="forecast median")
+        ax.set_title(title)
+        ax.set_xlabel("days since baseline")
+        ax.set_ylabel("volume (ml)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize=8)
+    version = f" v{result.version}" if result.version else ""
+    fig.suptitle(f"{result.patient}: {result.model}{version}, {result.n_samples} samples")
+    # Fixed margins: tight_layout costs a third of the plot's time and the layout never changes.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.86, wspace=0.22)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,136 @@
+"""Typed results of a forecast query and their JSON form.
+
+Units: volumes in ml, days since the patient's baseline scan (float), dates ISO ``YYYY-MM-DD``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+# Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
+QUANTILE_LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
+
+Calendar = Literal["real", "shifted"]
+
+
+@dataclass(frozen=True)
+class VolumeInterval:
+    """Summary of S sampled volumes (ml): the median and the central 80% and 95% intervals.
+
+    Always ordered ``lo95 <= lo80 <= median <= hi80 <= hi95`` (see ``from_samples``).
+    """
+
+    median: float
+    lo80: float
+    hi80: float
+    lo95: float
+    hi95: float
+
+    @classmethod
+    def from_samples(cls, samples: np.ndarray) -> VolumeInterval:
+        """Quantiles of ``samples`` (S,) in ml. Linear-interpolated quantiles are monotone in the level; the
+        running maximum removes any floating-point inversion, so the ordering holds for every S >= 1."""
+        values = np.asarray(samples, dtype=np.float64).ravel()
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise ValueError(f"need >= 1 finite volume sample, got {values.size} values")
+        levels = list(QUANTILE_LEVELS.values())  # ascending
+        q = np.maximum.accumulate(np.quantile(values, levels))
+        named = dict(zip(QUANTILE_LEVELS, (float(v) for v in q), strict=True))
+        return cls(**named)
+
+    def ordered(self) -> bool:
+        return self.lo95 <= self.lo80 <= self.median <= self.hi80 <= self.hi95
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("median", "lo80", "hi80", "lo95", "hi95")}
+
+
+@dataclass(frozen=True)
+class QueryForecast:
+    """One query time.
+
+    days: days since the baseline scan; days_after_last_scan: days after the latest scan (negative for a
+    retrospective query, which then uses only the scans before it). date: ISO date of the query in
+    ``calendar`` ("real" when the site's key maps the patient's dates back, "shifted" for the store's
+    de-identified dates), None when the patient has no dates. n_context: scans the model saw.
+    files: output kind -> path (``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``), native space.
+    """
+
+    days: float
+    days_after_last_scan: float
+    date: str | None
+    calendar: Calendar | None
+    n_context: int
+    volume_whole_ml: VolumeInterval
+    volume_enhancing_ml: VolumeInterval
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["volume_whole_ml"] = self.volume_whole_ml.to_dict()
+        d["volume_enhancing_ml"] = self.volume_enhancing_ml.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class ObservedScan:
+    """One stored scan: days since baseline, its date (same calendar as the queries) and its label volumes
+    (ml; None when the session has no label)."""
+
+    session: str
+    days: float
+    date: str | None
+    volume_whole_ml: float | None
+    volume_enhancing_ml: float | None
+
+
+@dataclass(frozen=True)
+class NativeSpace:
+    """The grid every output image is written on: the patient's latest scan as acquired.
+
+    shape: (x, y, z) voxels; affine: 4x4 voxel -> RAS mm (the NIfTI affine of that scan)."""
+
+    session: str
+    shape: tuple[int, int, int]
+    affine: list[list[float]]
+
+
+@dataclass
+class ForecastResult:
+    """Everything a query produced. ``to_json()`` is what ``<patient>_forecast.json`` holds."""
+
+    patient: str
+    model: str
+    version: str | None
+    model_kind: str | None
+    n_samples: int
+    seed: int
+    queries: list[QueryForecast]
+    observed: list[ObservedScan]
+    native: NativeSpace
+    channels: tuple[str, ...]
+    out_dir: Path | None = None
+    summary_path: Path | None = None
+    plot_path: Path | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "patient": self.patient,
+            "model": self.model,
+            "version": self.version,
+            "model_kind": self.model_kind,
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "channels": list(self.channels),
+            "queries": [q.to_dict() for q in self.queries],
+            "observed": [asdict(o) for o in self.observed],
+            "native_space": {"session": self.native.session, "shape": list(self.native.shape),
+                             "affine": self.native.affine},
+            "intervals": "central: 80% = [q10, q90], 95% = [q2.5, q97.5] of the sampled volumes",
+            "plot": None if self.plot_path is None else str(self.plot_path),
+        }

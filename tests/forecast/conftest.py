@@ -1,0 +1,65 @@
+"""Fixtures of the forecast tests: quiet offline env and one ingested synthetic cohort with a registered champion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from forecasthelpers import (
+    ENV_QUIET,
+    KEY,
+    NativePatient,
+    baseline_checkpoint,
+    register_champion,
+    write_manifest,
+    write_native_patient,
+)
+
+from longitudinal.settings import Settings
+
+
+@dataclass
+class Cohort:
+    """An ingested store with two patients (raw ids sub-01 with 3 scans, sub-02 with 2) and a linear champion."""
+
+    root: Path
+    settings: Settings
+    store: str
+    patients: dict[str, NativePatient]
+    pids: dict[str, str]
+    checkpoint: Path
+    version: str
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_env() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ENV_QUIET.items():
+            mp.setenv(k, v)
+        for k in ("MLFLOW_TRACKING_URI", "LONGITUDINAL_HOME", "LONGITUDINAL_STORE", "LONGITUDINAL_PSEUDONYM_KEY",
+                  "LONGITUDINAL_FORECASTS_DIR", "LONGITUDINAL_MLFLOW_TRACKING_URI"):
+            mp.delenv(k, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    from longitudinal.ingest import ingest_cohort
+    from longitudinal.ingest.deid import pseudonym
+
+    root = tmp_path_factory.mktemp("forecast-cohort")
+    settings = Settings(home=root / "home", pseudonym_key=KEY)
+    p1 = write_native_patient(root / "raw", "sub-01", ["2024-01-10", "2024-04-19", "2024-08-07"], [5.0, 6.5, 8.0],
+                              [(0.0, 0.0, 0.0), (4.0, 0.0, 0.0), (-3.0, 2.0, 0.0)])
+    p2 = write_native_patient(root / "raw", "sub-02", ["2023-05-02", "2023-09-30"], [4.0, 5.0],
+                              [(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)], flip_last=False)
+    manifest = write_manifest(root / "raw" / "manifest.csv", [p1, p2])
+    store = str(root / "cohort.zarr")
+    report = ingest_cohort(manifest, store, settings)
+    assert (report.stored, report.quarantined) == (5, 0), report.to_dict()
+    ckpt = baseline_checkpoint(root / "linear.pt")
+    version = register_champion(settings, ckpt)
+    pids = {p.raw_id: pseudonym(p.raw_id, KEY.encode()) for p in (p1, p2)}
+    return Cohort(root, settings, store, {"sub-01": p1, "sub-02": p2}, pids, ckpt, version)

@@ -1,0 +1,140 @@
+"""forecast_patient on a really ingested cohort with a registered champion: native space, JSON, plot, known
+answers of the linear baseline, calendars, and the interval ordering."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import Cohort
+from forecasthelpers import world_centroid
+
+from longitudinal.forecast import QUANTILE_LEVELS, VolumeInterval, forecast_patient
+from longitudinal.forecast.api import sample_volumes_ml
+from longitudinal.models.base import Forecast
+
+
+@pytest.fixture(scope="module")
+def result(cohort: Cohort):  # noqa: ANN201
+    return forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 180, 365],
+                            n_samples=8)
+
+
+def test_outputs_are_in_the_native_space_of_the_latest_scan(cohort: Cohort, result) -> None:  # noqa: ANN001
+    latest = cohort.patients["sub-01"].latest
+    native = nib.load(str(latest["T1c"]))
+    assert native.shape == (36, 32, 32) and native.affine[0, 0] < 0  # the latest scan is flipped and padded
+    assert result.model == "tumor-growth-forecaster@champion" and result.version == cohort.version
+    assert result.native.shape == native.shape
+    for q in result.queries:
+        assert sorted(q.files) == ["forecast_FLAIR", "forecast_T1c", "prob_enhancing", "prob_whole"]
+        for path in q.files.values():
+            img = nib.load(path)
+            assert img.shape == native.shape
+            np.testing.assert_array_equal(img.affine, native.affine)
+    # The registration was inverted, not just the header copied: the forecast tumour sits where the latest
+    # scan's tumour is in physical space (concentric growth), to a fraction of a 2 mm voxel.
+    truth = world_centroid(latest["label"], 0.5)
+    for q in result.queries:
+        assert np.linalg.norm(world_centroid(q.files["prob_whole"]) - truth) < 1.0
+        assert np.linalg.norm(world_centroid(q.files["prob_enhancing"]) - truth) < 1.0
+    # The forecast image carries the tumour too: brighter FLAIR inside the forecast tumour than outside it.
+    flair = np.asarray(nib.load(result.queries[-1].files["forecast_FLAIR"]).dataobj)
+    prob = np.asarray(nib.load(result.queries[-1].files["prob_whole"]).dataobj)
+    brain = flair > 0.05
+    assert flair[prob > 0.5].mean() > flair[brain & (prob < 0.01)].mean() + 0.3
+
+
+def test_json_summary_and_plot(result) -> None:  # noqa: ANN001
+    body = json.loads(result.summary_path.read_text())
+    assert {"patient", "model", "version", "queries"} <= set(body)
+    assert body["patient"] == result.patient and body["version"] == result.version
+    assert [round(q["days_after_last_scan"], 6) for q in body["queries"]] == [30.0, 180.0, 365.0]
+    for q in body["queries"]:
+        assert {"days", "date", "volume_whole_ml", "volume_enhancing_ml"} <= set(q)
+        for kind in ("volume_whole_ml", "volume_enhancing_ml"):
+            v = q[kind]
+            assert set(v) == {"median", "lo80", "hi80", "lo95", "hi95"}
+            assert v["lo95"] <= v["lo80"] <= v["median"] <= v["hi80"] <= v["hi95"]
+    # Pseudonym given: dates are in the store's shifted calendar, never the real one.
+    assert {q["calendar"] for q in body["queries"]} == {"shifted"}
+    assert result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.plot_path.stat().st_size > 10_000
+
+
+def test_linear_champion_known_answers_and_growth(cohort: Cohort, result) -> None:  # noqa: ANN001
+    obs = result.observed
+    assert [o.days for o in obs] == cohort.patients["sub-01"].days
+    v = [o.volume_whole_ml for o in obs]
+    assert v[0] < v[1] < v[2]
+    medians = [q.volume_whole_ml.median for q in result.queries]
+    assert v[-1] < medians[0] < medians[1] < medians[2]  # a growing tumour keeps growing, more with the gap
+    enh = [q.volume_enhancing_ml.median for q in result.queries]
+    assert enh[0] < enh[1] < enh[2]
+    for q in result.queries:
+        # linear: volume extrapolated from the last two scans (voxel counts inside the 32^3 crop)
+        expected = v[-1] + (v[-1] - v[-2]) * (q.days - obs[-1].days) / (obs[-1].days - obs[-2].days)
+        assert q.volume_whole_ml.median == pytest.approx(expected, rel=0.01, abs=0.01)
+        assert q.n_context == 3
+
+
+def test_dates_map_through_the_patient_calendar(cohort: Cohort) -> None:
+    s = cohort.settings
+    # Raw id (the site holds the key): --at is a real date; 2024-11-15 is 100 days after the latest real scan.
+    r = forecast_patient(s, "sub-01", cohort.store, dates=["2024-11-15"], model_ref=str(cohort.checkpoint),
+                         n_samples=1, write=False)
+    q = r.queries[0]
+    assert r.patient == cohort.pids["sub-01"]
+    assert (q.days_after_last_scan, q.date, q.calendar) == (100.0, "2024-11-15", "real")
+    assert q.days == cohort.patients["sub-01"].days[-1] + 100
+    assert [o.date for o in r.observed] == cohort.patients["sub-01"].dates
+    # Pseudonym: --at is read in the shifted calendar the store keeps.
+    from storage.store import CohortStore
+
+    last = dt.datetime.fromisoformat(CohortStore.open(cohort.store).sessions(cohort.pids["sub-01"])[-1].shifted_date)
+    shifted = (last.date() + dt.timedelta(days=100)).isoformat()
+    r2 = forecast_patient(s, cohort.pids["sub-01"], cohort.store, dates=[shifted], model_ref=str(cohort.checkpoint),
+                          n_samples=1, write=False)
+    assert (r2.queries[0].days_after_last_scan, r2.queries[0].date, r2.queries[0].calendar) == (100.0, shifted,
+                                                                                                 "shifted")
+    assert shifted != "2024-11-15"
+    assert r2.queries[0].volume_whole_ml == q.volume_whole_ml
+
+
+def test_retrospective_query_uses_only_earlier_scans(cohort: Cohort) -> None:
+    days = cohort.patients["sub-01"].days
+    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, days_since_baseline=[days[1]],
+                         model_ref=str(cohort.checkpoint), n_samples=2, write=False)
+    q = r.queries[0]
+    # one context scan -> linear is LCI: the baseline's volume, whatever came later
+    assert q.n_context == 1 and q.days_after_last_scan == days[1] - days[2]
+    assert q.volume_whole_ml.median == pytest.approx(r.observed[0].volume_whole_ml)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 32, 100])
+@pytest.mark.parametrize("dist", ["normal", "ties", "heavy", "constant"])
+def test_interval_ordering_always_holds(n: int, dist: str) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        x = {"normal": rng.normal(10, 3, n), "ties": rng.integers(0, 3, n).astype(float) * 0.008,
+             "heavy": rng.standard_cauchy(n) * 1e6, "constant": np.full(n, 4.2)}[dist]
+        iv = VolumeInterval.from_samples(x)
+        assert iv.ordered(), iv
+        assert iv.lo95 >= x.min() and iv.hi95 <= x.max()
+    assert VolumeInterval.from_samples(np.arange(1, 102, dtype=float)) == VolumeInterval(
+        median=51.0, lo80=11.0, hi80=91.0, lo95=3.5, hi95=98.5)
+    assert list(QUANTILE_LEVELS.values()) == sorted(QUANTILE_LEVELS.values())
+
+
+def test_fast_sample_volumes_match_the_forecast_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (1, 2, 5, 3, 6, 6, 6), generator=g).float()  # many exact ties
+    probs = logits / logits.sum(3, keepdim=True).clamp_min(1)
+    probs[:, :, :, 0] += (logits.sum(3) == 0).float()
+    fc = Forecast(images=torch.zeros(1, 2, 5, 1, 6, 6, 6), probs=probs)
+    want = fc.volumes_ml(0.008)[0].double().numpy()
+    np.testing.assert_allclose(sample_volumes_ml(probs[0], 0.008), want, rtol=1e-6)
