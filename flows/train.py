@@ -21,7 +21,7 @@ def _device_tags() -> list[str]:
 
 
 @task(name="train-evaluate-register", tags=_device_tags())
-def train_task(store: str | None, model_config: dict[str, Any] | str | None, register_as: str | None,
+def train_task(store: str | None, train_config: dict[str, Any] | str | None, register_as: str | None,
                flow_run_id: str | None) -> dict[str, Any]:
     """Runs on whatever device fit selects (CUDA when present). No retries: a failed fit is not I/O."""
     from longitudinal.settings import Settings
@@ -29,7 +29,7 @@ def train_task(store: str | None, model_config: dict[str, Any] | str | None, reg
 
     settings = Settings()
     outcome = run_training(settings, store or settings.store_url,
-                           model_config if model_config is not None else default_train_config(),
+                           train_config if train_config is not None else default_train_config(),
                            register_as=register_as, flow_run_id=flow_run_id)
     return outcome.summary()
 
@@ -37,12 +37,12 @@ def train_task(store: str | None, model_config: dict[str, Any] | str | None, reg
 @flow(name="train-forecaster")
 def train_forecaster(
     store: str | None = None,
-    model_config: dict[str, Any] | str | None = None,
+    train_config: dict[str, Any] | str | None = None,
     register_as: str | None = None,
 ) -> dict[str, Any]:
-    """store: cohort store URL (default Settings().store_url). model_config: TrainConfig fields as a dict, or a
+    """store: cohort store URL (default Settings().store_url). train_config: TrainConfig fields as a dict, or a
     YAML/JSON path (default: the shipped TrainConfig). register_as: registered model name."""
-    summary = train_task(store, model_config, register_as, flow_run.get_id())
+    summary = train_task(store, train_config, register_as, flow_run.get_id())
     d = summary.get("decision") or {}
     create_markdown_artifact(
         key="train-forecaster-summary",
