@@ -344,7 +344,11 @@ def _manifest_file(base: Path, channel: str, text: str, where: str, session: Ses
     full = p if p.is_absolute() else base / p
     if not text:
         session.problems.append(f"missing file: empty path for {channel} at {where}")
-    return ScanFile(channel, "nifti", (full,), text or f"(empty path at {where})")
+    try:
+        display = full.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        display = text
+    return ScanFile(channel, "nifti", (full,), display if text else f"(empty path at {where})")
 
 
 # --- DICOM folders ----------------------------------------------------------------------------------------

@@ -77,6 +77,23 @@ def read_image(scan: ScanFile) -> sitk.Image:
     return reader.Execute()
 
 
+def nifti_problems(scan: ScanFile) -> list[str]:
+    """Byte-level checks SimpleITK cannot make: a truncated (gzip) stream, and NaN/Inf voxels, which ITK's
+    NIfTI reader silently turns into 0. Reads the whole file with nibabel."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(scan.paths[0])
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a reportable problem
+        return [f"unreadable or truncated file: {scan.display} ({type(exc).__name__})"]
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int((~np.isfinite(data)).sum())
+        if bad:
+            return [f"non-finite voxels in {scan.display}: {bad} NaN/Inf voxels"]
+    return []
+
+
 def check_image(image: sitk.Image, what: str, is_label: bool = False) -> tuple[sitk.Image | None, list[str]]:
     """Problems of one image (3D-ness, emptiness, finiteness, spacing, label values); returns the image as 3D.
 
@@ -147,12 +164,21 @@ def validate_session(session: SessionSource, channels: tuple[str, ...], registra
             continue
         try:
             out.sha256[key] = file_sha256(scan)
+        except OSError as exc:
+            out.problems.append(f"unreadable file: {what} ({type(exc).__name__})")
+            continue
+        pre = nifti_problems(scan) if scan.kind == "nifti" else []
+        if any(p.startswith("unreadable") for p in pre):
+            out.problems.extend(pre)
+            continue
+        try:
             raw = read_image(scan)
         except (RuntimeError, OSError) as exc:
             # The library's message can quote the absolute path; the relative name and the error kind suffice.
             out.problems.append(f"unreadable or truncated file: {what} ({type(exc).__name__})")
             continue
         image, problems = check_image(raw, what, is_label=key == LABEL_KEY)
+        problems = pre + [p for p in problems if not (pre and p.startswith("non-finite"))]
         out.problems.extend(problems)
         if image is None:
             continue
