@@ -148,6 +148,29 @@ class StoreReader:
         return self._boxes[key]
 
 
+class InMemoryReader(StoreReader):
+    """A StoreReader whose patients are read into memory up front (numpy arrays instead of zarr arrays): the
+    no-I/O reference of the throughput benchmark. Pickles with its arrays."""
+
+    def __init__(self, url: str, patient_ids: Sequence[str] | None = None) -> None:
+        super().__init__(url)
+        from dataclasses import replace
+
+        for pid in (self.store.patient_ids() if patient_ids is None else patient_ids):
+            arr = self.store.arrays(pid)
+            self._arrays[pid] = replace(arr, image=np.asarray(arr.image[:]), label=np.asarray(arr.label[:]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "arrays": self._arrays, "boxes": self._boxes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        StoreReader.__init__(self, state["url"])
+        self._arrays, self._boxes = state["arrays"], state["boxes"]
+
+    def reset(self) -> None:
+        """Nothing to reopen: the arrays live in memory."""
+
+
 def build_sample(
     reader: StoreReader,
     pid: str,
@@ -252,11 +275,11 @@ class ForecastDataset(Dataset):
     """
 
     def __init__(self, store_url: str, patient_ids: Sequence[str], cfg: DataConfig, seed: int = 0,
-                 train: bool = True) -> None:
+                 train: bool = True, reader: StoreReader | None = None) -> None:
         problems = cfg.check()
         if problems:
             raise ValueError("bad DataConfig: " + "; ".join(problems))
-        self.reader = StoreReader(store_url)
+        self.reader = reader if reader is not None else StoreReader(store_url)
         self.cfg = cfg
         self.seed = int(seed)
         self.epoch = 0

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from longitudinal.data.dataset import (
     EvalDataset,
     ForecastDataset,
+    StoreReader,
     StreamSampler,
     collate_batch,
     collate_eval,
@@ -187,12 +188,15 @@ def fit(
     logger: MetricLogger | None = None,
     resume: bool = True,
     progress: Callable[[str], None] | None = print,
+    reader: StoreReader | None = None,
 ) -> FitResult:
     """Train ``config.model`` on the train split of ``store_url``; write checkpoints under ``run_dir``.
 
     Stops at the first of ``steps`` / ``epochs`` / ``budget_s``. With ``resume`` and an existing
     ``run_dir/checkpoints/latest.pt`` training continues from it (same split, config checked for
-    incompatible changes). Non-trainable kinds (baselines) are only validated and saved.
+    incompatible changes). Non-trainable kinds (baselines) are only validated and saved. ``reader``
+    replaces the lazy store reader of the training samples (the throughput benchmark passes an
+    `InMemoryReader`).
     """
     logger = logger or NullLogger()
     say = progress or (lambda _msg: None)
@@ -257,7 +261,8 @@ def fit(
         set_rng_state(state["rng"])
         say(f"resumed {run_dir} at step {step} ({elapsed_before:.0f} s trained)")
 
-    train_ds = ForecastDataset(store_url, split.train, config.data_config(train=True), seed=config.seed)
+    train_ds = ForecastDataset(store_url, split.train, config.data_config(train=True), seed=config.seed,
+                               reader=reader)
     if len(train_ds) == 0:
         raise ValueError(f"no training patient has >= 2 scans (skipped: {train_ds.skipped})")
     max_steps = _max_steps(config, len(train_ds))
