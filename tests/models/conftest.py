@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -62,3 +64,11 @@ def growing_sphere_batch(
 def spheres():
     """The ``growing_sphere_batch`` factory."""
     return growing_sphere_batch
+
+
+@pytest.fixture
+def phantom():
+    """The phantom helpers of this module (tests here are not a package, so they come as a fixture)."""
+    return SimpleNamespace(
+        sphere_labels=sphere_labels, labels_to_images=labels_to_images, growing=growing_sphere_batch
+    )
