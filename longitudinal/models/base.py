@@ -174,7 +174,11 @@ def register_model(kind: str) -> Callable[[ModelFactory], ModelFactory]:
 
 
 def build_model(kind: str, config: dict[str, Any] | None = None, **common: Any) -> ForecastModel:
-    """Build a model of ``kind`` from its config dict; the error lists valid kinds."""
+    """Build a model of ``kind`` from its config dict; the error lists valid kinds.
+
+    ``common`` holds build arguments every kind accepts, overriding the config: ``in_channels`` (image
+    channels C; the closed-form baselines ignore it).
+    """
     import longitudinal.models  # noqa: F401  (populates MODEL_KINDS)
 
     if kind not in MODEL_KINDS:
