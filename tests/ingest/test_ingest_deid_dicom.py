@@ -1,0 +1,155 @@
+"""De-identification: DICOM series carrying a patient's identity are ingested by the CLI and by the flow;
+nothing identifying is then found in the store, the workspace (reports), the Prefect home, or the Prefect
+API's records (flow/task runs, parameters, artifacts, logs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from scipy.ndimage import gaussian_filter
+from typer.testing import CliRunner
+
+from longitudinal.cli import app
+from longitudinal.ingest.deid import pseudonym
+from storage.store import CohortStore
+
+KEY = "ingest-test-key"
+IDENTITY = {
+    "PatientName": "Quinoa^Jemima^Rosalind",
+    "PatientID": "MRN-77812345",
+    "PatientBirthDate": "19610412",
+    "InstitutionName": "Saint Elsewhere Infirmary",
+    "InstitutionAddress": "12 Larkspur Lane Springfield",
+    "ReferringPhysicianName": "Thackeray^Ottoline",
+    "PerformingPhysicianName": "Wolsey^Barnabus",
+    "OperatorsName": "Penhaligon^Ysolde",
+}
+STUDY_DATES = ("20240315", "20240702")
+# Strings that must appear nowhere: every identifying value, its name parts, and the real study dates.
+NEEDLES = sorted(
+    {v for v in IDENTITY.values()}
+    | {part for v in IDENTITY.values() for part in v.split("^") if len(part) > 4}
+    | set(STUDY_DATES)
+    | {f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in STUDY_DATES}
+)
+
+
+def _phantom(shift: tuple[int, int, int] = (0, 0, 0), flair: bool = False) -> np.ndarray:
+    """(z, y, x) = (24, 64, 64) int16 textured head; ``shift`` moves the content by whole voxels."""
+    rng = np.random.default_rng(7)
+    z, y, x = np.meshgrid(np.arange(24.0), np.arange(64.0), np.arange(64.0), indexing="ij")
+    r = np.sqrt(((z - 12) / 10) ** 2 + ((y - 32) / 26) ** 2 + ((x - 32) / 22) ** 2)
+    img = (r < 1) * (600.0 if not flair else 400.0) + (r < 0.6) * (300.0 if not flair else 500.0)
+    img += 500.0 * (((z - 10) ** 2 + (y - 40) ** 2 + (x - 38) ** 2) < 16)
+    img *= 1 + 0.4 * gaussian_filter(rng.normal(size=img.shape), 1.5)
+    img = gaussian_filter(np.clip(img, 0, None), 0.7)
+    return np.roll(img, shift, axis=(0, 1, 2)).astype(np.int16)
+
+
+def _write_series(folder: Path, volume: np.ndarray, description: str, study_date: str, study_uid: str) -> None:
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    for k in range(volume.shape[0]):
+        ds = template.copy()
+        for tag, value in IDENTITY.items():
+            setattr(ds, tag, value)
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesDescription = description
+        ds.InstanceNumber = k + 1
+        ds.PixelSpacing = [3.0, 3.0]
+        ds.SliceThickness = 3.0
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-96.0, -96.0, -36.0 + 3.0 * k]
+        ds.SliceLocation = -36.0 + 3.0 * k
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.PixelData = np.ascontiguousarray(volume[k]).tobytes()
+        ds.save_as(folder / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+
+
+@pytest.fixture
+def dicom_source(tmp_path: Path) -> Path:
+    root = tmp_path / "dicom"
+    for s, (date, shift) in enumerate(zip(STUDY_DATES, [(0, 0, 0), (1, 2, -2)], strict=True)):
+        study = generate_uid()
+        _write_series(root / f"study{s}" / "series1", _phantom(shift), "AX T1 POST GD", date, study)
+        _write_series(root / f"study{s}" / "series2", _phantom(shift, flair=True), "AX FLAIR", date, study)
+        _write_series(root / f"study{s}" / "series3", _phantom(shift), "LOCALIZER", date, study)
+    return root
+
+
+def _search_files(folder: Path) -> list[str]:
+    hits = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes().lower()
+            hits += [f"{path}: {n}" for n in NEEDLES if n.lower().encode() in data]
+        hits += [f"path {path}: {n}" for n in NEEDLES if n.lower() in str(path).lower()]
+    return hits
+
+
+def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, monkeypatch):
+    home = tmp_path / "home"
+    prefect_home = tmp_path / "prefect-home"
+    monkeypatch.setenv("LONGITUDINAL_PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "storage"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    cli_store = str(tmp_path / "cli.zarr")
+    result = CliRunner().invoke(app, ["--home", str(home), "ingest", str(dicom_source), "--store", cli_store])
+    assert result.exit_code == 0, result.output
+    for needle in NEEDLES:
+        assert needle.lower() not in result.output.lower()
+
+    store = CohortStore.open(cli_store)
+    pid = pseudonym(IDENTITY["PatientID"], KEY.encode())
+    assert store.patient_ids() == [pid]
+    assert store.verify() == []
+    sessions = store.sessions(pid)
+    assert [s.days for s in sessions] == [0.0, 109.0]  # 2024-03-15 -> 2024-07-02
+    assert all(s.registration_metric < 0.25 for s in sessions)
+    # The content moved by (1, 2, -2) voxels of 3 mm along (z, y, x): registration finds the shift.
+    shift = np.asarray(sessions[1].transform_to_reference)[:3, 3]
+    np.testing.assert_allclose(np.abs(shift), [6.0, 6.0, 3.0], atol=0.5)
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ingest import ingest_cohort_flow
+
+    flow_store = str(tmp_path / "flow.zarr")
+    with temporary_settings(updates={PREFECT_HOME: prefect_home, PREFECT_LOCAL_STORAGE_PATH: prefect_home / "storage"}):
+        with prefect_test_harness():
+            summary = ingest_cohort_flow(source=str(dicom_source), store=flow_store, home=str(home))
+            assert summary["stored"] == 2 and summary["quarantined"] == 0
+            with get_client(sync_client=True) as client:
+                records = {
+                    "flow_runs": [r.model_dump(mode="json") for r in client.read_flow_runs()],
+                    "task_runs": [r.model_dump(mode="json") for r in client.read_task_runs()],
+                    "artifacts": [a.model_dump(mode="json") for a in client.read_artifacts()],
+                    "logs": [entry.model_dump(mode="json") for entry in client.read_logs()],
+                }
+    assert records["artifacts"], "the flow published no artifacts"
+    api_text = json.dumps(records).lower()
+    leaked = [n for n in NEEDLES if n.lower() in api_text]
+    assert not leaked, leaked
+    assert CohortStore.open(flow_store).index().drop(columns=["registration_metric"]).equals(
+        store.index().drop(columns=["registration_metric"]))
+
+    hits = _search_files(tmp_path / "cli.zarr") + _search_files(tmp_path / "flow.zarr")
+    hits += _search_files(home) + _search_files(prefect_home)
+    assert not hits, hits
+    # Sanity: the search does find the identity where it is (the source), so an empty result means something.
+    assert _search_files(dicom_source)
