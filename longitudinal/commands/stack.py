@@ -113,8 +113,9 @@ def deploy(
     ctx: typer.Context,
     prefect_file: Path | None = typer.Option(None, help="Default: deploy/prefect.yaml of this checkout."),
     api_url: str | None = typer.Option(None, help="Prefect API URL (default: the running stack's)."),
+    name: list[str] = typer.Option([], help="Deploy only these deployments (repeatable; default: all)."),
 ) -> None:
-    """Register every deployment of prefect.yaml with the server (prefect deploy --all)."""
+    """Register the deployments of prefect.yaml with the server (prefect deploy --all, or --name ...)."""
     from longitudinal.stack.local import read_state
     from longitudinal.stack.prefect_file import deploy_all
     from longitudinal.stack.process import StackError
@@ -123,7 +124,7 @@ def deploy(
     state = read_state(settings.home_dir / "stack")
     url = api_url or settings.prefect_url or (state.prefect_api_url if state else None)
     try:
-        result = deploy_all(settings, prefect_file=prefect_file, api_url=url)
+        result = deploy_all(settings, prefect_file=prefect_file, api_url=url, names=name)
     except StackError as exc:
         fail(str(exc))
     for name in result.deployments:

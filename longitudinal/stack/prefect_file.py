@@ -169,19 +169,23 @@ def deploy_all(
     api_url: str | None = None,
     code_dir: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    names: Sequence[str] = (),
     timeout_s: float = 600.0,
 ) -> DeployResult:
-    """Run ``prefect deploy --all --prefect-file <file>`` from ``code_dir`` against ``api_url``.
+    """Run ``prefect deploy --all --prefect-file <file>`` (or ``--name`` each of ``names``) from ``code_dir``.
 
-    Checks first (collecting every problem): the file parses, entrypoints exist, an API URL is known and
-    every ``{{ $VAR }}`` in the parameters has a value.
+    Checks first (collecting every problem): the file parses, the named deployments exist, their
+    entrypoints exist, an API URL is known and every ``{{ $VAR }}`` in their parameters has a value.
     """
     code_dir = (code_dir or project_root()).resolve()
     prefect_file = (prefect_file or code_dir / DEFAULT_PREFECT_FILE).resolve()
     env = placeholder_env(settings, environ)
     api_url = api_url or settings.prefect_url or env.get("PREFECT_API_URL")
     specs = load_prefect_file(prefect_file)
-    problems = check_entrypoints(specs, code_dir)
+    problems = [f"no deployment {n!r} in {prefect_file}" for n in names if n not in {s.name for s in specs}]
+    if names:
+        specs = [s for s in specs if s.name in names]
+    problems += check_entrypoints(specs, code_dir)
     missing: set[str] = set()
     for spec in specs:
         fill_placeholders(spec.parameters, env, missing)
@@ -194,6 +198,7 @@ def deploy_all(
         raise StackError(f"cannot deploy {prefect_file}:\n- " + "\n- ".join(problems))
     env.update(PREFECT_API_URL=str(api_url), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env.setdefault("PREFECT_HOME", str(settings.home_dir / "stack" / "prefect"))
+    which = [a for n in names for a in ("--name", n)] or ["--all"]
     proc = subprocess.run(
         [
             sys.executable,
@@ -201,7 +206,7 @@ def deploy_all(
             "prefect",
             "--no-prompt",
             "deploy",
-            "--all",
+            *which,
             "--prefect-file",
             str(prefect_file),
         ],
@@ -214,5 +219,5 @@ def deploy_all(
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise StackError(f"prefect deploy failed (exit {proc.returncode}):\n{output[-4000:]}")
-    names = [f"{s.flow_name}/{s.name}" if s.flow_name else s.name for s in specs]
-    return DeployResult(deployments=names, output=output)
+    deployed = [f"{s.flow_name}/{s.name}" if s.flow_name else s.name for s in specs]
+    return DeployResult(deployments=deployed, output=output)

@@ -25,7 +25,7 @@ def test_deployments_schedules_and_pools() -> None:
     specs = {s.name: s for s in load_prefect_file(PREFECT_FILE)}
     assert list(specs) == ["nightly-ingest", "weekly-retrain", "forecast-on-demand"]
     assert {n: (s.flow_name, s.entrypoint, s.work_pool) for n, s in specs.items()} == {
-        "nightly-ingest": ("ingest-cohort", "flows/ingest.py:ingest_cohort", "cpu"),
+        "nightly-ingest": ("ingest-cohort", "flows/ingest.py:ingest_cohort_flow", "cpu"),
         "weekly-retrain": ("train-forecaster", "flows/train.py:train_forecaster", "gpu"),
         "forecast-on-demand": ("forecast-patient", "flows/forecast.py:forecast_patient", "cpu"),
     }
