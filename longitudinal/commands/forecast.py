@@ -16,23 +16,23 @@ from longitudinal.commands._common import console, fail, print_locations, settin
 
 
 def print_forecast_table(result: Any) -> None:
-    """One row per query: days, date, whole-tumour and enhancing volumes (median [80%] [95%]) in ml."""
+    """Two rows per query (whole tumour, enhancing core): days, days after the latest scan, date, volume median
+    and the 80% / 95% intervals in ml. Fits 80 columns."""
+    from rich import box
     from rich.table import Table
 
     version = f" v{result.version}" if result.version else ""
+    calendars = sorted({q.calendar for q in result.queries if q.calendar})
     table = Table(title=f"forecast {result.patient} ({result.model}{version}, {result.n_samples} samples)",
-                  title_justify="left")
-    for col in ("days", "+days", "date", "context", "whole ml: median", "80%", "95%", "enhancing ml: median",
-                "80%", "95%"):
-        table.add_column(col, justify="right")
-
-    def iv(v: Any) -> list[str]:
-        return [f"{v.median:.2f}", f"{v.lo80:.2f}-{v.hi80:.2f}", f"{v.lo95:.2f}-{v.hi95:.2f}"]
-
+                  title_justify="left", box=box.SIMPLE_HEAD,
+                  caption=f"dates: {', '.join(calendars)} calendar" if calendars else None, caption_justify="left")
+    for col in ("day", "+days", "date", "tumour", "median ml", "80%", "95%"):
+        table.add_column(col, justify="right", no_wrap=True)
     for q in result.queries:
-        date = f"{q.date} ({q.calendar})" if q.date else "-"
-        table.add_row(f"{q.days:g}", f"{q.days_after_last_scan:+g}", date, str(q.n_context),
-                      *iv(q.volume_whole_ml), *iv(q.volume_enhancing_ml))
+        for i, (kind, v) in enumerate((("whole", q.volume_whole_ml), ("enhancing", q.volume_enhancing_ml))):
+            lead = [f"{q.days:.0f}", f"{q.days_after_last_scan:+.0f}", q.date or "-"] if i == 0 else ["", "", ""]
+            table.add_row(*lead, kind, f"{v.median:.2f}", f"{v.lo80:.2f}-{v.hi80:.2f}", f"{v.lo95:.2f}-{v.hi95:.2f}")
+        table.add_section()
     console.print(table)
 
 
@@ -61,6 +61,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Forecast a patient at future dates: NIfTI maps in the native space of the latest scan, volumes with
         80%/95% intervals (JSON), a plot, and a table here."""
+        from rich.markup import escape
+
         from longitudinal.forecast import ForecastError, forecast_patient
 
         settings = settings_of(ctx)
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
                 dates=at, days_since_baseline=day, scans=scan, scans_csv=scans_csv, seed=seed,
             )
         except ForecastError as exc:
-            fail(str(exc), exc.exit_code)
+            fail(escape(str(exc)), exc.exit_code)
         print_forecast_table(result)
         console.print(f"[bold]files[/bold]   {result.out_dir}")
         console.print(f"[bold]summary[/bold] {result.summary_path}")

@@ -50,7 +50,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
     from longitudinal.ingest.deid import pseudonym
 
     root = tmp_path_factory.mktemp("forecast-cohort")
-    settings = Settings(home=root / "home", pseudonym_key=KEY)
+    # Explicit URI: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which Settings would otherwise prefer
+    # over the home's default for every later Settings of this process.
+    settings = Settings(home=root / "home", pseudonym_key=KEY,
+                        mlflow_tracking_uri=f"sqlite:///{root / 'home' / 'mlflow.db'}")
     p1 = write_native_patient(root / "raw", "sub-01", ["2024-01-10", "2024-04-19", "2024-08-07"], [5.0, 6.5, 8.0],
                               [(0.0, 0.0, 0.0), (4.0, 0.0, 0.0), (-3.0, 2.0, 0.0)])
     p2 = write_native_patient(root / "raw", "sub-02", ["2023-05-02", "2023-09-30"], [4.0, 5.0],
