@@ -168,13 +168,13 @@ def _train_config(train_config: Any) -> Any:
     return TrainConfig(**{**DEFAULT_TRAIN_CONFIG.to_dict(), **dict(train_config)})
 
 
-def _eval_config(meta: dict[str, Any]) -> Any:
+def _eval_config(meta: dict[str, Any], n_samples: int = 8) -> Any:
     from longitudinal.evaluation.harness import EvalConfig
 
     data = meta.get("data") or (meta.get("meta") or {}).get("data") or {}
     cs = meta.get("crop_size") or data.get("crop_size") or (32, 32, 32)
     return EvalConfig(crop_size=tuple(int(c) for c in cs), max_context=int(data.get("max_context", 3)),
-                      normalize=str(data.get("normalize", "none")))
+                      normalize=str(data.get("normalize", "none")), n_samples=int(n_samples))
 
 
 def run_training(
@@ -185,12 +185,14 @@ def run_training(
     flow_run_id: str | None = None,
     experiment: str = uri_mod.EXPERIMENT_NAME,
     system_metrics_interval_s: float = 2.0,
+    eval_samples: int = 8,
 ) -> TrainOutcome:
     """Split, fit (resuming), evaluate on validation (gate) and test (report), log, register once, promote.
 
     train_config: ``longitudinal.training.TrainConfig``, a dict of its fields, or a YAML/JSON path.
     register_as: registered model name (default ``Settings.registered_model_name``).
     flow_run_id: Prefect flow-run id recorded as a tag when the flow calls this.
+    eval_samples: forecast samples per target for stochastic models in the gate/test evaluation and figures.
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -207,6 +209,8 @@ def run_training(
     tracking_uri = uri_mod.configure(settings)
     experiment_id = uri_mod.ensure_experiment(settings, experiment)
     run_id, resumed = _open_run(settings, run_dir, key, experiment_id, f"{kind}-{key[:8]}")
+    if resumed and (done := _finished(settings, name, run_id, run_dir, experiment_id, t0)) is not None:
+        return done
     logger = MlflowLogger(run_id, tracking_uri)
     logger.log_params(flatten(cfg_dict))
     tags = {"store_url": store_url, "store_hash": digest, "code_version": code_version(), "model_kind": kind,
@@ -222,7 +226,9 @@ def run_training(
     monitor.start()
     ok = False
     try:
+        t_fit = time.perf_counter()
         result = fit(cfg, store_url, run_dir, logger, resume=True)
+        logger.log_metrics({"timing/fit_s": time.perf_counter() - t_fit})
         monitor.finish()
         split = result.split
         logger.set_tags({"split_id": split.split_id})
@@ -233,7 +239,7 @@ def run_training(
         model_ckpt = run_dir / "logged_model.pt"  # fit owns run_dir/model.pt
         slim_checkpoint(Path(result.checkpoint), model_ckpt)
         candidate, meta = load_checkpoint(model_ckpt)
-        eval_cfg = _eval_config(meta)
+        eval_cfg = _eval_config(meta, eval_samples)
         outcome = _evaluate_register_promote(settings, name, run_id, tracking_uri, logger, candidate, meta,
                                              model_ckpt, eval_cfg, store_url, split)
         ok = True
@@ -246,6 +252,23 @@ def run_training(
                         aliases=aliases, created_version=created, resumed=resumed, decision=decision,
                         split_id=split.split_id, val_rows=val_rows, test_rows=test_rows,
                         wall_s=time.perf_counter() - t0)
+
+
+def _finished(settings: Settings, name: str, run_id: str, run_dir: Path, experiment_id: str, t0: float
+              ) -> TrainOutcome | None:
+    """The outcome of a run that already completed (FINISHED, registered and gated), else None: rerunning a
+    finished training is a no-op, not a second evaluation."""
+    client = uri_mod.client(settings)
+    mv = find_version_for_run(client, name, run_id)
+    run = client.get_run(run_id)
+    if mv is None or "gate.decision" not in (mv.tags or {}) or run.info.status != "FINISHED":
+        return None
+    return TrainOutcome(run_id=run_id, experiment_id=experiment_id, tracking_uri=settings.tracking_uri,
+                        run_dir=run_dir, checkpoint=run_dir / "logged_model.pt", model_uri=str(mv.source),
+                        registered_name=name, version=str(mv.version),
+                        aliases=sorted(client.get_model_version(name, str(mv.version)).aliases or []),
+                        created_version=False, resumed=True, decision=None,
+                        split_id=run.data.tags.get("split_id", ""), wall_s=time.perf_counter() - t0)
 
 
 def _evaluate_register_promote(
@@ -267,13 +290,21 @@ def _evaluate_register_promote(
     if champ is not None:
         champ_model, _ = load_checkpoint(resolve_model_ref(f"{name}/{champ.version}", settings).checkpoint)
         val_models[CHAMPION_NAME] = champ_model
+    tick = time.perf_counter()
     val = evaluate_models(val_models, store_url, val_ids, eval_cfg)
     test = evaluate_models({CANDIDATE: candidate}, store_url, list(split.test), eval_cfg)
+    timing = {"timing/evaluate_s": time.perf_counter() - tick}
+    tick = time.perf_counter()
     logger.log_table(val.rows, "validation", prefix="val")
     logger.log_table(test.rows, "test", prefix="test")
-    _log_figures(logger, candidate, meta, store_url, list(split.test) or val_ids, test.rows, eval_cfg)
+    _log_figures(logger, candidate, meta, store_url, list(split.test) or val_ids, test.rows, eval_cfg,
+                 n_samples=eval_cfg.n_samples)
+    timing["timing/tables_figures_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
 
     model_uri = log_forecaster(model_ckpt, run_id, tracking_uri)
+    timing["timing/log_model_s"] = time.perf_counter() - tick
+    logger.log_metrics(timing)
     model_id = model_uri.removeprefix("models:/")
     mv, created = register_version(client, name, model_uri, run_id, model_id,
                                    {"model_kind": str(meta.get("kind")), "split_id": split.split_id})
@@ -294,7 +325,7 @@ def _evaluate_register_promote(
 # --- figures -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _log_figures(logger: MlflowLogger, model: Any, meta: dict[str, Any], store_url: str, patient_ids: list[str],
-                 rows: list[dict[str, Any]], eval_cfg: Any, n_samples: int = 8, max_patients: int = 3) -> None:
+                 rows: list[dict[str, Any]], eval_cfg: Any, n_samples: int = 8, max_patients: int = 2) -> None:
     """Skill per horizon (from ``rows``), a forecast montage and volume trajectories for a few patients.
 
     A figure that cannot be drawn is recorded as the tag ``figures.error``: it never costs the trained model.

@@ -99,3 +99,19 @@ def test_fresh_process_consumes_the_champion_from_native_nifti(trained: dict) ->
 
 def test_nothing_written_in_the_working_directory(trained: dict) -> None:
     assert list(Path(trained["cwd"]).iterdir()) == []
+
+
+def test_server_backend_end_to_end(mlflow_server: object, tmp_path: Path, empty_cwd: Path) -> None:
+    """The same path against a real `mlflow server` on loopback: train, register, promote, consume."""
+    settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=mlflow_server.uri)  # type: ignore[attr-defined]
+    store = str(tmp_path / "store.zarr")
+    make_phantom_store(store, n_patients=6, seed=3, grid=(24, 24, 24))
+    out = run_training(settings, store, {**TINY_TRAIN, "model": "linear"}, register_as=NAME)
+    assert out.tracking_uri.startswith("http://127.0.0.1:")
+    assert out.created_version and "champion" in out.aliases
+    artifact_uri = MlflowClient(out.tracking_uri).get_run(out.run_id).info.artifact_uri
+    assert artifact_uri.startswith("mlflow-artifacts:")  # the server owns the artifact store
+    frame, truth = write_native_series(tmp_path / "native")
+    rows = run_consumer(out.tracking_uri, frame, tmp_path / "consumer")
+    check_consumer_output(rows, truth)
+    assert list(empty_cwd.iterdir()) == []
