@@ -92,7 +92,8 @@ class StackConfig:
     mlflow_artifacts_destination: str
     pools: tuple[str, ...] = WORK_POOLS
     prefect_ui: bool = True
-    startup_timeout_s: float = 180.0
+    # Generous: on a loaded 2-core machine the Prefect server takes over a minute to migrate and start.
+    startup_timeout_s: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property

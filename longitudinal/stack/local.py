@@ -107,7 +107,8 @@ def _create_pools(cfg: StackConfig, env: dict[str, str], log_path: Path) -> None
     for pool in cfg.pools:
         proc = subprocess.run(
             _prefect("work-pool", "create", pool, "--type", "process"),
-            env=env,
+            # Wide lines: rich would otherwise wrap the "already exists" message we look for.
+            env=dict(env, COLUMNS="400"),
             capture_output=True,
             text=True,
             timeout=120,
