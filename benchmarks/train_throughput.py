@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5, help="steps per logging window")
     ap.add_argument("--rounds", type=int, default=2, help="alternating (zarr, memory) rounds")
     ap.add_argument("--num-workers", type=int, help="DataLoader workers (default: the config's)")
+    ap.add_argument("--device", help="cpu | cuda | auto (default: the config's)")
     args = ap.parse_args()
 
     from longitudinal.data.dataset import InMemoryReader
@@ -69,7 +70,7 @@ def main() -> None:
             make_phantom_store(str(path), n_patients=args.patients, seed=0, grid=tuple(args.grid),
                                n_times=(3, 6))
         store = str(path)
-    cfg = load_train_config(args.config, steps=args.steps, num_workers=args.num_workers)
+    cfg = load_train_config(args.config, steps=args.steps, num_workers=args.num_workers, device=args.device)
     # Training only: no validation forecasts, no intermediate checkpoints, every patient in train.
     cfg = cfg.model_copy(update={"budget_s": None, "val_fraction": 0.0, "test_fraction": 0.0,
                                  "eval_every": 10**9, "ckpt_every": 10**9, "log_every": args.window})

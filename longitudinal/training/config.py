@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
     val_targets: int = Field(24, ge=0)
     val_samples: int = Field(1, ge=1)
     val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
