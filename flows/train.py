@@ -22,12 +22,12 @@ def _device_tags() -> list[str]:
 
 @task(name="train-evaluate-register", tags=_device_tags())
 def train_task(store: str | None, train_config: dict[str, Any] | str | None, register_as: str | None,
-               flow_run_id: str | None) -> dict[str, Any]:
+               flow_run_id: str | None, home: str | None = None) -> dict[str, Any]:
     """Runs on whatever device fit selects (CUDA when present). No retries: a failed fit is not I/O."""
-    from longitudinal.settings import Settings
+    from longitudinal.settings import get_settings
     from longitudinal.tracking.training import default_train_config, run_training
 
-    settings = Settings()
+    settings = get_settings(home=home)
     outcome = run_training(settings, store or settings.store_url,
                            train_config if train_config is not None else default_train_config(),
                            register_as=register_as, flow_run_id=flow_run_id)
@@ -39,10 +39,12 @@ def train_forecaster(
     store: str | None = None,
     train_config: dict[str, Any] | str | None = None,
     register_as: str | None = None,
+    home: str | None = None,
 ) -> dict[str, Any]:
     """store: cohort store URL (default Settings().store_url). train_config: TrainConfig fields as a dict, or a
-    YAML/JSON path (default: the shipped TrainConfig). register_as: registered model name."""
-    summary = train_task(store, train_config, register_as, flow_run.get_id())
+    YAML/JSON path (default: the shipped TrainConfig). register_as: registered model name. home: workspace
+    (default LONGITUDINAL_HOME); the MLflow URI follows Settings (MLFLOW_TRACKING_URI, else sqlite there)."""
+    summary = train_task(store, train_config, register_as, flow_run.get_id(), home)
     d = summary.get("decision") or {}
     create_markdown_artifact(
         key="train-forecaster-summary",
