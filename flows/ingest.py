@@ -16,6 +16,7 @@ changed runs again.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+DASK_ADDRESS_ENV = "LONGITUDINAL_DASK_ADDRESS"
 QC_TABLE_KEY = "ingest-qc"
 SUMMARY_KEY = "ingest-summary"
 
@@ -85,7 +87,19 @@ def ingest_patient_task(
     return ingest_patient(source, store, patient_id, settings, _config(registration))
 
 
-@flow(name="ingest-cohort", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def _task_runner():
+    """Threads on this machine (2 patients at a time), or an existing Dask cluster when
+    LONGITUDINAL_DASK_ADDRESS is set (scale-out; every worker then needs LONGITUDINAL_PSEUDONYM_KEY so that all
+    of them compute the same pseudonyms)."""
+    address = os.environ.get(DASK_ADDRESS_ENV)
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="ingest-cohort", task_runner=_task_runner())
 def ingest_cohort_flow(
     source: str,
     store: str | None = None,

@@ -479,6 +479,7 @@ def ingest_cohort(
     store_url = str(store_url)
     report = IngestReport(source_kind=cohort.kind, store_url=store_url, problems=list(cohort.problems))
     _open_store(store_url, recover=True)
+    itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if workers > 1:
         # Patients already run in parallel; keep ITK's own threads from oversubscribing the cores.
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, (os.cpu_count() or 1) // workers))
@@ -492,15 +493,18 @@ def ingest_cohort(
             return PatientOutcome(patient_id=patient.patient_id, error=f"{type(exc).__name__}: {_safe(exc, patient)}")
 
     outcomes: dict[str, PatientOutcome] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(one, p) for p in cohort.patients]
-        for fut in as_completed(futures):
-            out = fut.result()
-            with lock:
-                outcomes[out.patient_id] = out
-                done += 1
-            if progress is not None:
-                progress(done, len(cohort.patients), out)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(one, p) for p in cohort.patients]
+            for fut in as_completed(futures):
+                out = fut.result()
+                with lock:
+                    outcomes[out.patient_id] = out
+                    done += 1
+                if progress is not None:
+                    progress(done, len(cohort.patients), out)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
     report.patients = [outcomes[p.patient_id] for p in cohort.patients]
     report.seconds = time.perf_counter() - t0
     report.report_path = write_report(report, settings)
