@@ -399,3 +399,15 @@ def default_train_config() -> Any:
     from longitudinal.training.config import DEFAULT_TRAIN_CONFIG
 
     return DEFAULT_TRAIN_CONFIG
+
+
+def evaluate_model_ref(
+    ref: str, settings: Settings, store_url: str, patient_ids: list[str] | None = None, n_samples: int = 8
+) -> Any:
+    """``longitudinal evaluate --model REF``: REF is a baseline kind (``lci``, ``linear``), a local checkpoint,
+    ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...`` or ``runs:/...``; registry references are resolved (and
+    downloaded) with ``resolve_model_ref``. Returns the harness's EvaluationReport."""
+    from longitudinal.evaluation.harness import BASELINES, evaluate_ref
+
+    local = ref if (ref in BASELINES or Path(ref).exists()) else str(resolve_model_ref(ref, settings).checkpoint)
+    return evaluate_ref(local, store_url, patient_ids, n_samples=n_samples)

@@ -108,3 +108,25 @@ def test_registry_challenger_champion_and_refs(backend_settings: Settings, tmp_p
     with pytest.raises(ValueError, match="no such registered model version"):
         resolve_model_ref(f"{name}/99", s)
     assert list(empty_cwd.iterdir()) == []
+
+
+def test_evaluate_accepts_registry_references(tmp_path: Path, empty_cwd: Path) -> None:
+    """`evaluate --model NAME@ALIAS` scores the registered checkpoint exactly like its local file."""
+    from longitudinal.data.phantoms import make_phantom_store
+    from longitudinal.tracking.training import evaluate_model_ref
+
+    s = Settings(home=tmp_path / "home")
+    store = str(tmp_path / "store.zarr")
+    make_phantom_store(store, n_patients=2, seed=5, grid=(24, 24, 24))
+    client = uri.client(s)
+    run_id = client.create_run(uri.ensure_experiment(s)).info.run_id
+    ckpt = baseline_checkpoint(tmp_path / "linear.pt", "linear", crop=16)
+    model_uri = log_forecaster(ckpt, run_id, s.tracking_uri)
+    mv, _ = register_version(client, "tgf", model_uri, run_id, None, {"model_kind": "linear"})
+    client.set_registered_model_alias("tgf", "champion", str(mv.version))
+    by_alias = evaluate_model_ref("tgf@champion", s, store).rows
+    by_file = evaluate_model_ref(str(ckpt), s, store).rows
+    assert [r["model"] for r in by_alias] == [r["model"] for r in by_file]
+    assert [r["dice_whole"] for r in by_alias] == pytest.approx([r["dice_whole"] for r in by_file], nan_ok=True)
+    with pytest.raises(ValueError, match="NAME@ALIAS"):
+        evaluate_model_ref("no-such-thing", s, store)
