@@ -13,7 +13,7 @@ Shapes (B batch, K context scans, Q query times, S samples, C channels, D/H/W cr
   by all its query times: samples are temporally coherent growth curves, different z different curves.
 * Decoder: U-Net-like upsampling of the attention outputs, FiLM-conditioned on (gap to the query, z), predicts
   a residual on the last context scan: images = last image + delta, logits = base logits of the last label +
-  delta. With the small-initialised head the untrained model is last-carried-forward (LCI) and learns growth.
+  delta, with delta = offset + rate * gap (years). With the small-initialised head the untrained model is last-carried-forward (LCI) and learns growth.
 
 Training minimises recon(images: MSE, labels: cross-entropy) + beta * KL(q(z|C,T) || p(z|C)).
 """
@@ -140,7 +140,8 @@ class NeuralProcess(ForecastModel):
         self.dec2 = FiLMBlock(2 * chans[2], chans[2], cond)
         self.dec1 = FiLMBlock(chans[2] + 2 * chans[1], chans[1], cond)
         self.dec0 = FiLMBlock(chans[1] + chans[0], chans[0], cond)
-        self.head = nn.Conv3d(chans[0], c + N_CLASSES, 1)
+        # Two heads: an offset and a rate per year (see _decode_chunk).
+        self.head = nn.Conv3d(chans[0], 2 * (c + N_CLASSES), 1)
         # Learnt confidence in the last label (starts at cfg.base_logit): interiors far from the boundary
         # should become near-certain while the boundary keeps changing.
         self.base_logit = nn.Parameter(torch.tensor(float(self.cfg.base_logit)))
@@ -287,9 +288,11 @@ class NeuralProcess(ForecastModel):
         h = self.dec1(torch.cat([h, per_query(attn[0]), per_batch(ctx.last[1])], dim=1), cond)
         h = F.interpolate(h, scale_factor=2.0, mode="trilinear", align_corners=False)
         h = self.dec0(torch.cat([h, per_batch(ctx.last[0])], dim=1), cond)
-        # The residual is a rate times the gap: the forecast is continuous in time and equals the last scan at
-        # gap 0, and a rate that varies little with the gap extrapolates growth monotonically.
-        out = self.head(h) * per_query(gap.unsqueeze(-1))[:, :, None, None, None]
+        # Residual = offset + rate * gap: the rate path is the inductive bias for growth (a rate that varies
+        # little with the gap extrapolates growth monotonically); the offset absorbs what does not scale with
+        # time (intensity drift between scans, corrections to the last label's confidence).
+        offset, rate = self.head(h).chunk(2, dim=1)
+        out = offset + rate * per_query(gap.unsqueeze(-1))[:, :, None, None, None]
         c = self.cfg.in_channels
         base_img = per_batch(ctx.last_image)
         onehot = F.one_hot(ctx.last_label, N_CLASSES).permute(0, 4, 1, 2, 3).to(out.dtype)
