@@ -35,7 +35,8 @@ class TrainConfig(BaseModel):
         seconds of training, summed over resumes. lr: AdamW peak rate after ``warmup_steps`` linear warm-up;
         "cosine" decays to 10% over ``steps`` (needs steps), "constant" keeps it.
     ema_decay: EMA of weights (used for validation and the saved model). grad_clip: max global grad norm
-        (0 disables). precision: "auto" = bf16 (fp16 + GradScaler where bf16 is missing) on CUDA, fp32 on CPU.
+        (0 disables). read_cache_mb: per-worker read cache of crop neighbourhoods (see StoreReader).
+        precision: "auto" = bf16 (fp16 + GradScaler where bf16 is missing) on CUDA, fp32 on CPU.
     eval_every / ckpt_every / log_every: steps. val_targets: at most this many validation targets are
         forecast at each evaluation (evenly spaced over the deterministic target list); best checkpoint =
         highest val whole-tumour Dice.
@@ -52,6 +53,7 @@ class TrainConfig(BaseModel):
     normalize: Literal["none", "context_mean"] = "none"
     augment: AugmentSettings | None = Field(default_factory=AugmentSettings)
     samples_per_patient: int = Field(1, ge=1)
+    read_cache_mb: float = Field(512.0, ge=0)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -95,7 +97,7 @@ class TrainConfig(BaseModel):
         return DataConfig(crop_size=tuple(self.crop_size), max_context=self.max_context,  # type: ignore[arg-type]
                           n_queries=self.n_queries if train else 1,
                           crop_jitter=self.crop_jitter if train else 0, normalize=self.normalize, augment=aug,
-                          samples_per_patient=self.samples_per_patient)
+                          samples_per_patient=self.samples_per_patient, read_cache_mb=self.read_cache_mb)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

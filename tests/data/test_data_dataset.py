@@ -197,3 +197,26 @@ def test_enumerate_targets_lists_every_later_scan(cohort):
     s = ds[len(ds) - 1]
     assert s.target_idx == (items[-1].target_idx,) and bool(s.query_mask.all())
     assert s.brain_mask.any() and not s.brain_mask.all()
+
+
+def test_read_cache_returns_exactly_the_uncached_crops_within_its_budget(cohort):
+    plain = StoreReader(cohort.url, cache_mb=0)
+    cached = StoreReader(cohort.url, cache_mb=1, cache_margin=4)  # 1 MB: forces evictions below
+    rng = np.random.default_rng(0)
+    pids = sorted(cohort.patients)
+    for _ in range(60):
+        pid = pids[int(rng.integers(len(pids)))]
+        n = len(cohort.patients[pid].days)
+        times = sorted(int(t) for t in rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False))
+        # Near a per-patient position (like jittered tumour crops), some past the borders.
+        base = (-4 + 3 * pids.index(pid), 2, 10)
+        start = tuple(int(b + v) for b, v in zip(base, rng.integers(-3, 4, size=3), strict=True))
+        size = (16, 16, 12)
+        for name in ("image", "label"):
+            np.testing.assert_array_equal(cached.read(pid, name, times, start, size),
+                                          plain.read(pid, name, times, start, size))
+    assert cached.hits > 0 and cached.misses > 0
+    assert cached._cached_bytes <= 2**20
+    # A pickled reader keeps its settings, not its cache.
+    clone = pickle.loads(pickle.dumps(cached))
+    assert (clone.cache_bytes, clone.cache_margin, len(clone._cache)) == (2**20, 4, 0)
