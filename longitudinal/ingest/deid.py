@@ -70,5 +70,8 @@ def hostile_id_problems(raw_id: str) -> list[str]:
 
 
 def redact(text: str, raw_id: str, patient_id: str) -> str:
-    """Replace every occurrence of the raw id in ``text`` by its pseudonym (for artifacts and results)."""
-    return text.replace(raw_id, patient_id) if raw_id and raw_id.strip() else text
+    """Replace the raw id in ``text`` by its pseudonym wherever it stands as a whole token (not inside a longer
+    run of letters/digits, so a raw id "1" does not rewrite every digit), for artifacts and task results."""
+    if not raw_id or not raw_id.strip():
+        return text
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(raw_id)}(?![A-Za-z0-9])", lambda _: patient_id, text)

@@ -261,9 +261,16 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
     stored_dates = {dt.datetime.fromisoformat(s.shifted_date).date(): s.session for s in existing if s.shifted_date}
 
     candidates: list[int] = []
+    seen: dict[str, str] = {}  # content hash -> origin of its first session in this source
+    same_content: dict[int, list[str]] = {}
     for k, ses in enumerate(patient.sessions):
         hashes = session_sha256(ses)
-        hit = by_hash.get(SessionRecord("", 0.0, None, hashes, [], 0.0, [], []).content_sha256) if hashes else None
+        content = SessionRecord("", 0.0, None, hashes, [], 0.0, [], []).content_sha256 if hashes else None
+        hit = by_hash.get(content) if content else None
+        if content and content in seen and hit is None:
+            same_content[k] = [f"duplicate content: {ses.origin} lists the same files as {seen[content]}"]
+        elif content:
+            seen[content] = ses.origin
         if hit is not None:
             outcome.sessions.append(SessionOutcome(
                 origin=redact(ses.origin, patient.raw_id, pid), status="skipped", session=hit.session,
@@ -283,7 +290,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
     valid: dict[int, SessionScans] = {}
     for k in candidates:
         scans = validate_session(patient.sessions[k], config.channels, config.registration_channel)
-        scans.problems.extend(duplicates.get(k, []))
+        scans.problems.extend(duplicates.get(k, []) + same_content.get(k, []))
         if scans.problems:
             refuse(origins[k], scans.problems)
         else:

@@ -107,6 +107,10 @@ def mixed_manifest(tiny_bids: Path, tmp_path: Path) -> tuple[Path, dict[str, tup
         reason="duplicate session date")
     add("baddate", "2022-13-45", _anat(b, "002", "ses-04", "T1c"), must_name="line", reason="unparseable date")
     add("nodate", "", _anat(b, "002", "ses-04", "T1c"), must_name="line", reason="missing date")
+    # The very files of GOOD-B's first session listed again under another date.
+    rows += _session("GOOD-B", "2022-01-21", _anat(b, "002", "ses-01", "T1c"), _anat(b, "002", "ses-01", "FLAIR"),
+                     _dseg(b, "002", "ses-01"))
+    expected["dupcontent"] = ("line", "duplicate content")
     rows.append(("GOOD-B", "2022-01-20", "T1c", str(_anat(b, "002", "ses-04", "T1c")), ""))
     expected["nochannel"] = ("line", "channel FLAIR missing")
     for k, hostile in enumerate(["../escape", "a/b", "ctl\x07id"]):

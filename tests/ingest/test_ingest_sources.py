@@ -154,3 +154,7 @@ def test_normalise_scales_head_to_unit_range():
     inside = out[5:15, 5:15, 5:15]
     assert 0.45 < float(np.median(inside)) < 0.55
     assert (normalise(np.zeros((4, 4, 4))) == 0).all()
+
+
+def test_redact_leaves_other_digits_alone():
+    assert redact("manifest.csv lines 1,12 sub-1/x", "1", "p-a") == "manifest.csv lines p-a,12 sub-p-a/x"
