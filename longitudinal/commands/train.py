@@ -13,6 +13,7 @@ from longitudinal.commands._common import console, fail, print_locations, settin
 
 def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast evaluation") -> None:
     """Per-horizon table: one line per (horizon bin, model); skill columns are against LCI."""
+    from rich.console import Console
     from rich.table import Table
 
     cols = [("n", "n", "{:d}"), ("dice_whole", "Dice WT", "{:.3f}"), ("dice_enhancing", "Dice EC", "{:.3f}"),
@@ -39,7 +40,9 @@ def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast ev
             table.add_section()
         last = r["horizon"]
         table.add_row(r["horizon"], r["model"], *cells)
-    console.print(table)
+    # Piped output (logs, benchmarks) would squeeze the wide table into 80 columns: print it at full width.
+    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    out.print(table)
 
 
 def register(app: typer.Typer) -> None:

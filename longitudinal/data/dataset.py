@@ -390,18 +390,26 @@ class ForecastDataset(Dataset):
                             rng if self.train else None, self._augment)
 
 
-def enumerate_targets(store_url: str, patient_ids: Sequence[str] | None = None, max_context: int = 3
-                      ) -> list[EvalItem]:
-    """Every forecasting target of a store, deterministically: for each patient (sorted), for each scan
-    j >= 1, context = the up to ``max_context`` most recent scans before j, query = scan j."""
+def enumerate_targets(store_url: str, patient_ids: Sequence[str] | None = None, max_context: int = 3,
+                      pairs: Literal["next", "all"] = "next") -> list[EvalItem]:
+    """Every forecasting target of a store, deterministically, patients sorted.
+
+    pairs="next": for each scan j >= 1, context = the up to ``max_context`` most recent scans before j.
+    pairs="all": additionally every longer horizon: for each scan j and each cut 1 <= i <= j, context = the up to
+    ``max_context`` most recent scans before i, target j (the "next" items are the i = j ones). With visits every
+    few months only "all" fills the horizon bins beyond the typical visit gap.
+    """
+    if pairs not in ("next", "all"):
+        raise ValueError(f"pairs must be 'next' or 'all', got {pairs!r}")
     reader = StoreReader(store_url)
     pids = sorted(reader.store.patient_ids() if patient_ids is None else patient_ids)
     items = []
     for pid in pids:
         days = reader.days(pid)
         for j in range(1, len(days)):
-            ctx = tuple(range(max(0, j - max_context), j))
-            items.append(EvalItem(pid, ctx, j, float(days[j] - days[ctx[-1]]), float(days[j])))
+            for i in (range(1, j + 1) if pairs == "all" else (j,)):
+                ctx = tuple(range(max(0, i - max_context), i))
+                items.append(EvalItem(pid, ctx, j, float(days[j] - days[ctx[-1]]), float(days[j])))
     return items
 
 

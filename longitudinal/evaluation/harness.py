@@ -1,5 +1,6 @@
 """The evaluation protocol of DESIGN.md: forecast every later scan of every patient from its earlier scans and
-score each model beside ``lci`` and ``linear`` on exactly the same targets, per horizon bin.
+score each model beside ``lci`` and ``linear`` on exactly the same targets, per horizon bin. By default every
+(earlier cut, later scan) pair is a target, so long horizons are scored even when visits are months apart.
 
 Point forecast of a sampled model: the class probabilities averaged over samples, then argmax (its masks give
 Dice, HD95 and the point volume) and the mean image (MSE, SSIM). Its per-sample whole-tumour volumes give the
@@ -59,6 +60,7 @@ class EvalConfig:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
+    pairs: str = "all"
     bins: tuple[tuple[float, float], ...] = HORIZON_BINS
 
 
@@ -188,7 +190,7 @@ def evaluate_models(
     all_models.update({k: v for k, v in models.items() if k not in all_models})
     for m in all_models.values():
         m.to(device).eval()
-    items = enumerate_targets(store_url, patient_ids, cfg.max_context)
+    items = enumerate_targets(store_url, patient_ids, cfg.max_context, cfg.pairs)  # type: ignore[arg-type]
     dcfg = DataConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, n_queries=1, crop_jitter=0,
                       normalize=cfg.normalize, augment=None)  # type: ignore[arg-type]
     loader = DataLoader(EvalDataset(store_url, items, dcfg), batch_size=cfg.batch_size, shuffle=False,

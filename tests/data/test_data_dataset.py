@@ -192,6 +192,14 @@ def test_enumerate_targets_lists_every_later_scan(cohort):
         days = cohort.patients[it.patient_id].days
         assert it.context_idx == tuple(range(max(0, it.target_idx - 2), it.target_idx))
         assert it.horizon_days == pytest.approx(days[it.target_idx] - days[it.target_idx - 1])
+    every = enumerate_targets(cohort.url, max_context=2, pairs="all")
+    assert len(every) == sum(len(p.days) * (len(p.days) - 1) // 2 for p in cohort.patients.values())
+    assert set(items) <= set(every)
+    for it in every:
+        days = cohort.patients[it.patient_id].days
+        cut = it.context_idx[-1] + 1
+        assert cut <= it.target_idx and it.context_idx == tuple(range(max(0, cut - 2), cut))
+        assert it.horizon_days == pytest.approx(days[it.target_idx] - days[cut - 1])
     ds = EvalDataset(cohort.url, items, DataConfig(crop_size=(16, 16, 16), max_context=2, n_queries=1,
                                                    augment=None))
     s = ds[len(ds) - 1]

@@ -34,7 +34,8 @@ def report(cohort):
 
 def test_every_table_has_lci_and_linear_beside_the_model(report, cohort):
     assert report.models == ["lci", "linear", "tfm"]
-    n_targets = sum(len(p.days) - 1 for p in cohort.patients.values())
+    # Every (earlier cut, later scan) pair: T (T - 1) / 2 targets per patient.
+    n_targets = sum(len(p.days) * (len(p.days) - 1) // 2 for p in cohort.patients.values())
     assert report.n_targets == n_targets and len(report.records) == 3 * n_targets
     horizons = {r["horizon"] for r in report.rows}
     assert horizons == {"0-90", "90-180", "180-365", ">365", "all"}
@@ -45,7 +46,8 @@ def test_every_table_has_lci_and_linear_beside_the_model(report, cohort):
         rows = [r for r in report.rows if r["model"] == model]
         assert sum(r["n"] for r in rows if r["horizon"] != "all") == next(r["n"] for r in rows
                                                                           if r["horizon"] == "all")
-    keys = lambda m: sorted((r["patient_id"], r["target_idx"]) for r in report.records if r["model"] == m)  # noqa: E731
+    keys = lambda m: sorted((r["patient_id"], r["target_idx"], r["last_context_idx"])  # noqa: E731
+                            for r in report.records if r["model"] == m)
     assert keys("lci") == keys("linear") == keys("tfm")
 
 
