@@ -42,13 +42,15 @@ def resolve_cmd(
     ref: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, models:/..., runs:/... or a checkpoint path."),
 ) -> None:
     """Download (if needed) and print the local checkpoint a model reference points to."""
+    from rich.markup import escape
+
     from longitudinal.tracking.registry import resolve_model_ref
 
     settings = settings_of(ctx)
     try:
         resolved = resolve_model_ref(ref, settings)
     except ValueError as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))  # the message lists forms like runs:/<id>[/<name>], not rich markup
     console.print_json(data=resolved.to_dict())
 
 
