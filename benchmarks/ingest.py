@@ -8,7 +8,9 @@ Measured (each run in a fresh subprocess, so peak memory is that run's own):
 - End to end: ``ingest_cohort`` with 1 worker and with W workers (default: all cores).
 - Peak RSS of the end-to-end run at N and 2N patients (it should stay flat: one patient in memory per worker).
 - TRE of the stored transforms against the generator's known motions, over head voxels (mm).
-A "scan" is one session (all its channels). "s/scan/core" = wall seconds x cores used / scans.
+A "scan" is one session (all its channels). "s/scan/core" = wall seconds x cores used / scans; "CPU s/scan" =
+user+system CPU seconds of the run (imports included) / scans, which a machine shared with other jobs does not
+inflate the way it inflates wall time.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def main() -> None:
         kind, *rest = sys.argv[2:]
         result = _child_floor(*rest) if kind == "floor" else _child_ingest(rest[0], rest[1], int(rest[2]),
                                                                              float(rest[3]), rest[4])
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024.0
+        # CPU seconds are what a loaded, shared machine cannot inflate (wall seconds can be).
+        result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
         print(json.dumps(result))
         return
 
@@ -158,12 +163,14 @@ def main() -> None:
 
         print(f"\ningest throughput ({args.preset} preset, target {spacing} mm, {cores} cores)")
         print(f"{'run':40s} {'patients':>8s} {'scans':>6s} {'seconds':>8s} {'scans/min':>10s} "
-              f"{'s/scan/core':>12s} {'peak RSS MB':>12s}")
+              f"{'s/scan/core':>12s} {'CPU s/scan':>11s} {'peak RSS MB':>12s}")
         for name, n, used, r in rows:
             per_min = 60.0 * r["scans"] / r["seconds"] if r["seconds"] else float("nan")
             per_core = r["seconds"] * used / max(r["scans"], 1)
+            cpu = r["cpu_seconds"] / max(r["scans"], 1)
             print(f"{name:40s} {n:8d} {r['scans']:6d} {r['seconds']:8.1f} {per_min:10.1f} {per_core:12.2f} "
-                  f"{r['peak_rss_mb']:12.0f}")
+                  f"{cpu:11.2f} {r['peak_rss_mb']:12.0f}")
+        print(f"load average during the run: {os.getloadavg()}")
         mean, mx, n = _tre(full, str(tmp_path / "w2n.zarr"))
         print(f"\nregistration TRE over head voxels ({n} sessions, {2 * args.patients} patients): "
               f"mean {mean:.3f} mm, max {mx:.3f} mm")
