@@ -59,6 +59,12 @@ def register(app: typer.Typer) -> None:
         steps: int | None = typer.Option(None, "--steps", help="Stop after this many optimiser steps."),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default: runs/<model>)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in the run folder."),
+        track: bool = typer.Option(False, "--track/--no-track",
+                                   help="The train-forecaster flow's twin: MLflow run, evaluation, registry "
+                                        "version and champion gate (run folder keyed by config + store)."),
+        register_as: str | None = typer.Option(None, "--register-as",
+                                               help="Registered model name with --track "
+                                                    "(default tumor-growth-forecaster)."),
     ) -> None:
         """Train a forecasting model on the store's training split (resumes a run folder by default)."""
         from longitudinal.training.config import load_train_config
@@ -71,6 +77,9 @@ def register(app: typer.Typer) -> None:
             cfg = load_train_config(config, model=model, budget_s=budget_s, steps=steps)
         except ValueError as exc:
             fail(str(exc))
+        if track:
+            _train_tracked(settings, store_url, cfg, register_as)
+            return
         run = run_dir or settings.runs_path / cfg.model
         print_locations(settings, ("store", "runs"))
         console.print(f"run folder: {run}")
@@ -85,7 +94,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
         ctx: typer.Context,
-        model: str = typer.Option(..., "--model", help="Checkpoint path, or a baseline kind (lci, linear)."),
+        model: str = typer.Option(..., "--model", help="Checkpoint path, a baseline kind (lci, linear), NAME@ALIAS, "
+                                                       "NAME/VERSION, models:/... or runs:/..."),
         store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
         json_path: Path | None = typer.Option(None, "--json", help="Write the per-horizon rows as JSON here."),
         patients: str | None = typer.Option(None, "--patients",
@@ -94,19 +104,41 @@ def register(app: typer.Typer) -> None:
         n_samples: int = typer.Option(8, "--samples", min=1, help="Samples per target for sampled models."),
     ) -> None:
         """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear)."""
-        from longitudinal.evaluation.harness import evaluate_ref
+        from longitudinal.tracking.training import evaluate_model_ref
 
         settings = settings_of(ctx)
         store_url = store or settings.store_url
         pids = _patients(patients)
         print_locations(settings, ("store",))
         try:
-            report = evaluate_ref(model, store_url, pids, n_samples=n_samples)
+            report = evaluate_model_ref(model, settings, store_url, pids, n_samples=n_samples)
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
         print_evaluation_table(report.rows, f"{report.n_targets} targets, {len(report.patients)} patients")
         if json_path is not None:
             console.print(f"rows written to {report.to_json(json_path)}")
+
+
+def _train_tracked(settings: Any, store_url: str, cfg: Any, register_as: str | None) -> None:
+    """`train --track`: one call to run_training (the same function as the train-forecaster flow), then print
+    the MLflow run, the registry version, its aliases and the gate's decision."""
+    from rich.markup import escape
+
+    from longitudinal.tracking.training import run_training
+
+    print_locations(settings, ("store", "runs", "mlflow"))
+    try:
+        out = run_training(settings, store_url, cfg, register_as=register_as)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(escape(str(exc)))
+    d = out.decision.tags() if out.decision is not None else {}
+    console.print(f"[bold]MLflow run[/bold] {out.run_id} ({'resumed' if out.resumed else 'new'})  "
+                  f"run folder {out.run_dir}")
+    console.print(f"[bold]model[/bold] {out.model_uri}  [bold]registered[/bold] {out.registered_name} "
+                  f"v{out.version} ({'new' if out.created_version else 'existing'})  "
+                  f"aliases: {', '.join(out.aliases) or '-'}")
+    console.print(f"[bold]gate[/bold] {d.get('gate.decision', 'decided before')}: "
+                  f"{escape(d.get('gate.reasons', ''))}")
 
 
 def _patients(spec: str | None) -> list[str] | None:
