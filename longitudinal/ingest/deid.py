@@ -75,3 +75,13 @@ def redact(text: str, raw_id: str, patient_id: str) -> str:
     if not raw_id or not raw_id.strip():
         return text
     return re.sub(rf"(?<![A-Za-z0-9]){re.escape(raw_id)}(?![A-Za-z0-9])", lambda _: patient_id, text)
+
+
+_ABS_PATH_RE = re.compile(r"(?<![\w.])/(?:[^\s/:;,()'\"]+/)+([^\s/:;,()'\"]+)")
+
+
+def public_text(text: str, raw_id: str, patient_id: str) -> str:
+    """Text fit for task results, artifacts and printed tables: the raw id redacted and absolute paths cut to
+    ``.../<file name>`` (folders above a source can name a person or a site). Operator reports keep the full
+    relative names instead."""
+    return _ABS_PATH_RE.sub(lambda m: f".../{m.group(1)}", redact(text, raw_id, patient_id))

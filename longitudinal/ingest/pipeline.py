@@ -42,7 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from longitudinal import __version__
-from longitudinal.ingest.deid import redact, session_label, shift_date
+from longitudinal.ingest.deid import public_text, session_label, shift_date
 from longitudinal.ingest.preprocess import normalise, to_ras
 from longitudinal.ingest.sources import CohortSource, PatientSource, discover, discover_cached
 from longitudinal.ingest.validate import (
@@ -244,8 +244,8 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
     def refuse(origin: str, reasons: list[str]) -> None:
         quarantine.append((origin, reasons))
         outcome.sessions.append(SessionOutcome(
-            origin=redact(origin, patient.raw_id, pid), status="quarantined",
-            reasons=[redact(r, patient.raw_id, pid) for r in reasons],
+            origin=public_text(origin, patient.raw_id, pid), status="quarantined",
+            reasons=[public_text(r, patient.raw_id, pid) for r in reasons],
         ))
 
     if patient.problems:
@@ -273,7 +273,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
             seen[content] = ses.origin
         if hit is not None:
             outcome.sessions.append(SessionOutcome(
-                origin=redact(ses.origin, patient.raw_id, pid), status="skipped", session=hit.session,
+                origin=public_text(ses.origin, patient.raw_id, pid), status="skipped", session=hit.session,
                 days=hit.days, registration_metric=hit.registration_metric,
             ))
         else:
@@ -309,7 +309,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
         for e in entries:
             days = next(s.days for s in record.sessions if s.session == e.record.session)
             outcome.sessions.append(SessionOutcome(
-                origin=redact(e.origin, patient.raw_id, pid), status="stored", session=e.record.session,
+                origin=public_text(e.origin, patient.raw_id, pid), status="stored", session=e.record.session,
                 days=days, registration_metric=e.record.registration_metric,
             ))
     outcome.report_path = _write_quarantine(settings, pid, quarantine)
@@ -520,7 +520,7 @@ def ingest_cohort(
 
 def _safe(exc: BaseException, patient: PatientSource) -> str:
     """An exception message safe to keep: the raw id redacted, absolute source paths cut."""
-    return redact(str(exc), patient.raw_id, patient.patient_id)[:300]
+    return public_text(str(exc), patient.raw_id, patient.patient_id)[:300]
 
 
 def write_report(report: IngestReport, settings: Settings) -> str:

@@ -354,6 +354,9 @@ def _manifest_file(base: Path, channel: str, text: str, where: str, session: Ses
 # --- DICOM folders ----------------------------------------------------------------------------------------
 
 
+_DICOM_TAGS = ("PatientID", "AcquisitionDate", "StudyDate", "SeriesDate", "SeriesDescription")
+
+
 def _dicom_channel(description: str, channel_map: dict[str, str]) -> str | None:
     text = description.lower()
     # Longest key first, so "t1 post" wins over a shorter key contained in it.
@@ -385,7 +388,8 @@ def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
             rel_dir = folder.relative_to(root).as_posix()
             display = f"{rel_dir}/{files[0].name}" + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
             try:
-                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+                # Only the tags discovery needs are parsed: names, birth dates, institutions never enter memory.
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=list(_DICOM_TAGS))
             except Exception as exc:  # noqa: BLE001 - any parse failure is a reportable problem
                 cohort.problems.append(f"unreadable DICOM header {display}: {type(exc).__name__}")
                 continue

@@ -158,3 +158,10 @@ def test_normalise_scales_head_to_unit_range():
 
 def test_redact_leaves_other_digits_alone():
     assert redact("manifest.csv lines 1,12 sub-1/x", "1", "p-a") == "manifest.csv lines p-a,12 sub-p-a/x"
+
+
+def test_public_text_cuts_absolute_paths_and_raw_ids():
+    from longitudinal.ingest.deid import public_text
+
+    text = "missing file: /data/Smith_John/scans/t1.nii.gz; sub-007/ses-01 ok"
+    assert public_text(text, "007", "p-a") == "missing file: .../t1.nii.gz; sub-p-a/ses-01 ok"
