@@ -85,10 +85,9 @@ def load_model(settings: Settings, model_ref: str | None = None, device: str | N
     file and device). Raises ModelNotFoundError with the reason and what to do."""
     ref = model_ref or f"{settings.registered_model_name}@{DEFAULT_ALIAS}"
     from longitudinal.tracking.inference import Forecaster
-    from longitudinal.tracking.registry import resolve_model_ref
 
     try:
-        resolved = resolve_model_ref(ref, settings)
+        resolved = _resolve(ref, settings)
     except ValueError as exc:
         raise ModelNotFoundError(
             f"model {ref!r} not found: {exc}. Register one (`longitudinal train --track`), or pass --model "
@@ -113,6 +112,19 @@ def load_model(settings: Settings, model_ref: str | None = None, device: str | N
     return LoadedModel(ref=ref, name=name, version=meta.get("version"),
                        kind=meta.get("kind") or forecaster.meta.get("kind"), forecaster=forecaster,
                        spacing_mm=tuple(float(s) for s in sp))  # type: ignore[arg-type]
+
+
+def _resolve(ref: str, settings: Settings) -> Any:
+    """``resolve_model_ref``, except that a checkpoint file is taken as is: the registry module imports mlflow,
+    which costs seconds of a cold start that a local file does not need."""
+    local = Path(ref).expanduser()
+    if local.is_file():
+        from types import SimpleNamespace
+
+        return SimpleNamespace(checkpoint=local.resolve(), uri=None, metadata={"source": "local"})
+    from longitudinal.tracking.registry import resolve_model_ref
+
+    return resolve_model_ref(ref, settings)
 
 
 # --- the store and the patient ----------------------------------------------------------------------------
