@@ -16,6 +16,7 @@ KINDS = sorted(MODEL_KINDS)
 # Small widths keep every test in seconds on a 2-core CPU; kinds not listed use their defaults.
 TINY: dict[str, dict] = {
     "tfm": {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16},
+    "np": {"width": 8, "latent_dim": 8, "heads": 2, "time_dim": 16},
 }
 # Kinds allowed to ignore the query time (the persistence baseline, by definition).
 TIME_FREE = {"lci"}
@@ -23,6 +24,7 @@ TIME_FREE = {"lci"}
 # tfm: 80 steps pass for torch seeds 0, 1 and 2 with every phantom monotone (60 steps did too).
 GROWTH_RECIPES: dict[str, tuple[int, float, dict]] = {
     "tfm": (80, 3e-3, {"width": 8, "channel_mult": [1, 2], "ctx_width": 8, "emb_dim": 32}),
+    "np": (60, 3e-3, {"width": 4, "latent_dim": 8, "heads": 2, "time_dim": 16}),
 }
 DEFAULT_RECIPE = (100, 3e-3, {})
 GROWTH_SIZE, GROWTH_RATE = 12, 2.0  # 12^3 crops, radius +2 voxels/year (spheres stay inside the crop)
