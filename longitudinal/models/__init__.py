@@ -5,5 +5,6 @@ Importing this package registers every model kind in ``MODEL_KINDS``: one import
 
 from longitudinal.models import (
     baselines,  # noqa: F401  (registers lci, linear)
+    np,  # noqa: F401  (registers np)
     tfm,  # noqa: F401  (registers tfm)
 )
