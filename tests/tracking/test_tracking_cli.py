@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trackinghelpers import baseline_checkpoint
+from trackinghelpers import TINY_TRAIN, baseline_checkpoint
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
+from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.settings import Settings
 from longitudinal.tracking import uri
 from longitudinal.tracking.logged_model import log_forecaster
@@ -42,4 +43,25 @@ def test_models_list_and_resolve(tmp_path: Path, empty_cwd: Path) -> None:
 
     res = runner.invoke(app, ["--home", str(home), "models", "resolve", "nonsense ref"])
     assert res.exit_code == 1 and "NAME@ALIAS" in res.output
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_train_track_is_the_flow_twin_and_evaluate_takes_an_alias(tmp_path: Path, empty_cwd: Path) -> None:
+    home = tmp_path / "home"
+    store = str(tmp_path / "store.zarr")
+    make_phantom_store(store, n_patients=6, seed=6, grid=(24, 24, 24))
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**TINY_TRAIN, "model": "linear"}))
+    runner = CliRunner()
+    env = {"COLUMNS": "200"}
+    res = runner.invoke(app, ["--home", str(home), "train", "--store", store, "--config", str(cfg), "--track"],
+                        env=env)
+    assert res.exit_code == 0, res.output
+    assert "tumor-growth-forecaster v1 (new)" in res.output and "challenger, champion" in res.output
+    assert "promoted" in res.output
+
+    res = runner.invoke(app, ["--home", str(home), "evaluate", "--store", store, "--model",
+                              "tumor-growth-forecaster@champion"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "linear" in res.output and "lci" in res.output
     assert list(empty_cwd.iterdir()) == []
