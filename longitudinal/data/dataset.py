@@ -324,14 +324,21 @@ def reset_worker_reader(worker_id: int) -> None:
 
 class StreamSampler(torch.utils.data.Sampler[int]):
     """Endless sampler: a fresh permutation of ``range(n)`` per epoch (seeded by ``(seed, epoch)``), yielded as
-    ``epoch * n + i`` and starting at sample position ``start``; so a resumed run continues the exact order."""
+    ``epoch * n + i`` and starting at sample position ``start``; so a resumed run continues the exact order.
 
-    def __init__(self, n: int, seed: int = 0, start: int = 0) -> None:
+    Data-parallel: with ``world`` > 1 the stream is cut into batches of ``batch_size`` and this sampler
+    yields only the batches ``b`` with ``b % world == rank`` (batch numbers counted from ``start``)."""
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1,
+                 batch_size: int = 1) -> None:
         if n < 1:
             raise ValueError("StreamSampler needs at least one item")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} must be in [0, world={world})")
         self.n, self.seed, self.start = int(n), int(seed), int(start)
+        self.rank, self.world, self.batch_size = int(rank), int(world), int(batch_size)
 
-    def __iter__(self):  # type: ignore[override]
+    def _stream(self):
         pos = self.start
         while True:
             epoch, off = divmod(pos, self.n)
@@ -339,6 +346,11 @@ class StreamSampler(torch.utils.data.Sampler[int]):
             for i in torch.randperm(self.n, generator=gen)[off:].tolist():
                 yield epoch * self.n + int(i)
             pos = (epoch + 1) * self.n
+
+    def __iter__(self):  # type: ignore[override]
+        for k, idx in enumerate(self._stream()):
+            if (k // self.batch_size) % self.world == self.rank:
+                yield idx
 
 
 class ForecastDataset(Dataset):

@@ -53,7 +53,7 @@ from longitudinal.training.logger import MetricLogger, NullLogger
 
 # Config fields that may change when resuming (how long to train); anything else must match the saved run.
 _RESUMABLE_CHANGES = {"steps", "epochs", "budget_s", "eval_every", "ckpt_every", "log_every", "num_workers",
-                      "device"}
+                      "device", "read_cache_mb", "val_samples"}
 
 
 @dataclass
@@ -103,6 +103,50 @@ class EMA:
         self.updates = int(state["updates"])
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """torch.distributed settings from the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistContext:
+        import os
+
+        return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class _LossModule(torch.nn.Module):
+    """DDP synchronises gradients through ``forward``; models expose ``loss``, so forward calls it."""
+
+    def __init__(self, model: ForecastModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+def _all_true(flag: bool, dist_ctx: DistContext, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (collective; plain ``flag`` without distribution)."""
+    if not dist_ctx.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 def select_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -197,25 +241,63 @@ def fit(
     incompatible changes). Non-trainable kinds (baselines) are only validated and saved. ``reader``
     replaces the lazy store reader of the training samples (the throughput benchmark passes an
     `InMemoryReader`).
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel: gloo on CPU / NCCL on CUDA (one GPU per
+    LOCAL_RANK), each rank takes every WORLD_SIZE-th batch of the sample stream, gradients are averaged by
+    DistributedDataParallel, and only rank 0 validates, logs, prints and writes files; ``steps`` counts
+    global steps (WORLD_SIZE x batch_size samples each).
     """
-    logger = logger or NullLogger()
-    say = progress or (lambda _msg: None)
-    run_dir = Path(run_dir)
+    dist_ctx = DistContext.from_env()
+    own_group = False
+    if dist_ctx.active and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu"
+                                             else "gloo")
+        own_group = True
+    try:
+        return _fit(config, store_url, Path(run_dir), logger, resume, progress, reader, dist_ctx)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _fit(
+    config: TrainConfig,
+    store_url: str,
+    run_dir: Path,
+    logger: MetricLogger | None,
+    resume: bool,
+    progress: Callable[[str], None] | None,
+    reader: StoreReader | None,
+    dist_ctx: DistContext,
+) -> FitResult:
+    main = dist_ctx.is_main
+    logger = (logger or NullLogger()) if main else NullLogger()
+    say = (progress or (lambda _msg: None)) if main else (lambda _msg: None)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     latest_path, best_path, final_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt", run_dir / "model.pt"
     device = _resolve_device(config.device)
+    if dist_ctx.active and device.type == "cuda":
+        device = torch.device("cuda", dist_ctx.local_rank)
+        torch.cuda.set_device(device)
     amp_dtype, use_scaler = select_precision(config.precision, device)
 
     state = load_train_state(latest_path) if (resume and latest_path.exists()) else None
     if state is not None:
         _check_resume_config(state["config"], config)
-    split, split_path = _resolve_split(config, store_url, run_dir, resume=state is not None or resume)
+    if main:
+        split, split_path = _resolve_split(config, store_url, run_dir, resume=state is not None or resume)
+    if dist_ctx.active:
+        torch.distributed.barrier()
+    if not main:
+        split_path = run_dir / "split.json"
+        split = Split.load(split_path)
     if state is not None and state.get("split_id") != split.split_id:
         raise ValueError(f"split.json ({split.split_id}) does not match the checkpoint ({state.get('split_id')})")
     if not split.train:
         raise ValueError("the training split is empty")
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     channels, spacing = _store_geometry(store_url, split.train[0])
 
     if state is None:
@@ -232,7 +314,7 @@ def fit(
         logger.log_artifact(split_path)
         logger.log_artifact(run_dir / "config.json")
 
-    val_batches = _val_batches(config, store_url, split)
+    val_batches = _val_batches(config, store_url, split) if main else []
     if state is None and val_batches:
         base = validate({k: build_model(k) for k in ("lci", "linear")}, val_batches, config, device)
         logger.log_metrics({f"val_{m}_{k}": v for m, d in base.items() for k, v in d.items()}, step=0)
@@ -242,7 +324,9 @@ def fit(
     if not model.trainable:
         val = validate({config.model: model}, val_batches, config, device).get(config.model, {}) \
             if val_batches else {}
-        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, {**meta_base, "step": 0})
+        if main:
+            save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
+                                  {**meta_base, "step": 0})
         return FitResult(checkpoint=final_path, final_checkpoint=final_path, best_metric=val.get("dice_whole"),
                          best_step=0 if val else None, steps=0, wall_s=0.0, split=split, split_path=split_path,
                          run_dir=run_dir, final_val=val)
@@ -268,13 +352,25 @@ def fit(
     max_steps = _max_steps(config, len(train_ds))
     loader = DataLoader(
         train_ds, batch_size=config.batch_size,
-        sampler=StreamSampler(len(train_ds), seed=config.seed, start=step * config.batch_size),
+        sampler=StreamSampler(len(train_ds), seed=config.seed, start=step * config.batch_size * dist_ctx.world,
+                              rank=dist_ctx.rank, world=dist_ctx.world, batch_size=config.batch_size),
         num_workers=config.num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
         persistent_workers=False, worker_init_fn=reset_worker_reader,
         generator=torch.Generator().manual_seed(config.seed + step),
     )
 
+    ddp = None
+    if dist_ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Same init on every rank is broadcast by DDP; the noise of the flow paths differs per rank.
+        ddp = DistributedDataParallel(_LossModule(model), device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+        torch.manual_seed(config.seed + 7919 * dist_ctx.rank + step)
+
     def save_state() -> None:
+        if not main:
+            return
         atomic_save({
             "format": "train_state", "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - t0),
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -308,16 +404,21 @@ def fit(
     model.train()
     it = iter(loader)
     while step < max_steps:
-        if config.budget_s is not None and elapsed_before + (time.perf_counter() - t0) >= config.budget_s:
+        over = config.budget_s is not None and elapsed_before + (time.perf_counter() - t0) >= config.budget_s
+        if dist_ctx.active:  # rank 0's clock decides, so every rank stops at the same step
+            flag = torch.tensor([1.0 if over else 0.0], device=device)
+            torch.distributed.broadcast(flag, 0)
+            over = bool(flag.item() > 0)
+        if over:
             say(f"budget of {config.budget_s:.0f} s reached at step {step}")
             break
         batch = next(it).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = model.loss(batch)
+            loss = ddp(batch) if ddp is not None else model.loss(batch)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not _all_true(bool(torch.isfinite(loss)), dist_ctx, device):
             n_bad += 1
             if n_bad >= 10:
                 raise FloatingPointError(f"10 consecutive non-finite losses at step {step}")
@@ -332,8 +433,8 @@ def fit(
         ema.update(model)
         step += 1
         losses.append(float(loss.detach()))
-        n_window += batch.context_images.shape[0]
-        samples_seen += batch.context_images.shape[0]
+        n_window += batch.context_images.shape[0] * dist_ctx.world
+        samples_seen += batch.context_images.shape[0] * dist_ctx.world
         if step % config.log_every == 0 or step == max_steps:
             dt = time.perf_counter() - t_window
             m = {"train_loss": float(np.mean(losses)), "lr": lr_at(step - 1, config),
@@ -353,9 +454,12 @@ def fit(
     train_s = time.perf_counter() - t0
     final_val = evaluate_now()
     save_state()
-    save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
-                          {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
-    logger.log_artifact(final_path)
+    if main:
+        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
+                              {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
+        logger.log_artifact(final_path)
+    if dist_ctx.active:
+        torch.distributed.barrier()
     checkpoint = best_path if best_path.exists() else final_path
     wall = elapsed_before + (time.perf_counter() - t0)
     say(f"trained {step} steps in {wall:.0f} s; checkpoint {checkpoint}")
