@@ -138,3 +138,18 @@ def test_fast_sample_volumes_match_the_forecast_masks() -> None:
     fc = Forecast(images=torch.zeros(1, 2, 5, 1, 6, 6, 6), probs=probs)
     want = fc.volumes_ml(0.008)[0].double().numpy()
     np.testing.assert_allclose(sample_volumes_ml(probs[0], 0.008), want, rtol=1e-6)
+
+
+def test_sampled_model_intervals_are_ordered_through_the_api(cohort: Cohort, tmp_path) -> None:  # noqa: ANN001
+    from forecasthelpers import baseline_checkpoint
+
+    # An untrained neural process is a sampled model (its latent differs per sample); 16^3 crops keep it fast.
+    ckpt = baseline_checkpoint(tmp_path / "np.pt", kind="np", crop=16)
+    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 365],
+                         model_ref=str(ckpt), n_samples=6, write=False, seed=1)
+    assert r.model_kind == "np" and len(r.queries) == 2
+    for q in r.queries:
+        assert q.volume_whole_ml.ordered() and q.volume_enhancing_ml.ordered()
+    again = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 365],
+                             model_ref=str(ckpt), n_samples=6, write=False, seed=1)
+    assert [q.volume_whole_ml for q in again.queries] == [q.volume_whole_ml for q in r.queries]  # seeded
