@@ -335,7 +335,12 @@ def _fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     step, elapsed_before, best, best_step = 0, 0.0, None, None
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"cannot resume {latest_path}: its weights do not fit the current {config.model!r} "
+                             f"model ({str(exc).splitlines()[-1].strip()}); use a new run folder or "
+                             "resume=False") from None
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         if use_scaler and state.get("scaler"):
