@@ -264,14 +264,14 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     preds = _predict(model, arr, labels_all, days, queries, n_samples, seed)
 
     latest = sessions[-1]
-    native = NativeSpace(latest.session, tuple(int(v) for v in latest.native_shape),  # type: ignore[arg-type]
-                         [[float(v) for v in row] for row in latest.native_affine])
+    shape_xyz, affine, to_ref, grid_kind = _output_geometry(arr, latest)
+    native = NativeSpace(latest.session, shape_xyz, affine.tolist(), grid_kind)
     result = ForecastResult(
         patient=pid, model=model.name, version=model.version, model_kind=model.kind, n_samples=n_samples, seed=seed,
         queries=[], observed=observed, native=native, channels=tuple(model.channels),
     )
     out = Path(out_dir) if out_dir is not None else settings.forecasts_path / pid
-    writer = _Writer(arr, latest, model.channels, out, pid) if write else None
+    writer = _Writer(arr, shape_xyz, affine, to_ref, model.channels, out, pid) if write else None
     for q, p in zip(queries, preds, strict=True):
         files = writer.write(q, p) if writer is not None else {}
         result.queries.append(QueryForecast(
@@ -353,15 +353,32 @@ def sample_volumes_ml(probs: Any, voxel_ml: float) -> np.ndarray:
     return counts * float(voxel_ml)
 
 
+def _output_geometry(arr: Any, latest: Any) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, str]:
+    """(shape (x, y, z), affine, transform to reference, "native") of the latest session; the reference grid
+    (identity transform, "reference") only when the store lacks a usable native geometry for it."""
+    try:
+        shape = tuple(int(v) for v in latest.native_shape)
+        affine = np.asarray(latest.native_affine, dtype=np.float64)
+        to_ref = np.asarray(latest.transform_to_reference, dtype=np.float64)
+        ok = (len(shape) == 3 and min(shape) > 0 and affine.shape == (4, 4) and to_ref.shape == (4, 4)
+              and np.all(np.isfinite(affine)) and np.all(np.isfinite(to_ref)) and abs(np.linalg.det(affine)) > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if ok:
+        return shape, affine, to_ref, "native"  # type: ignore[return-value]
+    grid = tuple(int(v) for v in reversed(arr.label.shape[-3:]))
+    return grid, np.asarray(arr.affine, dtype=np.float64), np.eye(4), "reference"  # type: ignore[return-value]
+
+
 class _Writer:
     """Writes one query's maps into the latest scan's native grid (module docstring, step 5)."""
 
-    def __init__(self, arr: Any, latest: Any, channels: list[str], out: Path, pid: str) -> None:
+    def __init__(self, arr: Any, shape_xyz: tuple[int, int, int], affine: np.ndarray, to_ref: np.ndarray,
+                 channels: list[str], out: Path, pid: str) -> None:
         from longitudinal.forecast.native import NativeResampler
 
         grid = tuple(int(n) for n in arr.label.shape[-3:])
-        self.resampler = NativeResampler(arr.affine, grid, np.asarray(latest.native_affine),
-                                         latest.native_shape, np.asarray(latest.transform_to_reference))
+        self.resampler = NativeResampler(arr.affine, grid, affine, shape_xyz, to_ref)
         self.latest = np.asarray(arr.image[-1], dtype=np.float32)  # (C, Z, Y, X), store channel order
         self.ch_store = [list(arr.channels).index(c) for c in channels]
         self.channels = channels

@@ -92,11 +92,13 @@ class ObservedScan:
 class NativeSpace:
     """The grid every output image is written on: the patient's latest scan as acquired.
 
-    shape: (x, y, z) voxels; affine: 4x4 voxel -> RAS mm (the NIfTI affine of that scan)."""
+    shape: (x, y, z) voxels; affine: 4x4 voxel -> RAS mm (the NIfTI affine of that scan). grid: "native", or
+    "reference" when the store kept no usable native geometry for that scan (then the store's grid is used)."""
 
     session: str
     shape: tuple[int, int, int]
     affine: list[list[float]]
+    grid: str = "native"
 
 
 @dataclass
@@ -130,7 +132,7 @@ class ForecastResult:
             "queries": [q.to_dict() for q in self.queries],
             "observed": [asdict(o) for o in self.observed],
             "native_space": {"session": self.native.session, "shape": list(self.native.shape),
-                             "affine": self.native.affine},
+                             "affine": self.native.affine, "grid": self.native.grid},
             "intervals": "central: 80% = [q10, q90], 95% = [q2.5, q97.5] of the sampled volumes",
             "plot": None if self.plot_path is None else str(self.plot_path),
         }

@@ -153,3 +153,25 @@ def test_sampled_model_intervals_are_ordered_through_the_api(cohort: Cohort, tmp
     again = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 365],
                              model_ref=str(ckpt), n_samples=6, write=False, seed=1)
     assert [q.volume_whole_ml for q in again.queries] == [q.volume_whole_ml for q in r.queries]  # seeded
+
+
+def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:  # noqa: ANN001
+    import dataclasses
+
+    from forecasthelpers import baseline_checkpoint
+
+    from longitudinal.data.phantoms import phantom_record
+    from longitudinal.settings import Settings
+    from storage.store import CohortStore
+
+    rec = phantom_record("P9", [0.0, 100.0], [(15.5, 15.5, 15.5)] * 2, [5.0, 6.0], grid=(32, 32, 30))
+    rec.sessions[-1] = dataclasses.replace(rec.sessions[-1], native_shape=[], native_affine=[])
+    url = str(tmp_path / "c.zarr")
+    CohortStore.open(url, create=True).write_patient(rec)
+    r = forecast_patient(Settings(home=tmp_path / "home"), "P9", url, query_days=[50], n_samples=1,
+                         model_ref=str(baseline_checkpoint(tmp_path / "l.pt")), out_dir=tmp_path / "out")
+    assert r.native.grid == "reference" and r.native.shape == (30, 32, 32)
+    img = nib.load(r.queries[0].files["prob_whole"])
+    assert img.shape == (30, 32, 32)
+    np.testing.assert_array_equal(img.affine, rec.reference_affine)
+    assert json.loads(r.summary_path.read_text())["native_space"]["grid"] == "reference"
