@@ -15,6 +15,11 @@ import typer
 from longitudinal.commands._common import console, fail, print_locations, settings_of
 
 
+def _ml(v: float) -> str:
+    """Volumes to 4 significant digits (2 decimals below 10 ml) so the table fits 80 columns."""
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.4g}"
+
+
 def print_forecast_table(result: Any) -> None:
     """Two rows per query (whole tumour, enhancing core): days, days after the latest scan, date, volume median
     and the 80% / 95% intervals in ml. Fits 80 columns."""
@@ -31,7 +36,7 @@ def print_forecast_table(result: Any) -> None:
     for q in result.queries:
         for i, (kind, v) in enumerate((("whole", q.volume_whole_ml), ("enhancing", q.volume_enhancing_ml))):
             lead = [f"{q.days:.0f}", f"{q.days_after_last_scan:+.0f}", q.date or "-"] if i == 0 else ["", "", ""]
-            table.add_row(*lead, kind, f"{v.median:.2f}", f"{v.lo80:.2f}-{v.hi80:.2f}", f"{v.lo95:.2f}-{v.hi95:.2f}")
+            table.add_row(*lead, kind, _ml(v.median), f"{_ml(v.lo80)}-{_ml(v.hi80)}", f"{_ml(v.lo95)}-{_ml(v.hi95)}")
         table.add_section()
     console.print(table)
 

@@ -157,9 +157,11 @@ def resolve_patient(settings: Settings, store: Any, patient: str, allow_raw_id: 
     if allow_raw_id and _has_key(settings):
         from longitudinal.ingest.deid import pseudonym
 
-        pid = pseudonym(patient, settings.pseudonym_secret)
-        if pid in ids:
-            return pid, patient
+        # BIDS sources key patients by the subject label without its "sub-" prefix; accept both spellings.
+        for raw in (patient, patient[4:]) if patient.startswith("sub-") else (patient,):
+            pid = pseudonym(raw, settings.pseudonym_secret)
+            if pid in ids:
+                return pid, raw
     close = difflib.get_close_matches(patient, ids, n=3, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else f"; the store holds {len(ids)} patients"
     raise UnknownPatientError(f"unknown patient {patient!r} in {store.url}{hint}", close)

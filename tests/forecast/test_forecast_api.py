@@ -175,3 +175,20 @@ def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:
     assert img.shape == (30, 32, 32)
     np.testing.assert_array_equal(img.affine, rec.reference_affine)
     assert json.loads(r.summary_path.read_text())["native_space"]["grid"] == "reference"
+
+
+def test_bids_subject_labels_resolve_with_or_without_the_sub_prefix(tmp_path) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from forecasthelpers import KEY
+
+    from longitudinal.forecast import resolve_patient
+    from longitudinal.ingest.deid import pseudonym
+    from longitudinal.settings import Settings
+
+    pid = pseudonym("007", KEY.encode())  # BIDS discovery keys sub-007 by its label "007"
+    store = SimpleNamespace(url="mem://", patient_ids=lambda: [pid, "p-000000000000"])
+    s = Settings(home=tmp_path, pseudonym_key=KEY)
+    assert resolve_patient(s, store, "sub-007") == (pid, "007")
+    assert resolve_patient(s, store, "007") == (pid, "007")
+    assert resolve_patient(s, store, pid) == (pid, None)
