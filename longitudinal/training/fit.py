@@ -373,11 +373,12 @@ def _fit(
                                       else None)
         torch.manual_seed(config.seed + 7919 * dist_ctx.rank + step)
 
-    def save_state() -> None:
+    def save_state(until: float | None = None) -> None:
         if not main:
             return
         atomic_save({
-            "format": "train_state", "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - t0),
+            "format": "train_state", "step": step,
+            "elapsed_s": elapsed_before + ((until or time.perf_counter()) - t0),
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if use_scaler else {}, "rng": rng_state(), "best_metric": best,
             "best_step": best_step, "config": config.to_dict(), "split_id": split.split_id,
@@ -456,9 +457,10 @@ def _fit(
         if step % config.ckpt_every == 0:
             save_state()
     del it
-    train_s = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    train_s = t_end - t0
     final_val = evaluate_now()
-    save_state()
+    save_state(until=t_end)  # the budget counts training, not this final validation
     if main:
         save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
                               {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
@@ -466,7 +468,7 @@ def _fit(
     if dist_ctx.active:
         torch.distributed.barrier()
     checkpoint = best_path if best_path.exists() else final_path
-    wall = elapsed_before + (time.perf_counter() - t0)
+    wall = elapsed_before + train_s
     say(f"trained {step} steps in {wall:.0f} s; checkpoint {checkpoint}")
     return FitResult(checkpoint=checkpoint, final_checkpoint=final_path, best_metric=best, best_step=best_step,
                      steps=step, wall_s=wall, split=split, split_path=split_path, run_dir=run_dir,
