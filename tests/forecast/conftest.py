@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from forecasthelpers import (
     ENV_QUIET,
     KEY,
-    NativePatient,
+    Cohort,
     baseline_checkpoint,
     register_champion,
     write_manifest,
@@ -18,19 +16,6 @@ from forecasthelpers import (
 )
 
 from longitudinal.settings import Settings
-
-
-@dataclass
-class Cohort:
-    """An ingested store with two patients (raw ids sub-01 with 3 scans, sub-02 with 2) and a linear champion."""
-
-    root: Path
-    settings: Settings
-    store: str
-    patients: dict[str, NativePatient]
-    pids: dict[str, str]
-    checkpoint: Path
-    version: str
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -133,6 +133,19 @@ def register_champion(settings: Settings, checkpoint: Path) -> str:
     return str(mv.version)
 
 
+@dataclass
+class Cohort:
+    """An ingested store with two patients (raw ids sub-01 with 3 scans, sub-02 with 2) and a linear champion."""
+
+    root: Path
+    settings: Settings
+    store: str
+    patients: dict[str, NativePatient]
+    pids: dict[str, str]
+    checkpoint: Path
+    version: str
+
+
 def world_centroid(path: Path, threshold: float = 0.5) -> np.ndarray:
     """RAS mm centroid of the voxels of a NIfTI above ``threshold``."""
     img = nib.load(str(path))

@@ -10,8 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import Cohort
-from forecasthelpers import world_centroid
+from forecasthelpers import Cohort, world_centroid
 
 from longitudinal.forecast import QUANTILE_LEVELS, VolumeInterval, forecast_patient
 from longitudinal.forecast.api import sample_volumes_ml

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from conftest import Cohort
-from forecasthelpers import KEY, world_centroid, write_native_patient
+from forecasthelpers import KEY, Cohort, world_centroid, write_native_patient
 from typer.testing import CliRunner
 
 from longitudinal.cli import app

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Cohort
-from forecasthelpers import KEY, baseline_checkpoint
+from forecasthelpers import KEY, Cohort, baseline_checkpoint
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
