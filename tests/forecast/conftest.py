@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from forecasthelpers import (
@@ -17,24 +20,43 @@ from forecasthelpers import (
 
 from longitudinal.settings import Settings
 
+_CLEARED = ("MLFLOW_TRACKING_URI", "LONGITUDINAL_HOME", "LONGITUDINAL_STORE", "LONGITUDINAL_PSEUDONYM_KEY",
+            "LONGITUDINAL_FORECASTS_DIR", "LONGITUDINAL_MLFLOW_TRACKING_URI")
 
-@pytest.fixture(scope="session", autouse=True)
-def quiet_env() -> Iterator[None]:
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Offline, quiet env; afterwards also drop the MLFLOW_TRACKING_URI that mlflow.set_tracking_uri exports, so
+    no later test of the session inherits this folder's registry."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in ENV_QUIET.items():
             mp.setenv(k, v)
-        for k in ("MLFLOW_TRACKING_URI", "LONGITUDINAL_HOME", "LONGITUDINAL_STORE", "LONGITUDINAL_PSEUDONYM_KEY",
-                  "LONGITUDINAL_FORECASTS_DIR", "LONGITUDINAL_MLFLOW_TRACKING_URI"):
+        for k in _CLEARED:
             mp.delenv(k, raising=False)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def quiet_env() -> Iterator[None]:
+    with _quiet():
         yield
 
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    with _quiet():
+        return _build_cohort(tmp_path_factory.mktemp("forecast-cohort"))
+
+
+def _build_cohort(root: Path) -> Cohort:
     from longitudinal.ingest import ingest_cohort
     from longitudinal.ingest.deid import pseudonym
 
-    root = tmp_path_factory.mktemp("forecast-cohort")
     # Explicit URI: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which Settings would otherwise prefer
     # over the home's default for every later Settings of this process.
     settings = Settings(home=root / "home", pseudonym_key=KEY,
