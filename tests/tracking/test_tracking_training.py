@@ -102,16 +102,18 @@ def test_nothing_written_in_the_working_directory(trained: dict) -> None:
 
 
 def test_server_backend_end_to_end(mlflow_server: object, tmp_path: Path, empty_cwd: Path) -> None:
-    """The same path against a real `mlflow server` on loopback: train, register, promote, consume."""
+    """The same path against a real `mlflow server` on loopback: train, register, promote, consume. (Its own
+    registered name: the session's server also holds the registry test's versions.)"""
     settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=mlflow_server.uri)  # type: ignore[attr-defined]
     store = str(tmp_path / "store.zarr")
     make_phantom_store(store, n_patients=6, seed=3, grid=(24, 24, 24))
-    out = run_training(settings, store, {**TINY_TRAIN, "model": "linear"}, register_as=NAME)
+    name = "tumor-growth-forecaster-server-e2e"
+    out = run_training(settings, store, {**TINY_TRAIN, "model": "linear"}, register_as=name)
     assert out.tracking_uri.startswith("http://127.0.0.1:")
     assert out.created_version and "champion" in out.aliases
     artifact_uri = MlflowClient(out.tracking_uri).get_run(out.run_id).info.artifact_uri
     assert artifact_uri.startswith("mlflow-artifacts:")  # the server owns the artifact store
     frame, truth = write_native_series(tmp_path / "native")
-    rows = run_consumer(out.tracking_uri, frame, tmp_path / "consumer")
+    rows = run_consumer(out.tracking_uri, frame, tmp_path / "consumer", name)
     check_consumer_output(rows, truth)
     assert list(empty_cwd.iterdir()) == []

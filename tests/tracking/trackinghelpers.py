@@ -118,9 +118,9 @@ import json, sys
 import mlflow
 import pandas as pd
 
-uri, frame_csv, out_dir, out_json = sys.argv[1:5]
+uri, frame_csv, out_dir, out_json, name = sys.argv[1:6]
 mlflow.set_tracking_uri(uri)
-model = mlflow.pyfunc.load_model("models:/tumor-growth-forecaster@champion")
+model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
 frame = pd.read_csv(frame_csv)
 out = model.predict(frame, params={"query_days": [180.0, 240.0], "n_samples": 2, "out_dir": out_dir})
 out.to_json(out_json, orient="records")
@@ -128,8 +128,10 @@ print("modules", sorted(m for m in sys.modules if m.split(".")[0] == "longitudin
 """
 
 
-def run_consumer(tracking_uri: str, frame: pd.DataFrame, work: Path) -> list[dict]:
-    """A fresh Python process that loads the champion with ``mlflow.pyfunc.load_model`` alone and predicts."""
+def run_consumer(tracking_uri: str, frame: pd.DataFrame, work: Path, name: str = "tumor-growth-forecaster"
+                 ) -> list[dict]:
+    """A fresh Python process that loads ``models:/<name>@champion`` with ``mlflow.pyfunc.load_model`` alone
+    and predicts."""
     import json
 
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def run_consumer(tracking_uri: str, frame: pd.DataFrame, work: Path) -> list[dic
     (work / "consumer.py").write_text(CONSUMER_SCRIPT)
     proc = subprocess.run(
         [sys.executable, str(work / "consumer.py"), tracking_uri, str(work / "frame.csv"), str(work / "maps"),
-         str(work / "out.json")],
+         str(work / "out.json"), name],
         cwd=work, env={**os.environ, **ENV_QUIET, "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True,
         timeout=600,
     )
