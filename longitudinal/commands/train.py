@@ -67,6 +67,8 @@ def register(app: typer.Typer) -> None:
                                                     "(default tumor-growth-forecaster)."),
     ) -> None:
         """Train a forecasting model on the store's training split (resumes a run folder by default)."""
+        from rich.markup import escape
+
         from longitudinal.training.config import load_train_config
         from longitudinal.training.fit import fit
         from longitudinal.training.logger import JsonlLogger
@@ -76,7 +78,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_train_config(config, model=model, budget_s=budget_s, steps=steps)
         except ValueError as exc:
-            fail(str(exc))
+            fail(escape(str(exc)))
         if track:
             _train_tracked(settings, store_url, cfg, register_as)
             return
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
         try:
             res = fit(cfg, store_url, run, JsonlLogger(run), resume=not fresh, progress=console.print)
         except (ValueError, FileNotFoundError) as exc:
-            fail(str(exc))
+            fail(escape(str(exc)))
         best = "-" if res.best_metric is None else f"{res.best_metric:.3f}"
         console.print(f"[bold]model[/bold] {res.checkpoint}  steps {res.steps}  {res.wall_s:.0f} s  "
                       f"best val Dice {best}  split {res.split.split_id} ({res.split_path})")
@@ -104,6 +106,8 @@ def register(app: typer.Typer) -> None:
         n_samples: int = typer.Option(8, "--samples", min=1, help="Samples per target for sampled models."),
     ) -> None:
         """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear)."""
+        from rich.markup import escape
+
         from longitudinal.tracking.training import evaluate_model_ref
 
         settings = settings_of(ctx)
@@ -113,7 +117,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = evaluate_model_ref(model, settings, store_url, pids, n_samples=n_samples)
         except (ValueError, FileNotFoundError) as exc:
-            fail(str(exc))
+            fail(escape(str(exc)))
         print_evaluation_table(report.rows, f"{report.n_targets} targets, {len(report.patients)} patients")
         if json_path is not None:
             console.print(f"rows written to {report.to_json(json_path)}")

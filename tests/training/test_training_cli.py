@@ -42,6 +42,6 @@ def test_train_then_evaluate_from_the_cli(tmp_path, monkeypatch):
 
     # Clean failures, no tracebacks.
     res = runner.invoke(app, ["evaluate", "--store", url, "--model", "nonsense"])
-    assert res.exit_code == 1 and "neither a checkpoint" in res.output
+    assert res.exit_code == 1 and "cannot resolve model reference 'nonsense'" in res.output
     res = runner.invoke(app, ["train", "--store", url, "--model", "tfm", "--steps", "0"])
     assert res.exit_code == 1 and "steps" in res.output
