@@ -25,9 +25,9 @@ def offline_env(home: Path, **extra: str) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         MLFLOW_ENABLE_TELEMETRY="false",
-        # Workers and served deployments poll every 2 s instead of 10 s, so tests wait less.
-        PREFECT_WORKER_QUERY_SECONDS="2",
-        PREFECT_RUNNER_POLL_FREQUENCY="2",
+        # Workers and served deployments poll every 5 s instead of 10 s, so tests wait less.
+        PREFECT_WORKER_QUERY_SECONDS="5",
+        PREFECT_RUNNER_POLL_FREQUENCY="5",
     )
     env.update(extra)
     return env
@@ -55,7 +55,8 @@ def cli(
 def api(base: str, method: str, path: str, body: dict[str, Any] | None = None, tries: int = 10) -> Any:
     """JSON call to the Prefect REST API at ``base`` (…/api).
 
-    Retries 503: Prefect on SQLite answers 503 while the database is locked by the scheduler or a worker.
+    Retries 503 and read timeouts: Prefect on SQLite answers 503, or stalls, while the database is locked by
+    the scheduler or a worker (worst on a loaded machine).
     """
     data = json.dumps(body).encode() if body is not None else None
     for attempt in range(tries):
@@ -63,12 +64,15 @@ def api(base: str, method: str, path: str, body: dict[str, Any] | None = None, t
             f"{base}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=60) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             if exc.code != 503 or attempt == tries - 1:
                 raise
-            time.sleep(1.0)
+        except (TimeoutError, urllib.error.URLError):
+            if attempt == tries - 1:
+                raise
+        time.sleep(1.0)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 1.0) -> Any:

@@ -104,7 +104,7 @@ def test_deploy_and_trigger_through_the_api(stack, tmp_path: Path) -> None:
                 "name": "toy-interval",
                 "entrypoint": "tests/deploy/toy_flows.py:toy_sum",
                 "parameters": {"values": [10, 20], "out_dir": str(out_interval)},
-                "schedules": [{"interval": 5}],
+                "schedules": [{"interval": 20}],
                 "work_pool": {"name": "gpu"},
             },
         ],
@@ -116,7 +116,7 @@ def test_deploy_and_trigger_through_the_api(stack, tmp_path: Path) -> None:
     assert on_demand["work_pool_name"] == "cpu" and on_demand["schedules"] == []
     interval = api(base, "GET", "/deployments/name/toy-sum/toy-interval")
     assert interval["work_pool_name"] == "gpu"
-    assert interval["schedules"][0]["schedule"]["interval"] == 5.0
+    assert interval["schedules"][0]["schedule"]["interval"] == 20.0
 
     # Triggered through the API, executed by the cpu worker, with the parameters overridden.
     run = trigger_and_wait(stack["client_env"], "toy-sum/toy-on-demand", {"values": [4, 0.25]}, timeout_s=300)
@@ -126,12 +126,12 @@ def test_deploy_and_trigger_through_the_api(stack, tmp_path: Path) -> None:
     assert Path(record["cwd"]) == REPO  # the pull step moved into LONGITUDINAL_CODE_DIR
     assert record["mlflow"] == stack["urls"]["MLFLOW_TRACKING_URI"]
 
-    # The schedule alone creates runs, and the gpu worker completes one within a minute or so.
+    # The schedule alone creates runs (every 20 s), and the gpu worker completes one.
     def completed_scheduled():
         runs = flow_runs(base, interval["id"])
         return [r for r in runs if r["auto_scheduled"] and r["state_type"] == "COMPLETED"]
 
-    done = wait_for(completed_scheduled, 120, "a completed auto-scheduled run of toy-interval")
+    done = wait_for(completed_scheduled, 300, "a completed auto-scheduled run of toy-interval")
     record = json.loads((out_interval / f"{done[0]['id']}.json").read_text())
     assert record["total"] == 30.0
     # Stop the schedule so the worker is idle for the next tests.
@@ -148,7 +148,7 @@ def test_serve_runs_scheduled_deployments_in_one_process(stack, tmp_path: Path) 
                 "name": "toy-served",
                 "entrypoint": "tests/deploy/toy_flows.py:toy_sum",
                 "parameters": {"values": [1, 1, 1], "out_dir": str(out)},
-                "schedules": [{"interval": 5}],
+                "schedules": [{"interval": 20}],
                 "work_pool": {"name": "cpu"},
             }
         ],
@@ -166,14 +166,14 @@ def test_serve_runs_scheduled_deployments_in_one_process(stack, tmp_path: Path) 
         served = wait_for(
             lambda: _deployment_or_none(base, "toy-sum/toy-served"), 120, "serve to register toy-served"
         )
-        assert served["schedules"][0]["schedule"]["interval"] == 5.0
+        assert served["schedules"][0]["schedule"]["interval"] == 20.0
         assert served["work_pool_name"] is None  # served, not pooled
 
         def completed():
             runs = flow_runs(base, served["id"])
             return [r for r in runs if r["auto_scheduled"] and r["state_type"] == "COMPLETED"]
 
-        done = wait_for(completed, 120, "a completed scheduled run of the served deployment")
+        done = wait_for(completed, 300, "a completed scheduled run of the served deployment")
         assert json.loads((out / f"{done[0]['id']}.json").read_text())["total"] == 3.0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
