@@ -229,7 +229,6 @@ def run_training(
         t_fit = time.perf_counter()
         result = fit(cfg, store_url, run_dir, logger, resume=True)
         logger.log_metrics({"timing/fit_s": time.perf_counter() - t_fit})
-        monitor.finish()
         split = result.split
         logger.set_tags({"split_id": split.split_id})
         logger.log_json({"train": list(split.train), "val": list(split.val), "test": list(split.test),
@@ -244,7 +243,7 @@ def run_training(
                                              model_ckpt, eval_cfg, store_url, split)
         ok = True
     finally:
-        monitor.finish()
+        _stop_monitor(monitor, logger)
         mlflow.end_run(status="FINISHED" if ok else "FAILED")
     model_uri, version, created, aliases, decision, val_rows, test_rows = outcome
     return TrainOutcome(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, run_dir=run_dir,
@@ -252,6 +251,16 @@ def run_training(
                         aliases=aliases, created_version=created, resumed=resumed, decision=decision,
                         split_id=split.split_id, val_rows=val_rows, test_rows=test_rows,
                         wall_s=time.perf_counter() - t0)
+
+
+def _stop_monitor(monitor: Any, logger: MlflowLogger) -> None:
+    """Stop system-metrics sampling. MLflow's monitor only publishes after a full sampling interval, so a run
+    shorter than that would carry no system metrics: publish one sample then."""
+    monitor.finish()
+    if not any(k.startswith("system/") for k in logger.client.get_run(logger.run_id).data.metrics):
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def _finished(settings: Settings, name: str, run_id: str, run_dir: Path, experiment_id: str, t0: float
