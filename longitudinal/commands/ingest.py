@@ -1,4 +1,5 @@
-"""CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N]``.
+"""CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N | --dask-address
+tcp://HOST:PORT]``.
 
 The CLI twin of the ``ingest-cohort`` flow: both call ``longitudinal.ingest`` (this one through
 ``ingest_cohort``). Exit status: 0 when the run completed, even with quarantined sessions (their number is
@@ -25,6 +26,11 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(1, "--workers", min=1, help="Patients processed in parallel."),
         spacing: float | None = typer.Option(None, "--spacing", min=0.1, help="Target isotropic spacing (mm)."),
         affine: bool = typer.Option(False, "--affine", help="Affine instead of rigid registration."),
+        dask_address: str | None = typer.Option(
+            None, "--dask-address", envvar="LONGITUDINAL_DASK_ADDRESS",
+            help="Run patients on an existing Dask cluster (tcp://HOST:PORT of its scheduler) instead of threads; "
+                 "the source (and a local store) must be at the same path on every worker.",
+        ),
     ) -> None:
         """Discover, de-identify, validate, register and store a cohort (idempotent; appends new sessions)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -41,7 +47,13 @@ def register(app: typer.Typer) -> None:
         print_locations(settings, ("store", "reports"))
         if not source.exists():
             fail(f"source {source} does not exist")
+        if dask_address and workers > 1:
+            fail("--workers sets local threads; with --dask-address the cluster's workers set the parallelism")
+        if dask_address and "://" not in dask_address:
+            fail(f"--dask-address must be a scheduler address such as tcp://HOST:8786, got {dask_address!r}")
         config = IngestConfig(registration=RegistrationConfig(kind="affine" if affine else "rigid"))
+        if dask_address:
+            console.print(f"[bold]dask[/bold] patients run on the cluster at {dask_address}")
 
         with Progress(
             TextColumn("[bold]ingest[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -55,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 report = ingest_cohort(source, settings.store_url, settings, workers=workers, progress=progress,
-                                       config=config)
+                                       config=config, dask_address=dask_address)
             except (OSError, ValueError) as exc:
                 fail(f"ingest failed: {exc}", code=2)
 

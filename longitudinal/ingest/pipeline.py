@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -473,12 +474,16 @@ def ingest_cohort(
     workers: int = 1,
     progress: ProgressFn | None = None,
     config: IngestConfig | None = None,
+    dask_address: str | None = None,
 ) -> IngestReport:
     """Ingest every patient of ``source`` into the store at ``store_url`` with ``workers`` parallel patients.
 
+    With ``dask_address`` (``tcp://HOST:PORT`` of an existing Dask scheduler) the patients run as one task each
+    on that cluster instead (``workers`` is then ignored; see ``_ingest_on_dask``).
+
     One bad patient never fails the cohort: its exception becomes ``PatientOutcome.error``. Writes the run's
     JSON report under ``settings.reports_path`` and returns it. Raises OSError only when the store cannot be
-    opened or created.
+    opened or created (or the Dask scheduler cannot be reached).
     """
     t0 = time.perf_counter()
     config = config or IngestConfig()
@@ -486,6 +491,12 @@ def ingest_cohort(
     store_url = str(store_url)
     report = IngestReport(source_kind=cohort.kind, store_url=store_url, problems=list(cohort.problems))
     _open_store(store_url, recover=True)
+    if dask_address:
+        outcomes = _ingest_on_dask(dask_address, source, store_url, cohort, settings, config, progress)
+        report.patients = [outcomes[p.patient_id] for p in cohort.patients]
+        report.seconds = time.perf_counter() - t0
+        report.report_path = write_report(report, settings)
+        return report
     itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if workers > 1:
         # Patients already run in parallel; keep ITK's own threads from oversubscribing the cores.
@@ -516,6 +527,80 @@ def ingest_cohort(
     report.seconds = time.perf_counter() - t0
     report.report_path = write_report(report, settings)
     return report
+
+
+def ingest_patient_task(
+    source: str, store_url: str, patient_id: str, settings: Settings, config: IngestConfig
+) -> PatientOutcome:
+    """``ingest_patient`` for a process that shares nothing with the caller but the arguments (a Dask worker):
+    never raises, so one bad patient (or an unreadable source on that node) becomes ``PatientOutcome.error``.
+
+    ``settings`` must carry the pseudonym key itself (``pseudonym_key``): a worker resolving its own would
+    compute different pseudonyms and miss the patient."""
+    try:
+        patient = discover_cached(source, settings).patient(patient_id)
+    except Exception as exc:  # noqa: BLE001 - the message may name raw paths; the type is enough here
+        return PatientOutcome(patient_id=patient_id, error=f"{type(exc).__name__}: source not readable on worker")
+    try:
+        return process_patient(patient, _open_store(store_url, recover=False), settings, config)
+    except Exception as exc:  # noqa: BLE001 - one patient never fails the cohort
+        return PatientOutcome(patient_id=patient_id, error=f"{type(exc).__name__}: {_safe(exc, patient)}")
+
+
+def _portable(location: str | os.PathLike) -> str:
+    """A location another process on another working directory resolves the same way: local paths made
+    absolute, URLs (``scheme://``) unchanged."""
+    text = os.fspath(location)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def _ingest_on_dask(
+    address: str,
+    source: str | os.PathLike,
+    store_url: str,
+    cohort: CohortSource,
+    settings: Settings,
+    config: IngestConfig,
+    progress: ProgressFn | None,
+) -> dict[str, PatientOutcome]:
+    """One ``ingest_patient_task`` per patient on the Dask cluster at ``address``; outcomes by pseudonym.
+
+    Only pseudonyms, the source and store locations, the settings and the config travel to the workers: each
+    worker rediscovers the source itself, so the source (and a local store) must be at the same path on every
+    worker node (shared filesystem), or the store on object storage. The settings are resolved here and sent
+    explicitly: the pseudonym key (workers must compute the same pseudonyms as this process, whatever their own
+    home holds) and absolute workspace/report folders. Quarantine reports are written by the worker that ran
+    the patient. Raises OSError (TimeoutError) when the scheduler cannot be reached.
+    """
+    from distributed import Client, as_completed
+
+    remote = settings.model_copy(update={
+        "pseudonym_key": settings.pseudonym_secret.decode(),
+        "home": settings.home_dir,
+        "reports_dir": settings.reports_path.expanduser().resolve(),
+    })
+    source_at, store_at = _portable(source), _portable(store_url)
+    run = uuid.uuid4().hex[:8]
+    outcomes: dict[str, PatientOutcome] = {}
+    total = len(cohort.patients)
+    with Client(address, timeout="30s", set_as_default=False) as client:
+        # pure=False and a per-run key: a rerun must run again (the store may have changed), never be
+        # deduplicated against an earlier client's result still held by the scheduler.
+        futures = {
+            client.submit(ingest_patient_task, source_at, store_at, p.patient_id, remote, config,
+                          key=f"ingest-patient-{p.patient_id}-{run}", pure=False): p.patient_id
+            for p in cohort.patients
+        }
+        for done, fut in enumerate(as_completed(list(futures), loop=client.loop), start=1):
+            pid = futures[fut]
+            try:
+                out = fut.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker died (KilledWorker): that patient fails
+                out = PatientOutcome(patient_id=pid, error=f"{type(exc).__name__} on the Dask cluster")
+            outcomes[pid] = out
+            if progress is not None:
+                progress(done, total, out)
+    return outcomes
 
 
 def _safe(exc: BaseException, patient: PatientSource) -> str:
