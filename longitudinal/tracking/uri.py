@@ -7,6 +7,7 @@ workspace (``Settings.mlflow_artifacts_path``) so nothing lands wherever a comma
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,8 +25,15 @@ def configure(settings: Settings) -> str:
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which Settings reads: restore the caller's
+    # environment so one configured workspace does not silently become every later Settings' default.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     return uri
 
 
