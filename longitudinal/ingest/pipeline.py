@@ -12,8 +12,8 @@ Per patient (``process_patient``):
    when it predates the baseline, days are re-based on it.
 4. Each session is registered (rigid, optionally affine) on its registration channel to the reference scan;
    every channel is resampled from its native grid straight onto the reference grid (linear; labels nearest),
-   then normalised (``preprocess.normalise``). QC: ``1 - NCC`` of the registration channel against the
-   reference inside the head; above ``RegistrationConfig.qc_max_metric`` the session is quarantined.
+   then normalised (``preprocess.normalise``). QC: ``registration_qc`` (1 - NCC after the bias-removing
+   high-pass) of the registration channel against the reference inside the head; above ``RegistrationConfig.qc_max_metric`` the session is quarantined.
 5. Stored and new sessions are merged in date order and written with one ``CohortStore.write_patient``.
 
 Dates: the real date never leaves this module. Days are exact differences of acquisition date-times (in days,
@@ -53,7 +53,7 @@ from longitudinal.ingest.validate import (
     validate_session,
 )
 from longitudinal.registration.geometry import grid_from_affine, image_on_grid, ras_affine, ras_grid
-from longitudinal.registration.rigid import RegistrationConfig, qc_metric, register, resample_onto
+from longitudinal.registration.rigid import RegistrationConfig, register, registration_qc, resample_onto
 from longitudinal.settings import CHANNELS, Settings
 from storage.schema import PatientRecord, SessionRecord
 
@@ -380,7 +380,7 @@ def _register_sessions(
         except RuntimeError as exc:
             refuse(ses.origin, [f"registration/resampling failed for {reg_display}: {type(exc).__name__}"])
             continue
-        metric = 0.0 if k == reference_k else qc_metric(fixed_norm, image[ci], config.registration.qc_mask_threshold)
+        metric = 0.0 if k == reference_k else registration_qc(fixed, image_on_grid(image[ci], grid), config.registration)
         limit = config.registration.qc_max_metric
         if metric > limit:
             refuse(ses.origin, [f"registration QC failed for {reg_display}: 1-NCC = {metric:.3f} > {limit}"])

@@ -188,3 +188,19 @@ def qc_metric(fixed: np.ndarray, moved: np.ndarray, mask_threshold: float = 0.05
     if denom == 0:
         return 1.0
     return float(1.0 - (a * b).sum() / denom)
+
+
+def registration_qc(fixed: sitk.Image, moved: sitk.Image, config: RegistrationConfig | None = None) -> float:
+    """QC of a registration: ``qc_metric`` between ``fixed`` and ``moved`` (same grid) after the same log
+    high-pass the registration uses (when configured).
+
+    Why high-pass: on raw intensities, per-visit bias fields and a growing tumour pull 1 - NCC of well-registered
+    sessions up to ~0.33 while 4 mm / 4 degree misregistrations sit at ~0.27-0.6, so no threshold separates
+    them; after the high-pass, registered sessions measured 0.05-0.14 and the same misregistrations 0.38-0.55.
+    """
+    config = config or RegistrationConfig()
+    if config.highpass_sigma_mm:
+        fixed = log_highpass(sitk.Cast(fixed, sitk.sitkFloat32), config.highpass_sigma_mm)
+        moved = log_highpass(sitk.Cast(moved, sitk.sitkFloat32), config.highpass_sigma_mm)
+    return qc_metric(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moved), config.qc_mask_threshold)
+

@@ -17,7 +17,13 @@ from longitudinal.registration.geometry import (
     ras_to_lps,
     transform_to_matrix,
 )
-from longitudinal.registration.rigid import RegistrationConfig, qc_metric, register, resample_onto
+from longitudinal.registration.rigid import (
+    RegistrationConfig,
+    qc_metric,
+    register,
+    registration_qc,
+    resample_onto,
+)
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
@@ -132,3 +138,21 @@ def test_config_rejects_bad_choices_all_at_once():
         RegistrationConfig(kind="bspline", shrink_factors=(4, 2), sampling_fraction=2.0)
     msg = str(err.value)
     assert "'rigid', 'affine'" in msg and "same length" in msg and "sampling_fraction" in msg
+
+
+def test_registration_qc_ignores_bias_but_catches_misregistration():
+    """A strong smooth bias field on a perfectly aligned scan must pass QC; a 4 mm shift must fail it."""
+    fixed = _phantom()
+    arr = sitk.GetArrayFromImage(fixed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in arr.shape], indexing="ij")
+    biased = sitk.GetImageFromArray((arr * np.exp(0.6 * x - 0.5 * z + 0.4 * y * z)).astype(np.float32))
+    biased.CopyInformation(fixed)
+    shift = np.eye(4)
+    shift[0, 3] = 4.0
+    misregistered = _move(biased, shift)
+    limit = RegistrationConfig().qc_max_metric
+    assert registration_qc(fixed, biased) < limit < registration_qc(fixed, misregistered)
+    # On raw intensities the aligned-but-biased scan already scores far worse than after the high-pass.
+    raw = RegistrationConfig(highpass_sigma_mm=None)
+    assert registration_qc(fixed, biased) < 0.5 * registration_qc(fixed, biased, raw)
+
