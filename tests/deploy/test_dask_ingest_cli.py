@@ -55,6 +55,7 @@ def _index(url: str):
     return store, frame, sources
 
 
+@pytest.mark.slow
 def test_cli_dask_address_matches_serial_ingest(cohort, cluster) -> None:
     from distributed import Client
 
