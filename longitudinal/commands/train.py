@@ -59,9 +59,10 @@ def register(app: typer.Typer) -> None:
         steps: int | None = typer.Option(None, "--steps", help="Stop after this many optimiser steps."),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default: runs/<model>)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in the run folder."),
-        track: bool = typer.Option(False, "--track/--no-track",
-                                   help="The train-forecaster flow's twin: MLflow run, evaluation, registry "
-                                        "version and champion gate (run folder keyed by config + store)."),
+        track: bool = typer.Option(True, "--track/--no-track",
+                                   help="Default: the train-forecaster flow's twin (MLflow run, evaluation, "
+                                        "registry version, champion gate; run folder keyed by config + store). "
+                                        "--no-track: a plain fit logged to JSONL in --run-dir."),
         register_as: str | None = typer.Option(None, "--register-as",
                                                help="Registered model name with --track "
                                                     "(default tumor-growth-forecaster)."),

@@ -23,7 +23,8 @@ def test_train_then_evaluate_from_the_cli(tmp_path, monkeypatch):
     )
     runner = CliRunner()
     run = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--store", url, "--config", str(cfg), "--steps", "2", "--run-dir", str(run)])
+    res = runner.invoke(app, ["train", "--store", url, "--config", str(cfg), "--steps", "2", "--run-dir", str(run),
+                                 "--no-track"])
     assert res.exit_code == 0, res.output
     assert "best val Dice" in res.output and (run / "model.pt").exists()
     split = json.loads((run / "split.json").read_text())
@@ -43,5 +44,5 @@ def test_train_then_evaluate_from_the_cli(tmp_path, monkeypatch):
     # Clean failures, no tracebacks.
     res = runner.invoke(app, ["evaluate", "--store", url, "--model", "nonsense"])
     assert res.exit_code == 1 and "cannot resolve model reference 'nonsense'" in res.output
-    res = runner.invoke(app, ["train", "--store", url, "--model", "tfm", "--steps", "0"])
+    res = runner.invoke(app, ["train", "--store", url, "--model", "tfm", "--steps", "0", "--no-track"])
     assert res.exit_code == 1 and "steps" in res.output
