@@ -20,6 +20,20 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _open(ctx: typer.Context, store: str | None, recover: bool):  # noqa: ANN202 (CohortStore, imported lazily)
+    """The store named on the command line (or in settings), after printing the locations; clean failure."""
+    from storage.store import CohortStore
+
+    settings = settings_of(ctx)
+    if store:
+        settings = settings.model_copy(update={"store": store})
+    print_locations(settings, ("home", "store"))
+    try:
+        return CohortStore.open(settings.store_url, recover=recover)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+
+
 def register(app: typer.Typer) -> None:
     """Add the `store` command group to the root app."""
     store_app = typer.Typer(help="Inspect and check the chunked Zarr cohort store.", no_args_is_help=True)
@@ -29,16 +43,7 @@ def register(app: typer.Typer) -> None:
         """Summarise the store: patients, sessions, channels, grid, spacing, size, schema version."""
         from rich.table import Table
 
-        from storage.store import CohortStore
-
-        settings = settings_of(ctx)
-        if store:
-            settings = settings.model_copy(update={"store": store})
-        print_locations(settings, ("home", "store"))
-        try:
-            summary = CohortStore.open(settings.store_url, recover=False).info()
-        except (FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
+        summary = _open(ctx, store, recover=False).info()
         table = Table(title="cohort store", show_header=False, title_justify="left")
         rows = {
             "url": summary["url"],
@@ -64,20 +69,12 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Check schema, arrays, time axis, index consistency and data checksums; exit 1 on any fault."""
-        from storage.store import CohortStore
-
-        settings = settings_of(ctx)
-        if store:
-            settings = settings.model_copy(update={"store": store})
-        print_locations(settings, ("home", "store"))
-        try:
-            problems = CohortStore.open(settings.store_url, recover=repair).verify()
-        except (FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
+        cohort = _open(ctx, store, recover=repair)
+        problems = cohort.verify()
         if problems:
             for line in problems:
                 err_console.print(f"  [red]FAULT[/red] {line}")
-            fail(f"{len(problems)} fault(s) in {settings.store_url}")
-        console.print(f"[green]OK[/green] {settings.store_url}: no faults")
+            fail(f"{len(problems)} fault(s) in {cohort.url}")
+        console.print(f"[green]OK[/green] {cohort.url}: no faults")
 
     app.add_typer(store_app, name="store")
