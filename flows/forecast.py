@@ -18,17 +18,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.retries import retry_on_io
+
 SUMMARY_KEY = "forecast-summary"
 TABLE_KEY = "forecast-volumes"
-
-
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only I/O failures (OSError and subclasses); anything else is final."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - an unreadable state is not worth a retry
-        return False
-    return isinstance(exc, OSError)
 
 
 @task(name="forecast", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)

@@ -25,6 +25,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.retries import retry_on_io
+
 DASK_ADDRESS_ENV = "LONGITUDINAL_DASK_ADDRESS"
 QC_TABLE_KEY = "ingest-qc"
 SUMMARY_KEY = "ingest-summary"
@@ -41,15 +43,6 @@ def _config(registration: str):
     from longitudinal.registration.rigid import RegistrationConfig
 
     return IngestConfig(registration=RegistrationConfig(kind=registration))
-
-
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only I/O failures (OSError and subclasses); anything else is final."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - an unreadable state is not worth a retry
-        return False
-    return isinstance(exc, OSError)
 
 
 def patient_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
