@@ -17,18 +17,19 @@ from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.training.checkpoint import load_train_state
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     from longitudinal.training.config import TrainConfig
     from longitudinal.training.fit import fit
     from longitudinal.training.logger import JsonlLogger
-    store, run, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    store, run, steps, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     cfg = TrainConfig(model="tfm", model_options={"width": 4, "channel_mult": [1, 2], "ctx_width": 4,
                       "emb_dim": 16, "steps": 2}, crop_size=(16, 16, 16), batch_size=2, num_workers=0,
                       device="cpu", augment=None, warmup_steps=0, steps=steps, log_every=2, eval_every=1000,
                       ckpt_every=1000, val_targets=2, budget_s=None)
     res = fit(cfg, store, run, JsonlLogger(run), progress=None)
-    print("RESULT", json.dumps({"steps": res.steps, "best": res.best_metric}))
+    # One file per rank: torchrun merges the ranks' stdout, and two lines written at once can interleave.
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"steps": res.steps, "best": res.best_metric}))
 ''')
 
 
@@ -51,14 +52,16 @@ def test_two_process_training_under_torchrun(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
 
-    def launch(steps: int) -> list[str]:
+    def launch(steps: int) -> list[dict]:
+        out = tmp_path / f"results-{steps}"
+        out.mkdir()
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(script), store, str(run), str(steps)],
+             str(script), store, str(run), str(steps), str(out)],
             capture_output=True, text=True, env=env, timeout=600,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+        return [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
 
     results = launch(4)
     assert len(results) == 2 and all(r["steps"] == 4 for r in results)
