@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from longitudinal.data.dataset import DataConfig, EvalBatch, EvalDataset, collate_eval, enumerate_targets
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.calibration import VolumeCalibration
 
 HORIZON_BINS: tuple[tuple[float, float], ...] = ((0, 90), (90, 180), (180, 365), (365, math.inf))
 BASELINES = ("lci", "linear")
@@ -43,7 +44,8 @@ _SKILL: dict[str, Callable[[float], float]] = {
     "crps_ml": lambda v: v,
 }
 _MEAN_KEYS = ("dice_whole", "dice_enhancing", "hd95_mm", "volume_error_ml", "volume_error_enh_ml", "mse",
-              "ssim", "coverage80", "coverage95", "crps_ml", "ged")
+              "ssim", "coverage80", "coverage95", "crps_ml", "ged", "coverage80_raw", "coverage95_raw",
+              "crps_raw_ml")
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,17 @@ def bin_label(lo: float, hi: float) -> str:
 def score_target(
     images: torch.Tensor, probs: torch.Tensor, target_image: torch.Tensor, target_label: torch.Tensor,
     brain: torch.Tensor, spacing_mm: Sequence[float], voxel_volume_ml: float, stochastic: bool,
+    horizon_days: float = 0.0, calibration: Mapping[str, VolumeCalibration] | None = None,
 ) -> dict[str, float]:
     """Metrics for one target from one model's samples.
 
     images [S, C, D, H, W], probs [S, 3, D, H, W]; target_image [C, D, H, W], target_label [D, H, W] (int),
-    brain [D, H, W] bool. Returns the per-target metric dict (volumes in ml, HD95 in mm)."""
+    brain [D, H, W] bool; horizon_days: gap from the last context scan to the target. Returns the per-target
+    metric dict (volumes in ml, HD95 in mm).
+
+    Interval metrics of a sampled model: ``coverage80`` / ``coverage95`` / ``crps_ml`` use the model's
+    calibrated volume distribution when it has a ``calibration["whole"]`` (see
+    ``longitudinal.models.calibration``), else its raw samples; ``*_raw`` always use the raw samples."""
     mean_probs = probs.float().mean(0)
     lab = mean_probs.argmax(0)
     whole, enh = lab > 0, lab == 2
@@ -131,9 +139,23 @@ def score_target(
     if stochastic:
         sample_whole = probs.float().argmax(1) > 0  # [S, D, H, W]
         vols = sample_whole.flatten(1).sum(1).double() * voxel_volume_ml
-        rec["coverage80"] = float(M.interval_covers(vols, v_true, 0.8))
-        rec["coverage95"] = float(M.interval_covers(vols, v_true, 0.95))
-        rec["crps_ml"] = M.crps_samples(vols, v_true)
+        enh_vols = (probs.float().argmax(1) == 2).flatten(1).sum(1).double() * voxel_volume_ml
+        rec["volume_median_ml"] = float(vols.quantile(0.5))
+        rec["volume_enh_median_ml"] = float(enh_vols.quantile(0.5))
+        rec["volume_enh_true_ml"] = M.volume_ml(t_enh, voxel_volume_ml)
+        rec["coverage80_raw"] = float(M.interval_covers(vols, v_true, 0.8))
+        rec["coverage95_raw"] = float(M.interval_covers(vols, v_true, 0.95))
+        rec["crps_raw_ml"] = M.crps_samples(vols, v_true)
+        cal = (calibration or {}).get("whole")
+        if cal is None:
+            rec["coverage80"], rec["coverage95"] = rec["coverage80_raw"], rec["coverage95_raw"]
+            rec["crps_ml"] = rec["crps_raw_ml"]
+        else:
+            q = cal.quantiles(rec["volume_median_ml"], horizon_days)
+            rec["coverage80"] = float(q["lo80"] <= v_true <= q["hi80"])
+            rec["coverage95"] = float(q["lo95"] <= v_true <= q["hi95"])
+            rec["crps_ml"] = M.crps_samples(torch.from_numpy(cal.samples(rec["volume_median_ml"], horizon_days)),
+                                            v_true)
         rec["ged"] = M.generalized_energy_distance(sample_whole, t_whole)
     return rec
 
@@ -178,19 +200,25 @@ def evaluate_models(
     patient_ids: Sequence[str] | None = None,
     config: EvalConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    max_targets: int | None = None,
+    baselines: bool = True,
 ) -> EvaluationReport:
     """Score ``models`` (name -> model) and the ``lci`` / ``linear`` baselines on every later scan of
     ``patient_ids`` (default: every patient of the store). Baselines are added when absent, so LCI is in every
-    table and skill is always defined against it."""
+    table and skill is always defined against it; ``baselines=False`` (calibration fitting only) leaves them
+    out. ``max_targets`` keeps that many targets evenly spaced over the deterministic target list."""
     cfg = config or EvalConfig()
     device = resolve_device(cfg.device)
     all_models: dict[str, ForecastModel] = {}
-    for kind in BASELINES:
+    for kind in BASELINES if baselines else ():
         all_models[kind] = models[kind] if kind in models else build_model(kind)
     all_models.update({k: v for k, v in models.items() if k not in all_models})
     for m in all_models.values():
         m.to(device).eval()
     items = enumerate_targets(store_url, patient_ids, cfg.max_context, cfg.pairs)  # type: ignore[arg-type]
+    if max_targets is not None and len(items) > max_targets:
+        keep = np.linspace(0, len(items) - 1, max_targets).round().astype(int)
+        items = [items[i] for i in keep]
     dcfg = DataConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, n_queries=1, crop_jitter=0,
                       normalize=cfg.normalize, augment=None)  # type: ignore[arg-type]
     loader = DataLoader(EvalDataset(store_url, items, dcfg), batch_size=cfg.batch_size, shuffle=False,
@@ -219,10 +247,11 @@ def _score_batch(models: Mapping[str, ForecastModel], eb: EvalBatch, cfg: EvalCo
                           n_samples=s, generator=gen)
         images, probs = fc.images.float().cpu(), fc.probs.float().cpu()
         for i, smp in enumerate(eb.samples):
-            rec = score_target(images[i, 0], probs[i, 0], smp.target_images[0], smp.target_labels[0],
-                               smp.brain_mask[0], smp.spacing_mm, smp.voxel_volume_ml, model.stochastic)
-            last = max(smp.context_idx)
             horizon = float(smp.query_times[0] - smp.context_times[len(smp.context_idx) - 1])
+            rec = score_target(images[i, 0], probs[i, 0], smp.target_images[0], smp.target_labels[0],
+                               smp.brain_mask[0], smp.spacing_mm, smp.voxel_volume_ml, model.stochastic,
+                               horizon, getattr(model, "volume_calibration", None))
+            last = max(smp.context_idx)
             out.append({"model": name, "patient_id": smp.patient_id, "target_idx": smp.target_idx[0],
                         "last_context_idx": last, "n_context": len(smp.context_idx),
                         "horizon_days": horizon, **rec})

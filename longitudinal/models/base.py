@@ -14,7 +14,7 @@ Models never see raw days: ``scale_days`` is the single place where days become 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -134,6 +134,9 @@ class ForecastModel(nn.Module, ABC):
     kind: ClassVar[str]
     stochastic: ClassVar[bool] = False  # True when samples differ (intervals are meaningful)
     trainable: ClassVar[bool] = True  # False for closed-form baselines
+    # {structure: VolumeCalibration} fitted on validation patients (longitudinal.models.calibration); set by
+    # the checkpoint loader. None/empty: intervals come from the raw samples.
+    volume_calibration: Mapping[str, Any] | None = None
 
     @abstractmethod
     def loss(self, batch: Batch) -> Tensor:

@@ -16,6 +16,7 @@ from typing import IO, Any
 import torch
 
 from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.calibration import calibrations_from_meta
 
 CHECKPOINT_KEYS = ("kind", "config", "state_dict", "channels", "spacing_mm", "crop_size", "meta")
 
@@ -62,7 +63,9 @@ def load_checkpoint(src: str | Path | IO[bytes], map_location: str | torch.devic
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> ForecastModel:
-    """Rebuild the model of a checkpoint dict with its weights (on CPU; move it with ``.to``)."""
+    """Rebuild the model of a checkpoint dict with its weights (on CPU; move it with ``.to``) and its volume
+    calibration (``model.volume_calibration``: {structure: VolumeCalibration}, empty when it has none)."""
     model = build_model(ckpt["kind"], dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
+    model.volume_calibration = calibrations_from_meta(ckpt.get("meta"))
     return model

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.base import ForecastModel
+from longitudinal.models.calibration import volume_quantiles
+from longitudinal.models.checkpoint import model_from_checkpoint
 
 QUANTILES = {"median": 0.5, "lo80": 0.1, "hi80": 0.9, "lo95": 0.025, "hi95": 0.975}
 VOLUME_KINDS = ("whole", "enhancing")
@@ -41,8 +43,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
     missing = [k for k in ("kind", "config", "state_dict") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a forecaster checkpoint: missing {missing}")
-    model = build_model(ckpt["kind"], ckpt.get("config") or {})
-    model.load_state_dict(ckpt["state_dict"])
+    model = model_from_checkpoint({"meta": {}, **ckpt})  # weights and the volume calibration of meta
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model, meta
@@ -213,9 +214,11 @@ class Forecaster:
         for qi, day in enumerate(query_days):
             row: dict[str, Any] = {"patient_id": pid, "query_day": float(day), "n_context": k,
                                    "n_samples": n_samples, "forecast_path": None, "tumour_prob_path": None}
+            cals = self.model.volume_calibration or {}
             for vi, kind in enumerate(VOLUME_KINDS):
-                for name, p in QUANTILES.items():
-                    row[f"volume_{kind}_ml_{name}"] = float(np.quantile(vols[qi, :, vi], p))
+                qs = volume_quantiles(vols[qi, :, vi], float(day) - float(prep.days[-1]), cals.get(kind))
+                for name in QUANTILES:
+                    row[f"volume_{kind}_ml_{name}"] = qs[name]
             if out_dir is not None:
                 img = fc.images[0, qi].mean(0).float().cpu().numpy() * scale[:, None, None, None]  # (C,D,H,W)
                 prob = fc.whole_prob[0, qi].mean(0).float().cpu().numpy()

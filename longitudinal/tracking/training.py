@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
+from longitudinal.models.calibration import volume_quantiles
 from longitudinal.settings import Settings
 from longitudinal.tracking import figures
 from longitudinal.tracking import uri as uri_mod
@@ -392,11 +393,11 @@ def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_sam
     )
     spacing = np.asarray(arr.spacing_mm, float)
     vols = fc.volumes_ml(float(np.prod(spacing)) / 1000.0)[0, :, :, 0].cpu().numpy()  # [Q, S]
-    q = lambda p: np.quantile(vols, p, axis=1).tolist()  # noqa: E731
+    cal = (model.volume_calibration or {}).get("whole")
+    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal) for i in range(len(grid))]
     observed = [float((labels_all[t] > 0).sum() * np.prod(spacing) / 1000.0) for t in range(len(days))]
     tr = {"patient_id": pid, "observed_days": days.tolist(), "observed_ml": observed, "query_days": grid.tolist(),
-          "median": q(0.5), "lo80": q(0.1), "hi80": q(0.9), "lo95": q(0.025), "hi95": q(0.975),
-          "target_day": last}
+          **{k: [q[k] for q in qs] for k in ("median", "lo80", "hi80", "lo95", "hi95")}, "target_day": last}
     qi = int(np.argmin(np.abs(grid - last)))
     montage = (imgs[-1, 0], truth_img[0], fc.images[0, qi].mean(0)[0].cpu().numpy(),
                fc.whole_prob[0, qi].mean(0).cpu().numpy())

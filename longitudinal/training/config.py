@@ -40,6 +40,9 @@ class TrainConfig(BaseModel):
     eval_every / ckpt_every / log_every: steps. val_targets: at most this many validation targets are
         forecast at each evaluation (evenly spaced over the deterministic target list); best checkpoint =
         highest val whole-tumour Dice.
+    calib_targets / calib_samples: after training, a sampled model's volume intervals are calibrated on at most
+        this many validation targets with this many samples each (0 targets: no calibration; see
+        longitudinal.models.calibration).
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -73,6 +76,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(25, ge=1)
     val_targets: int = Field(24, ge=0)
     val_samples: int = Field(1, ge=1)
+    calib_targets: int = Field(120, ge=0)
+    calib_samples: int = Field(8, ge=2)
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
 

@@ -9,6 +9,9 @@ Run folder layout::
     run_dir/checkpoints/best.pt    model checkpoint (EMA weights) with the best validation whole-tumour Dice
     run_dir/model.pt               model checkpoint (EMA weights) at the end of training
 
+After training, the checkpoint(s) of a sampled model get their volume-interval calibration, fitted on the
+validation patients (``calibrate_checkpoint``; longitudinal.models.calibration explains why and how).
+
 Resume is exact on CPU: the sample stream is a pure function of (seed, sample position), the loader has its own
 generator, and every global RNG is restored; a run stopped after n steps and resumed reaches the same weights as
 an uninterrupted run (given the same checkpoint cadence).
@@ -41,6 +44,8 @@ from longitudinal.data.dataset import (
 )
 from longitudinal.data.splits import Split, make_split
 from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.calibration import VolumeCalibration, calibrations_from_meta, calibrations_to_meta
+from longitudinal.models.checkpoint import load_checkpoint, model_from_checkpoint
 from longitudinal.training.checkpoint import (
     atomic_save,
     load_train_state,
@@ -53,7 +58,7 @@ from longitudinal.training.logger import MetricLogger, NullLogger
 
 # Config fields that may change when resuming (how long to train); anything else must match the saved run.
 _RESUMABLE_CHANGES = {"steps", "epochs", "budget_s", "eval_every", "ckpt_every", "log_every", "num_workers",
-                      "device", "read_cache_mb", "val_samples"}
+                      "device", "read_cache_mb", "val_samples", "calib_samples", "calib_targets"}
 
 
 @dataclass
@@ -461,18 +466,54 @@ def _fit(
     train_s = t_end - t0
     final_val = evaluate_now()
     save_state(until=t_end)  # the budget counts training, not this final validation
+    checkpoint = best_path if best_path.exists() else final_path
     if main:
         save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
                               {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
+        if model.stochastic and split.val and config.calib_targets > 0:
+            for path in dict.fromkeys([checkpoint, final_path]):
+                cal = calibrate_checkpoint(path, store_url, split.val, config, device, say)
+                if path == checkpoint:
+                    logger.log_metrics({"calib_n_targets": cal["whole"].n,
+                                        "calib_n_patients": cal["whole"].n_patients}, step=step)
         logger.log_artifact(final_path)
     if dist_ctx.active:
         torch.distributed.barrier()
-    checkpoint = best_path if best_path.exists() else final_path
     wall = elapsed_before + train_s
     say(f"trained {step} steps in {wall:.0f} s; checkpoint {checkpoint}")
     return FitResult(checkpoint=checkpoint, final_checkpoint=final_path, best_metric=best, best_step=best_step,
                      steps=step, wall_s=wall, split=split, split_path=split_path, run_dir=run_dir,
                      samples_per_s=samples_seen / max(train_s, 1e-9), final_val=final_val)
+
+
+def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], config: TrainConfig,
+                         device: torch.device, say: Callable[[str], None] = lambda _m: None,
+                         ) -> dict[str, VolumeCalibration]:
+    """Fit the volume-interval calibration of the model checkpoint at ``path`` on ``patient_ids`` (the
+    validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically). A
+    checkpoint already calibrated at its step with the same settings is left as it is."""
+    from longitudinal.evaluation.calibration import fit_volume_calibration
+    from longitudinal.evaluation.harness import EvalConfig
+
+    ckpt = load_checkpoint(path)
+    meta = dict(ckpt["meta"])
+    key = {"step": meta.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
+           "patients": sorted(patient_ids)}
+    if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
+        return calibrations_from_meta(meta)
+    t = time.perf_counter()
+    ecfg = EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
+                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
+                      device=str(device))
+    cals = fit_volume_calibration(model_from_checkpoint(ckpt).to(device), store_url, patient_ids, ecfg,
+                                  max_targets=config.calib_targets)
+    meta["volume_calibration"] = calibrations_to_meta(cals)
+    meta["volume_calibration_fit"] = key
+    atomic_save({**ckpt, "meta": meta}, path)
+    w = cals["whole"]
+    say(f"calibrated volume intervals of {path.name} on {w.n} validation targets of {w.n_patients} patients "
+        f"({time.perf_counter() - t:.0f} s)")
+    return cals
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -107,3 +107,20 @@ def test_evaluate_a_baseline_reference_on_chosen_patients(cohort):
     assert rep.models == ["lci", "linear"] and rep.patients == pids
     with pytest.raises(ValueError, match="neither a checkpoint"):
         evaluate_ref("no-such-model", cohort.url, config=CFG)
+
+
+def test_a_models_calibration_sets_its_interval_metrics(cohort, report):
+    """With a calibration whose scores are huge and symmetric, every interval covers the truth; with scores far
+    above any error, none does; the raw-sample columns are the same either way."""
+    from longitudinal.models.calibration import VolumeCalibration
+
+    torch.manual_seed(0)
+    tfm = build_model("tfm", TINY_TFM, in_channels=2)
+    raw = {(r["model"], r["horizon"]): r for r in report.rows}
+    for scores, expected in (((-1e6,) * 50 + (1e6,) * 50, 1.0), ((1e6,) * 100, 0.0)):
+        tfm.volume_calibration = {"whole": VolumeCalibration("whole", scores)}
+        rows = evaluate_models({"tfm": tfm}, cohort.url, config=CFG).rows
+        for row in (r for r in rows if r["model"] == "tfm" and r["n"]):
+            assert row["coverage80"] == row["coverage95"] == expected
+            ref = raw[("tfm", row["horizon"])]
+            assert row["coverage80_raw"] == ref["coverage80"] and row["crps_raw_ml"] == pytest.approx(ref["crps_ml"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.data.splits import Split
 from longitudinal.training.checkpoint import load_model_checkpoint, load_train_state
@@ -56,6 +57,14 @@ def test_training_decreases_loss_and_writes_a_run(store, tmp_path):
     assert meta["kind"] == "tfm" and meta["crop_size"] == [16, 16, 16] and meta["split_id"] == split.split_id
     assert meta["data"] == {"max_context": 3, "normalize": "none"}
     assert model.config_dict()["in_channels"] == 2
+    # A sampled model leaves training with volume intervals calibrated on the validation patients.
+    n_val_targets = len(enumerate_targets(store, split.val, 3, "all"))
+    for path in (res.checkpoint, res.final_checkpoint):
+        loaded, meta = load_model_checkpoint(path)
+        cal = loaded.volume_calibration["whole"]
+        assert set(loaded.volume_calibration) == {"whole", "enhancing"}
+        assert cal.n == n_val_targets > 0 and cal.n_patients == len(split.val)
+        assert meta["volume_calibration_fit"]["step"] == meta["step"]
 
 
 def test_resume_continues_to_the_same_state(store, tmp_path):

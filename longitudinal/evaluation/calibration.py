@@ -1,0 +1,45 @@
+"""Fit a model's volume-interval calibration on validation patients (see ``longitudinal.models.calibration``).
+
+The model forecasts every later scan of the validation patients from their earlier scans (the evaluation
+protocol, at most ``max_targets`` targets evenly spaced over the deterministic target list); the signed,
+gap-normalised errors of its median sampled volume become the conformal scores it carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from longitudinal.evaluation.harness import EvalConfig, evaluate_models
+from longitudinal.models.base import ForecastModel
+from longitudinal.models.calibration import VolumeCalibration
+
+
+def fit_volume_calibration(
+    model: ForecastModel,
+    store_url: str,
+    patient_ids: Sequence[str],
+    config: EvalConfig,
+    max_targets: int | None = None,
+    offset_years: float = 0.25,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, VolumeCalibration]:
+    """{"whole", "enhancing"} calibrations of a sampled ``model`` from ``patient_ids`` of ``store_url``.
+
+    Raises ValueError when the model is not sampled or the patients give no target."""
+    if not model.stochastic:
+        raise ValueError(f"{model.kind}: only sampled models get a volume calibration")
+    report = evaluate_models({"model": model}, store_url, list(patient_ids), config, progress,
+                             max_targets=max_targets, baselines=False)
+    recs = [r for r in report.records if r["model"] == "model"]
+    if not recs:
+        raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
+    gaps = np.array([r["horizon_days"] for r in recs])
+    n_pat = len({r["patient_id"] for r in recs})
+    return {
+        "whole": VolumeCalibration.fit("whole", [r["volume_true_ml"] for r in recs],
+                                       [r["volume_median_ml"] for r in recs], gaps, offset_years, n_pat),
+        "enhancing": VolumeCalibration.fit("enhancing", [r["volume_enh_true_ml"] for r in recs],
+                                           [r["volume_enh_median_ml"] for r in recs], gaps, offset_years, n_pat),
+    }
