@@ -272,13 +272,15 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     )
     out = Path(out_dir) if out_dir is not None else settings.forecasts_path / pid
     writer = _Writer(arr, shape_xyz, affine, to_ref, model.channels, out, pid) if write else None
+    cals = model.forecaster.model.volume_calibration or {}
     for q, p in zip(queries, preds, strict=True):
         files = writer.write(q, p) if writer is not None else {}
         result.queries.append(QueryForecast(
             days=q.days, days_after_last_scan=round(q.days - float(days[-1]), 6), date=q.date,
             calendar=cal.calendar if q.date else None, n_context=p["n_context"],
-            volume_whole_ml=VolumeInterval.from_samples(p["volumes"][:, 0]),
-            volume_enhancing_ml=VolumeInterval.from_samples(p["volumes"][:, 1]), files=files,
+            volume_whole_ml=VolumeInterval.from_samples(p["volumes"][:, 0], p["gap_days"], cals.get("whole")),
+            volume_enhancing_ml=VolumeInterval.from_samples(p["volumes"][:, 1], p["gap_days"],
+                                                            cals.get("enhancing")), files=files,
         ))
     if writer is not None:
         from longitudinal.forecast.plot import plot_volumes
@@ -335,8 +337,8 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
             p_whole = fc.whole_prob[0].float().mean(1).cpu().numpy()
             p_enh = fc.enhancing_prob[0].float().mean(1).cpu().numpy()
         for j, qi in enumerate(qis):
-            out[qi] = {"volumes": vols[j], "image": mean_img[j], "prob_whole": p_whole[j], "prob_enhancing": p_enh[j],
-                       "start": start, "n_context": len(idx)}
+            out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "image": mean_img[j],
+                       "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx)}
     return out
 
 

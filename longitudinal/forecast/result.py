@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from longitudinal.models.calibration import VolumeCalibration, volume_quantiles
+
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
 QUANTILE_LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
 
@@ -31,16 +33,12 @@ class VolumeInterval:
     hi95: float
 
     @classmethod
-    def from_samples(cls, samples: np.ndarray) -> VolumeInterval:
-        """Quantiles of ``samples`` (S,) in ml. Linear-interpolated quantiles are monotone in the level; the
-        running maximum removes any floating-point inversion, so the ordering holds for every S >= 1."""
-        values = np.asarray(samples, dtype=np.float64).ravel()
-        if values.size == 0 or not np.all(np.isfinite(values)):
-            raise ValueError(f"need >= 1 finite volume sample, got {values.size} values")
-        levels = list(QUANTILE_LEVELS.values())  # ascending
-        q = np.maximum.accumulate(np.quantile(values, levels))
-        named = dict(zip(QUANTILE_LEVELS, (float(v) for v in q), strict=True))
-        return cls(**named)
+    def from_samples(cls, samples: np.ndarray, gap_days: float = 0.0,
+                     calibration: VolumeCalibration | None = None) -> VolumeInterval:
+        """Summary of ``samples`` (S,) in ml: their quantiles, or with ``calibration`` (the model's, fitted on
+        validation patients) the calibrated interval around their median for a query ``gap_days`` after the
+        last context scan (``longitudinal.models.calibration.volume_quantiles``). Ordered for every S >= 1."""
+        return cls(**volume_quantiles(samples, gap_days, calibration))
 
     def ordered(self) -> bool:
         return self.lo95 <= self.lo80 <= self.median <= self.hi80 <= self.hi95
