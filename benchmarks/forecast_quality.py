@@ -6,7 +6,10 @@ wall-clock budget comes from --budget-s. Evaluation forecasts every later scan o
 patients from their earlier scans and prints the per-horizon table with lci, linear and every trained model.
 
 Target (issue 4): tfm beats lci on whole-tumour Dice and on volume error in every horizon bin of 90 days or
-more, and its advantage grows with the horizon.
+more, and its advantage grows with the horizon. Target (issue 5): the calibrated 80% / 95% volume intervals
+cover the truth within 10 points of nominal in every bin with >= 3 targets (calibration is fitted on the
+validation split at the end of training, never on these test patients); the raw-sample coverage is printed
+beside it. Coherence: the fraction of sampled trajectories whose volume never shrinks over a grid of gaps.
 
     .venv/bin/python benchmarks/forecast_quality.py                        # 64 patients, 1500 s budget
     .venv/bin/python benchmarks/forecast_quality.py --patients 6 --budget-s 60 --preset tiny   # smoke run
@@ -124,6 +127,20 @@ def main() -> None:
     for kind in trained:
         _verdict(console, report.rows, kind)
 
+    # 5. temporal coherence of the sampled trajectories on the same held-out patients
+    from longitudinal.evaluation.coherence import trajectory_coherence
+
+    coherence = {}
+    for kind, model in trained.items():
+        if model.stochastic:
+            c = trajectory_coherence(kind, model, store_url, list(split.test), crop_size=tuple(cfg.crop_size),
+                                     max_context=cfg.max_context, normalize=cfg.normalize,
+                                     n_samples=args.samples, seed=cfg.seed)
+            coherence[kind] = c.__dict__
+            console.print(f"{kind}: {c.monotone_fraction:.1%} of {c.n_trajectories} sampled trajectories "
+                          f"({c.n_patients} patients x {args.samples}) never shrink over gaps {list(c.grid_days)} d")
+    (work / "coherence.json").write_text(json.dumps(coherence, indent=2))
+
 
 def _verdict(console: Console, rows: list[dict], kind: str) -> None:
     """Print whether ``kind`` meets the issue's target against lci."""
@@ -137,6 +154,16 @@ def _verdict(console: Console, rows: list[dict], kind: str) -> None:
                   f"volume-error skill by bin {[round(s, 2) for s in skills]} "
                   f"{'grows' if grows else 'does not grow'} with the horizon -> "
                   f"{'TARGET MET' if beats and all(beats) and grows else 'TARGET MISSED'}")
+    # Calibration target (issue 5): 80% / 95% coverage within 10 points of nominal in every bin with >= 3 targets.
+    cal_bins = [r for r in rows if r["model"] == kind and r["horizon"] != "all" and r["n"] >= 3
+                and r.get("coverage80") is not None]
+    if cal_bins:
+        ok = all(abs(r["coverage80"] - 0.8) <= 0.1 and abs(r["coverage95"] - 0.95) <= 0.1 for r in cal_bins)
+        per_bin = ", ".join(f"{r['horizon']}: {r['coverage80']:.2f}/{r['coverage95']:.2f} "
+                            f"(raw {r['coverage80_raw']:.2f}/{r['coverage95_raw']:.2f}, n={r['n']})"
+                            for r in cal_bins)
+        console.print(f"{kind}: coverage 80%/95% by bin {per_bin} -> "
+                      f"{'CALIBRATION TARGET MET' if ok else 'CALIBRATION TARGET MISSED'} (within 10 points)")
 
 
 if __name__ == "__main__":

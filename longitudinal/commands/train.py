@@ -12,14 +12,16 @@ from longitudinal.commands._common import console, fail, print_locations, settin
 
 
 def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast evaluation") -> None:
-    """Per-horizon table: one line per (horizon bin, model); skill columns are against LCI."""
+    """Per-horizon table: one line per (horizon bin, model); skill columns are against LCI. cov80/cov95/CRPS
+    are the calibrated volume intervals of a sampled model (raw cov: its samples as drawn)."""
     from rich.console import Console
     from rich.table import Table
 
     cols = [("n", "n", "{:d}"), ("dice_whole", "Dice WT", "{:.3f}"), ("dice_enhancing", "Dice EC", "{:.3f}"),
             ("hd95_mm", "HD95 mm", "{:.2f}"), ("volume_error_ml", "|dV| ml", "{:.3f}"), ("mse", "MSE", "{:.4f}"),
             ("ssim", "SSIM", "{:.3f}"), ("coverage80", "cov80", "{:.2f}"), ("coverage95", "cov95", "{:.2f}"),
-            ("crps_ml", "CRPS ml", "{:.3f}"), ("skill_dice_whole", "skill Dice", "{:+.2f}"),
+            ("crps_ml", "CRPS ml", "{:.3f}"), ("coverage80_raw", "raw cov80", "{:.2f}"),
+            ("coverage95_raw", "raw cov95", "{:.2f}"), ("ged", "GED", "{:.3f}"), ("skill_dice_whole", "skill Dice", "{:+.2f}"),
             ("skill_volume_error_ml", "skill |dV|", "{:+.2f}")]
     present = [c for c in cols if any(c[0] in r for r in rows)]
     table = Table(title=title, title_justify="left")
