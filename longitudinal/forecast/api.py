@@ -13,8 +13,9 @@ Steps (each failure is a ``ForecastError`` with every problem in one message, se
    data layer cuts it), the model's samples at the query times, per-sample whole/enhancing volumes (ml).
 5. Outputs (``out_dir``, default ``Settings.forecasts_path/<patient>``): per query the mean forecast image per
    channel and the mean P(whole tumour) / P(enhancing) maps, pasted into the full reference grid (outside the
-   crop: the latest scan's image and probability 0) and resampled into the NATIVE grid of the latest scan
-   through its stored registration (``native.py``); ``<patient>_forecast.json``; ``<patient>_volumes.png``.
+   crop: the last context scan's image and probability 0) and resampled into the NATIVE grid of the latest scan
+   (or of ``native_session``) through its stored registration (``native.py``); ``<patient>_forecast.json``;
+   ``<patient>_volumes.png``.
 
 Intensities of the forecast images are those of the store (per channel normalised to [0, 1], ingest's
 ``normalise``), not the scanner's units.
@@ -185,6 +186,7 @@ def forecast_patient(
     write: bool = True,
     device: str | None = None,
     allow_raw_id: bool = True,
+    native_session: str | None = None,
 ) -> ForecastResult:
     """Forecast one patient at the query times (module docstring for the steps and outputs).
 
@@ -197,6 +199,10 @@ def forecast_patient(
     scans / scans_csv: the patient's scans as files (``scans.py``) instead of a store.
     write: False computes the result without writing files. allow_raw_id: False accepts pseudonyms only
         (what the flow passes: no identifying data in its parameters).
+    native_session: the stored session (name, e.g. ``ses-20240419``) whose native grid the output images are
+        written on; default the latest scan. With a retrospective query at that session's own day
+        (``days_since_baseline=[its days]``, context = the scans before it) the maps compare voxel by voxel with
+        that session's own label as acquired (benchmarks/next_visit.py). Unknown names: InvalidQueryError.
     Raises a ForecastError subclass (``errors.py``) for every expected failure.
     """
     t0 = time.perf_counter()
@@ -205,7 +211,8 @@ def forecast_patient(
     if not (list(query_days) or list(dates) or list(days_since_baseline)):
         raise InvalidQueryError("no query: give at least one --at YYYY-MM-DD or --in DAYS")
     query = {"query_days": list(query_days), "dates": list(dates), "days_since_baseline": list(days_since_baseline)}
-    common = {"n_samples": int(n_samples), "out_dir": out_dir, "seed": int(seed), "write": write}
+    common = {"n_samples": int(n_samples), "out_dir": out_dir, "seed": int(seed), "write": write,
+              "native_session": native_session}
     if scans or scans_csv is not None:
         from longitudinal.forecast.scans import ingested, parse_scans
 
@@ -237,7 +244,7 @@ def _channel_problems(model: LoadedModel, channels: tuple[str, ...], spacing: Se
 
 def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, model_ref: str | LoadedModel | None,
               query: dict[str, list], n_samples: int, out_dir: str | Path | None, seed: int, write: bool,
-              device: str | None = None) -> ForecastResult:
+              device: str | None = None, native_session: str | None = None) -> ForecastResult:
     try:
         arr = store.arrays(pid)
         labels_all = np.asarray(arr.label[...], dtype=np.uint8)
@@ -249,6 +256,9 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     days = np.asarray(arr.days, dtype=np.float64)
     cal = patient_calendar(sessions[0].shifted_date, raw_id, settings.pseudonym_secret if raw_id else None)
     queries = resolve_queries(cal, float(days[-1]), query["query_days"], query["dates"], query["days_since_baseline"])
+    names = [s.session for s in sessions]
+    if native_session is not None and native_session not in names:
+        raise InvalidQueryError(f"native_session {native_session!r} is not a session of {pid}; stored: {names}")
     model = model_ref if isinstance(model_ref, LoadedModel) else load_model(settings, model_ref, device)
     problems = _channel_problems(model, tuple(arr.channels), arr.spacing_mm)
     if problems:
@@ -263,7 +273,7 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     ]
     preds = _predict(model, arr, labels_all, days, queries, n_samples, seed)
 
-    latest = sessions[-1]
+    latest = sessions[names.index(native_session) if native_session is not None else -1]
     shape_xyz, affine, to_ref, grid_kind = _output_geometry(arr, latest)
     native = NativeSpace(latest.session, shape_xyz, affine.tolist(), grid_kind)
     result = ForecastResult(
@@ -325,7 +335,7 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
             images = images / scale[None, :, None, None, None]
         qt = [queries[i].days for i in qis]
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still tracks versions)
             fc = fc_.model.sample(
                 torch.from_numpy(images)[None].to(dev), torch.from_numpy(labels)[None].to(dev),
                 torch.tensor(days[idx], dtype=torch.float32)[None].to(dev),
@@ -339,6 +349,7 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
         for j, qi in enumerate(qis):
             out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "image": mean_img[j],
                        "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx)}
+            out[qi]["last_context"] = idx[-1]
     return out
 
 
@@ -373,7 +384,7 @@ def _output_geometry(arr: Any, latest: Any) -> tuple[tuple[int, int, int], np.nd
 
 
 class _Writer:
-    """Writes one query's maps into the latest scan's native grid (module docstring, step 5)."""
+    """Writes one query's maps into one session's native grid (module docstring, step 5)."""
 
     def __init__(self, arr: Any, shape_xyz: tuple[int, int, int], affine: np.ndarray, to_ref: np.ndarray,
                  channels: list[str], out: Path, pid: str) -> None:
@@ -381,7 +392,8 @@ class _Writer:
 
         grid = tuple(int(n) for n in arr.label.shape[-3:])
         self.resampler = NativeResampler(arr.affine, grid, affine, shape_xyz, to_ref)
-        self.latest = np.asarray(arr.image[-1], dtype=np.float32)  # (C, Z, Y, X), store channel order
+        self.arr = arr
+        self._context_images: dict[int, np.ndarray] = {}
         self.ch_store = [list(arr.channels).index(c) for c in channels]
         self.channels = channels
         self.grid = grid
@@ -394,8 +406,13 @@ class _Writer:
         self.out.mkdir(parents=True, exist_ok=True)
         stem = f"{self.pid}_day{q.days:g}"
         files: dict[str, str] = {}
+        # Outside the crop the forecast image is the last CONTEXT scan: a retrospective query must not show the
+        # later scans it was not given (for a query after the latest scan this is the latest scan).
+        last = int(p["last_context"])
+        if last not in self._context_images:
+            self._context_images[last] = np.asarray(self.arr.image[last], dtype=np.float32)  # (C, Z, Y, X)
         for ci, (ch, cs) in enumerate(zip(self.channels, self.ch_store, strict=True)):
-            full = self.latest[cs].copy()
+            full = self._context_images[last][cs].copy()
             paste(full, p["image"][ci], p["start"])
             files[f"forecast_{ch}"] = str(self._save(full, f"{stem}_forecast_{ch}.nii.gz"))
         for kind in ("prob_whole", "prob_enhancing"):

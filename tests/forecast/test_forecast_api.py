@@ -191,3 +191,29 @@ def test_bids_subject_labels_resolve_with_or_without_the_sub_prefix(tmp_path) ->
     assert resolve_patient(s, store, "sub-007") == (pid, "007")
     assert resolve_patient(s, store, "007") == (pid, "007")
     assert resolve_patient(s, store, pid) == (pid, None)
+
+
+def test_native_session_puts_a_retrospective_forecast_on_that_visits_own_grid(cohort: Cohort, tmp_path) -> None:  # noqa: ANN001
+    from longitudinal.forecast import InvalidQueryError, open_store
+
+    p = cohort.patients["sub-01"]
+    pid = cohort.pids["sub-01"]
+    sessions = [s.session for s in open_store(cohort.store).arrays(pid).sessions]
+    r = forecast_patient(cohort.settings, pid, cohort.store, days_since_baseline=[p.days[1]],
+                         model_ref=str(cohort.checkpoint), n_samples=1, out_dir=tmp_path, native_session=sessions[1])
+    visit = nib.load(str(p.files[1]["label"]))  # scan 1 as acquired: moved 4 mm in x
+    assert r.native.session == sessions[1] and r.queries[0].n_context == 1
+    prob = nib.load(r.queries[0].files["prob_whole"])
+    assert prob.shape == visit.shape
+    np.testing.assert_array_equal(prob.affine, visit.affine)
+    # One context scan: linear is LCI, the baseline's 5 mm sphere, pulled onto scan 1's grid where the tumour
+    # (now 6.5 mm, concentric) sits: same physical centre, Dice of nested spheres 2*5^3/(5^3+6.5^3) = 0.63.
+    assert np.linalg.norm(world_centroid(r.queries[0].files["prob_whole"]) - world_centroid(p.files[1]["label"])) < 1.0
+    pred, truth = np.asarray(prob.dataobj) > 0.5, np.asarray(visit.dataobj) > 0
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert 0.5 < dice < 0.75, dice
+    assert pred.sum() * 8e-3 == pytest.approx(r.observed[0].volume_whole_ml, rel=0.15)
+    with pytest.raises(InvalidQueryError, match="not a session") as err:
+        forecast_patient(cohort.settings, pid, cohort.store, days_since_baseline=[p.days[1]],
+                         model_ref=str(cohort.checkpoint), n_samples=1, write=False, native_session="ses-nope")
+    assert sessions[0] in str(err.value)

@@ -94,3 +94,21 @@ def test_untrained_forecast_is_near_the_last_scan_and_chunking_is_invisible(phan
     last = ctx[0][:, 1][:, None, None]
     assert (fa.images - last).abs().mean() < 0.3  # sigma 0.1 noise plus a tiny untrained velocity
     assert torch.equal(fa.probs.argmax(dim=3), ctx[1][:, 1][:, None, None].expand_as(fa.probs[:, :, :, 0]))
+
+
+def test_a_lone_flow_integrates_as_it_does_inside_a_batch():
+    """A batch of one is run as two copies (a faster CPU kernel); the flow's result must not change."""
+    torch.manual_seed(0)
+    model = build_model("tfm", TINY).eval()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(3, 4, 8, 8, 8, generator=g)
+    last = torch.rand(3, 4, 8, 8, 8, generator=g)
+    ctx = torch.rand(3, 4, 8, 8, 8, generator=g)
+    gap, t_last = torch.tensor([0.3, 0.5, 1.0]), torch.tensor([0.2, 0.4, 0.1])
+    with torch.no_grad():
+        together = model._integrate(x0, last, ctx, gap, t_last, "euler", 4)
+        for i in range(3):
+            alone = model._integrate(x0[i:i + 1], last[i:i + 1], ctx[i:i + 1], gap[i:i + 1], t_last[i:i + 1],
+                                     "euler", 4)
+            assert alone.shape == (1, 4, 8, 8, 8)
+            torch.testing.assert_close(alone, together[i:i + 1])
