@@ -60,8 +60,8 @@ class TFMConfig:
     seg_weight: weight of the tumour channels in the loss relative to the image channels.
     solver / steps: ODE solver (one of SOLVERS) and fixed step count (euler, rk4); rtol / atol for dopri5.
     max_batch: flows integrated at once when sampling (bounds memory; results do not depend on it for
-    fixed-step solvers). 32 = one batch for the 32 samples of a CPU query: ~12% less CPU time per flow than
-    two batches of 16 at 32^3 (larger oneDNN convolutions); about 1 GB of activations at 32^3.
+    fixed-step solvers). 16 vs 32 at 32^3 on a 2-core CPU: 32 was ~20% faster with 2 threads and ~30% slower
+    with 1 thread on a loaded machine, so no change either way is claimed.
     """
 
     in_channels: int = 2
@@ -77,7 +77,7 @@ class TFMConfig:
     steps: int = 8
     rtol: float = 1e-3
     atol: float = 1e-4
-    max_batch: int = 32
+    max_batch: int = 16
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
