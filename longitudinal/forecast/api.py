@@ -53,6 +53,7 @@ from longitudinal.forecast.result import (
 from longitudinal.settings import Settings
 
 DEFAULT_ALIAS = "champion"
+_SAME_DAY_DAYS = 1e-6  # query days are rounded to 6 decimals
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -317,7 +318,9 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
     ch_idx = [list(arr.channels).index(c) for c in model.channels]
     groups: dict[tuple[int, ...], list[int]] = {}
     for qi, q in enumerate(queries):
-        before = [t for t in range(len(days)) if days[t] < q.days]
+        # Query days are rounded to 1e-6 (queries.resolve_queries), which can lift a query at a scan's own day
+        # just past it: a scan counts as "before" only when it is earlier by more than that rounding.
+        before = [t for t in range(len(days)) if days[t] < q.days - _SAME_DAY_DAYS]
         groups.setdefault(tuple(before[-k_max:]), []).append(qi)
     out: list[dict[str, Any]] = [{} for _ in queries]
     voxel_ml = float(np.prod(arr.spacing_mm)) / 1000.0

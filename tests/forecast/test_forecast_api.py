@@ -217,3 +217,24 @@ def test_native_session_puts_a_retrospective_forecast_on_that_visits_own_grid(co
         forecast_patient(cohort.settings, pid, cohort.store, days_since_baseline=[p.days[1]],
                          model_ref=str(cohort.checkpoint), n_samples=1, write=False, native_session="ses-nope")
     assert sessions[0] in str(err.value)
+
+
+def test_a_query_at_a_scans_own_fractional_day_does_not_see_that_scan(tmp_path) -> None:  # noqa: ANN001
+    from forecasthelpers import baseline_checkpoint
+
+    from longitudinal.data.phantoms import phantom_record
+    from longitudinal.settings import Settings
+    from storage.store import CohortStore
+
+    # Acquisition times make days fractional; the query day is rounded to 6 decimals, here upwards.
+    days = [0.0, 122.76180555555555, 247.83194444444445]
+    rec = phantom_record("P8", days, [(15.5, 15.5, 15.5)] * 3, [4.0, 6.0, 8.0], grid=(32, 32, 32))
+    url = str(tmp_path / "c.zarr")
+    CohortStore.open(url, create=True).write_patient(rec)
+    lci = baseline_checkpoint(tmp_path / "lci.pt", kind="lci")
+    r = forecast_patient(Settings(home=tmp_path / "home"), "P8", url, days_since_baseline=[days[1], days[2]],
+                         model_ref=str(lci), n_samples=1, write=False)
+    assert [q.n_context for q in r.queries] == [1, 2]
+    # LCI at visit j is visit j-1's volume, never visit j's own
+    for q, prev in zip(r.queries, r.observed[:2], strict=True):
+        assert q.volume_whole_ml.median == pytest.approx(prev.volume_whole_ml)
