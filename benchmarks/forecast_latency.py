@@ -14,8 +14,10 @@ not depend on the weights for fixed-step solvers). The first kind is registered 
 - warm API: ``forecast_patient(..., model_ref=<loaded model>)`` after ``load_model`` and one untimed call; the
   full query (store read, sampling, native-space NIfTI x 4, JSON, PNG) and the compute only (``write=False``).
 
-One query time per call. Median of ``--repeats`` runs; the machine's load average is printed beside the
-figures because a shared CPU inflates them.
+One query time per call. Median of ``--repeats`` runs; the machine's load average (before and after) is
+printed beside the figures because a shared CPU inflates them. ``--threads 1,2`` repeats the warm API rows per
+torch thread count: on a loaded 2-core machine two OpenMP threads wait on each other (one is descheduled), so
+one thread can be faster there; on an idle machine two are.
 
 ``--models-only`` times just ``model.sample`` (3 context scans, 1 query, crop 32^3) per kind, sample count and
 torch thread count (``--threads 2,16``); it needs only torch, so it also runs on a bare machine with PyTorch.
@@ -147,7 +149,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--models-only", action="store_true", help="time model.sample only (needs only torch)")
-    ap.add_argument("--threads", default="", help="torch thread counts for --models-only, e.g. 2,16")
+    ap.add_argument("--threads", default="", help="torch thread counts, e.g. 1,2 (--models-only: every row; else "
+                                                  "the warm API rows)")
     ap.add_argument("--device", default="cpu", help="device for --models-only")
     args = ap.parse_args()
     os.environ.update(QUIET)
@@ -165,8 +168,8 @@ def main() -> None:
     from longitudinal.data.phantoms import make_phantom_store
     from longitudinal.settings import Settings
 
-
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="forecast-latency-") as tmp:
         root = Path(tmp)
         home = root / "home"
@@ -179,15 +182,21 @@ def main() -> None:
         for n in SAMPLES:
             rows.append({"what": f"cold CLI ({kinds[0]} champion)", "samples": n,
                          "seconds": cold_cli(home, store, tracking, n, max(1, args.repeats - 1))})
-        for kind in kinds:
-            for n in SAMPLES:
-                full, compute = warm_api(settings, store, ckpts[kind], n, args.repeats)
-                rows.append({"what": f"warm API ({kind})", "samples": n, "seconds": full})
-                rows.append({"what": f"warm API ({kind}), no files", "samples": n, "seconds": compute})
+        default_threads = torch.get_num_threads()
+        for n_threads in [int(v) for v in args.threads.split(",") if v] or [default_threads]:
+            torch.set_num_threads(n_threads)
+            tag = "" if n_threads == default_threads else f", {n_threads} thread{'s' if n_threads > 1 else ''}"
+            for kind in kinds:
+                for n in SAMPLES:
+                    full, compute = warm_api(settings, store, ckpts[kind], n, args.repeats)
+                    rows.append({"what": f"warm API ({kind}{tag})", "samples": n, "seconds": full})
+                    rows.append({"what": f"warm API ({kind}{tag}), no files", "samples": n, "seconds": compute})
+        torch.set_num_threads(default_threads)
 
     load = os.getloadavg()
     _report(rows, args, f"forecast latency, CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, "
-                        f"load average {load[0]:.1f}), crop {CROP}^3, grid {GRID}, 1 query, median of {args.repeats}")
+                        f"load average {load_before:.1f} before, {load[0]:.1f} after), crop {CROP}^3, grid {GRID}, "
+                        f"1 query, median of {args.repeats}")
 
 
 def _report(rows: list[dict], args: argparse.Namespace, title: str) -> None:
