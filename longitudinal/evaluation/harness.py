@@ -137,9 +137,10 @@ def score_target(
         "ssim": M.masked_ssim(mean_img, target_image, brain),
     }
     if stochastic:
-        sample_whole = probs.float().argmax(1) > 0  # [S, D, H, W]
+        sample_lab = probs.float().argmax(1)  # [S, D, H, W]
+        sample_whole = sample_lab > 0
         vols = sample_whole.flatten(1).sum(1).double() * voxel_volume_ml
-        enh_vols = (probs.float().argmax(1) == 2).flatten(1).sum(1).double() * voxel_volume_ml
+        enh_vols = (sample_lab == 2).flatten(1).sum(1).double() * voxel_volume_ml
         rec["volume_median_ml"] = float(vols.quantile(0.5))
         rec["volume_enh_median_ml"] = float(enh_vols.quantile(0.5))
         rec["volume_enh_true_ml"] = M.volume_ml(t_enh, voxel_volume_ml)
