@@ -100,6 +100,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def evenly_spaced(items: Sequence[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``items``, evenly spaced over the (deterministic) list, first and last included."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
 def bin_label(lo: float, hi: float) -> str:
     return f">{lo:g}" if math.isinf(hi) else f"{lo:g}-{hi:g}"
 
@@ -217,9 +224,8 @@ def evaluate_models(
     for m in all_models.values():
         m.to(device).eval()
     items = enumerate_targets(store_url, patient_ids, cfg.max_context, cfg.pairs)  # type: ignore[arg-type]
-    if max_targets is not None and len(items) > max_targets:
-        keep = np.linspace(0, len(items) - 1, max_targets).round().astype(int)
-        items = [items[i] for i in keep]
+    if max_targets is not None:
+        items = evenly_spaced(items, max_targets)
     dcfg = DataConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, n_queries=1, crop_jitter=0,
                       normalize=cfg.normalize, augment=None)  # type: ignore[arg-type]
     loader = DataLoader(EvalDataset(store_url, items, dcfg), batch_size=cfg.batch_size, shuffle=False,

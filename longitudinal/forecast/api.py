@@ -351,8 +351,8 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
             p_enh = fc.enhancing_prob[0].float().mean(1).cpu().numpy()
         for j, qi in enumerate(qis):
             out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "image": mean_img[j],
-                       "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx)}
-            out[qi]["last_context"] = idx[-1]
+                       "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx),
+                       "last_context": idx[-1]}
     return out
 
 

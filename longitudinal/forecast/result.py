@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from longitudinal.models.calibration import VolumeCalibration, volume_quantiles
+from longitudinal.models.calibration import LEVELS, VolumeCalibration, volume_quantiles
 
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
-QUANTILE_LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
+QUANTILE_LEVELS: dict[str, float] = LEVELS
 
 Calendar = Literal["real", "shifted"]
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-DAYS_PER_YEAR = 365.25
+from longitudinal.models.base import DAYS_PER_YEAR
+
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5] (the same levels as the raw-sample summaries).
 LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
 STRUCTURES = ("whole", "enhancing")

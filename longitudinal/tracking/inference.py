@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 
 from longitudinal.models.base import ForecastModel
-from longitudinal.models.calibration import volume_quantiles
+from longitudinal.models.calibration import LEVELS, volume_quantiles
 from longitudinal.models.checkpoint import model_from_checkpoint
 
-QUANTILES = {"median": 0.5, "lo80": 0.1, "hi80": 0.9, "lo95": 0.025, "hi95": 0.975}
+# Output column order of the pyfunc (median first); the levels are the calibration module's.
+QUANTILES = {k: LEVELS[k] for k in ("median", "lo80", "hi80", "lo95", "hi95")}
 VOLUME_KINDS = ("whole", "enhancing")
 OUTPUT_COLUMNS = (
     ["patient_id", "query_day", "n_context", "n_samples"]

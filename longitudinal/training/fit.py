@@ -204,10 +204,9 @@ def _val_batches(cfg: TrainConfig, store_url: str, split: Split) -> list[Any]:
     """Deterministic validation targets (at most cfg.val_targets, evenly spaced), cut once and kept."""
     if not split.val or cfg.val_targets == 0:
         return []
-    items = enumerate_targets(store_url, split.val, cfg.max_context, pairs="all")
-    if len(items) > cfg.val_targets:
-        keep = np.linspace(0, len(items) - 1, cfg.val_targets).round().astype(int)
-        items = [items[i] for i in keep]
+    from longitudinal.evaluation.harness import evenly_spaced
+
+    items = evenly_spaced(enumerate_targets(store_url, split.val, cfg.max_context, pairs="all"), cfg.val_targets)
     ds = EvalDataset(store_url, items, cfg.data_config(train=False))
     return list(DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_eval))
 
