@@ -2,7 +2,8 @@
 
 The model forecasts every later scan of the validation patients from their earlier scans (the evaluation
 protocol, at most ``max_targets`` targets evenly spaced over the deterministic target list); the signed,
-gap-normalised errors of its median sampled volume become the conformal scores it carries.
+gap-normalised errors of its median sampled volume become the conformal scores it carries, grouped by the
+evaluation's horizon bins (small bins merged; see ``VolumeCalibration.fit``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def fit_volume_calibration(
         raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
     gaps = np.array([r["horizon_days"] for r in recs])
     n_pat = len({r["patient_id"] for r in recs})
+    # Per-horizon (Mondrian) scores on the evaluation's own bins, so coverage holds bin by bin.
+    edges = sorted({lo for lo, _hi in config.bins if lo > 0})
     return {
         "whole": VolumeCalibration.fit("whole", [r["volume_true_ml"] for r in recs],
-                                       [r["volume_median_ml"] for r in recs], gaps, offset_years, n_pat),
+                                       [r["volume_median_ml"] for r in recs], gaps, offset_years, n_pat, edges),
         "enhancing": VolumeCalibration.fit("enhancing", [r["volume_enh_true_ml"] for r in recs],
-                                           [r["volume_enh_median_ml"] for r in recs], gaps, offset_years, n_pat),
+                                           [r["volume_enh_median_ml"] for r in recs], gaps, offset_years, n_pat,
+                                           edges),
     }

@@ -92,15 +92,21 @@ class FiLMUNet3d(nn.Module):
 
     x [N, cin, D, H, W], emb [N, emb_dim] -> [N, cout, D, H, W]. Any D/H/W works: inputs are padded up to a
     multiple of 2**(levels-1) and the output is cropped back.
+    ``cond_channels`` > 0 adds a conditioning input cond [N, cond_channels, D, H, W] with its own stem
+    convolution, whose output ``condition(cond)`` can be computed once and reused by every call that shares
+    the conditioning (an ODE solver calls the network many times for one context; the stem is linear, so
+    ``stem(cat[x, cond]) = stem_x(x) + stem_c(cond)``).
     The output convolution starts tiny (not zero) so that the untrained network is close to "no change"
     while gradients still reach every parameter from the first step.
     """
 
-    def __init__(self, cin: int, cout: int, width: int, channel_mult: tuple[int, ...], emb_dim: int) -> None:
+    def __init__(self, cin: int, cout: int, width: int, channel_mult: tuple[int, ...], emb_dim: int,
+                 cond_channels: int = 0) -> None:
         super().__init__()
         chans = [width * m for m in channel_mult]
         self.levels = len(chans)
         self.stem = nn.Conv3d(cin, chans[0], 3, padding=1)
+        self.cond_stem = nn.Conv3d(cond_channels, chans[0], 3, padding=1, bias=False) if cond_channels else None
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         for i, c in enumerate(chans):
@@ -117,13 +123,25 @@ class FiLMUNet3d(nn.Module):
             self.out.weight.mul_(1e-2)
             self.out.bias.zero_()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        size = x.shape[-3:]
+    def _pad(self, x: Tensor) -> Tensor:
         m = 2 ** (self.levels - 1)
-        pad = [p for s in reversed(size) for p in (0, (-s) % m)]
-        if any(pad):
-            x = F.pad(x, pad, mode="replicate")
-        h = self.stem(x.contiguous(memory_format=torch.channels_last_3d))
+        pad = [p for s in reversed(x.shape[-3:]) for p in (0, (-s) % m)]
+        x = F.pad(x, pad, mode="replicate") if any(pad) else x
+        return x.contiguous(memory_format=torch.channels_last_3d)
+
+    def condition(self, cond: Tensor) -> Tensor:
+        """The conditioning's stem features [N, width, D', H', W'] (padded grid), for ``forward(cond_feat=)``."""
+        if self.cond_stem is None:
+            raise ValueError("this FiLMUNet3d was built without cond_channels")
+        return self.cond_stem(self._pad(cond))
+
+    def forward(self, x: Tensor, emb: Tensor, cond_feat: Tensor | None = None) -> Tensor:
+        size = x.shape[-3:]
+        h = self.stem(self._pad(x))
+        if self.cond_stem is not None:
+            if cond_feat is None:
+                raise ValueError("this FiLMUNet3d needs cond_feat = condition(cond)")
+            h = h + cond_feat
         skips = []
         for i, block in enumerate(self.down_blocks):
             h = block(h, emb)

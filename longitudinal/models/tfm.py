@@ -6,12 +6,15 @@ segmentation. Training uses a *paired* path per sample (never re-paired across p
     x0 = state(last context scan) + sigma * noise          x1 = state(target scan at the query time)
     x_t = (1 - t) x0 + t x1,   t ~ U(0, 1)                 loss = || v(x_t, t | context, gap) - (x1 - x0) ||^2
 
-The velocity network is a small 3D U-Net (``FiLMUNet3d``) that sees x_t, the last context state, and a
+The velocity network is a small 3D U-Net (``FiLMUNet3d``) that sees x_t and, as conditioning whose stem
+features are computed once per flow (not once per solver step), the last context state and a
 permutation-invariant masked mean over per-scan encodings of every context scan (each encoding FiLM-modulated
 by how long before the last scan it was taken). A global embedding of the gap to the query time, the time of
 the last scan (both in years via ``scale_days``, as Fourier features) and the flow time t modulates every
-block. Each query time is an independent flow (B*Q flattened). Sampling integrates dx/dt = v from t=0 to 1
-with ``torchdiffeq.odeint`` (euler / rk4 fixed-step, dopri5 adaptive); the S samples differ by their x0 noise.
+block. With ``rate_head`` (the default) the U-Net predicts two maps and the velocity is ``a + gap * r``: the
+change drawn over the flow is an offset plus a rate times the gap (years), which extrapolates to long gaps
+the way growth does. Each query time is an independent flow (B*Q flattened). Sampling integrates dx/dt = v from t=0 to 1
+with ``torchdiffeq.odeint`` (euler / midpoint / rk4 fixed-step, dopri5 adaptive); the S samples differ by their x0 noise.
 Class probabilities are the flowed tumour channels clipped to [0, 1] and normalised.
 """
 
@@ -43,7 +46,7 @@ from longitudinal.models.blocks import (
     one_hot_labels,
 )
 
-SOLVERS = ("euler", "rk4", "dopri5")
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 _FLOW_FREQS = 4  # flow time t in [0, 1]: frequencies 1/2 .. 4 cycles per unit of t
 
 
@@ -58,7 +61,11 @@ class TFMConfig:
         phantoms forecast volumes that wiggle (shrink again) with the gap; up to 1 cycle/year they grow.
     sigma: std of the noise added to x0 (intensity units; one-hot channels are 0/1).
     seg_weight: weight of the tumour channels in the loss relative to the image channels.
-    solver / steps: ODE solver (one of SOLVERS) and fixed step count (euler, rk4); rtol / atol for dopri5.
+    rate_head: the velocity is ``a + gap_years * r`` with both maps predicted by the U-Net, so the change it
+        draws scales with the gap by construction (the neural process's residual form). Without it the gap
+        reaches the velocity only through FiLM and long, rarely-trained gaps are under-forecast.
+    solver / steps: ODE solver (one of SOLVERS) and fixed step count (euler, midpoint, rk4); rtol / atol for
+        dopri5.
     max_batch: flows integrated at once when sampling (bounds memory; results do not depend on it for
     fixed-step solvers). 16 vs 32 at 32^3 on a 2-core CPU: 32 was ~20% faster with 2 threads and ~30% slower
     with 1 thread on a loaded machine, so no change either way is claimed.
@@ -73,6 +80,7 @@ class TFMConfig:
     max_freq: float = 1.0
     sigma: float = 0.1
     seg_weight: float = 4.0
+    rate_head: bool = True
     solver: str = "euler"
     steps: int = 8
     rtol: float = 1e-3
@@ -149,7 +157,9 @@ class TemporalFlowMatching(ForecastModel):
         self.context = _ContextEncoder(self.state_ch, c.ctx_width, n_time, c.n_freqs, c.max_freq)
         # gap to query (years), time of the last scan (years), flow time t
         self.embed = nn.Sequential(nn.Linear(2 * n_time + 2 * _FLOW_FREQS + 1, c.emb_dim), nn.SiLU(), nn.Linear(c.emb_dim, c.emb_dim))
-        self.net = FiLMUNet3d(2 * self.state_ch + c.ctx_width, self.state_ch, c.width, c.channel_mult, c.emb_dim)
+        out_ch = 2 * self.state_ch if c.rate_head else self.state_ch
+        self.net = FiLMUNet3d(self.state_ch, out_ch, c.width, c.channel_mult, c.emb_dim,
+                              cond_channels=self.state_ch + c.ctx_width)
         # 3D convolutions on CPU (oneDNN) run ~2x faster channels-last; load_state_dict keeps this layout.
         self.to(memory_format=torch.channels_last_3d)
 
@@ -186,11 +196,20 @@ class TemporalFlowMatching(ForecastModel):
         ]
         return self.embed(torch.cat(feats, dim=1))
 
-    def velocity(self, x: Tensor, flow_t: Tensor, last_state: Tensor, ctx: Tensor, gap_years: Tensor,
+    def condition(self, last_state: Tensor, ctx: Tensor) -> Tensor:
+        """The velocity network's features of the conditioning maps, shared by every step of one flow."""
+        return self.net.condition(torch.cat([last_state, ctx], dim=1))
+
+    def velocity(self, x: Tensor, flow_t: Tensor, cond: Tensor, gap_years: Tensor,
                  t_last_years: Tensor) -> Tensor:
-        """v(x_t, t) [N, C+3, D, H, W] for states x [N, C+3, D, H, W] and per-flow conditioning ([N, ...])."""
+        """v(x_t, t) [N, C+3, D, H, W] for states x [N, C+3, D, H, W] and per-flow conditioning ([N, ...];
+        ``cond`` = ``condition(last_state, ctx)``)."""
         emb = self._embedding(gap_years, t_last_years, flow_t)
-        return self.net(torch.cat([x, last_state, ctx], dim=1), emb)
+        out = self.net(x, emb, cond)
+        if not self.config.rate_head:
+            return out
+        offset, rate = out.split(self.state_ch, dim=1)
+        return offset + gap_years.to(out.dtype).view(-1, 1, 1, 1, 1) * rate
 
     # -- interface ---------------------------------------------------------------------------------------
     def loss(self, batch: Batch) -> Tensor:
@@ -211,7 +230,7 @@ class TemporalFlowMatching(ForecastModel):
         t = torch.rand(x1.shape[0], device=x1.device)
         tb = t.view(-1, 1, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * x1
-        v = self.velocity(xt, t, last_state[bi], ctx[bi], gap, t_last[bi])
+        v = self.velocity(xt, t, self.condition(last_state[bi], ctx[bi]), gap, t_last[bi])
         err = (v - (x1 - x0)) ** 2
         c = self.config.in_channels
         return err[:, :c].mean() + self.config.seg_weight * err[:, c:].mean()
@@ -274,8 +293,10 @@ class TemporalFlowMatching(ForecastModel):
             pair = self._integrate(x0.expand(2, *x0.shape[1:]), last_state.expand(2, *last_state.shape[1:]),
                                    ctx.expand(2, *ctx.shape[1:]), gap.expand(2), t_last.expand(2), solver, steps)
             return pair[:1]
+        cond = self.condition(last_state, ctx)
+
         def func(t: Tensor, x: Tensor) -> Tensor:
-            return self.velocity(x, t.expand(x.shape[0]).to(x.dtype), last_state, ctx, gap, t_last)
+            return self.velocity(x, t.expand(x.shape[0]).to(x.dtype), cond, gap, t_last)
 
         span = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
         if solver == "dopri5":

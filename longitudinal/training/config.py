@@ -76,7 +76,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(25, ge=1)
     val_targets: int = Field(24, ge=0)
     val_samples: int = Field(1, ge=1)
-    calib_targets: int = Field(120, ge=0)
+    calib_targets: int = Field(240, ge=0)
     calib_samples: int = Field(8, ge=2)
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)

@@ -496,8 +496,9 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
 
     ckpt = load_checkpoint(path)
     meta = dict(ckpt["meta"])
+    # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
     key = {"step": meta.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
-           "patients": sorted(patient_ids)}
+           "patients": sorted(patient_ids), "form": "per-horizon-v1"}
     if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
         return calibrations_from_meta(meta)
     t = time.perf_counter()
@@ -510,8 +511,8 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     meta["volume_calibration_fit"] = key
     atomic_save({**ckpt, "meta": meta}, path)
     w = cals["whole"]
-    say(f"calibrated volume intervals of {path.name} on {w.n} validation targets of {w.n_patients} patients "
-        f"({time.perf_counter() - t:.0f} s)")
+    say(f"calibrated volume intervals of {path.name} on {w.n} validation targets of {w.n_patients} patients, "
+        f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
     return cals
 
 

@@ -180,7 +180,8 @@ def test_one_latent_is_shared_by_all_queries_of_a_trajectory() -> None:
         # and decoding one query alone gives what it gave inside the longer list.
         t = b.query_times[:, 1:2]
         img_rep, _ = model.decode(ctx, torch.cat([t, b.query_times[:, :1], t], dim=1), z)
-        assert torch.allclose(img_rep[:, 0], img_rep[:, 2], atol=1e-6)
+        # 1e-5: with two threads the batch position changes the float summation order (1.2e-6 seen).
+        assert torch.allclose(img_rep[:, 0], img_rep[:, 2], atol=1e-5)
         assert torch.allclose(img_rep[:, 0], img[:, 1], atol=1e-5)
         # ... and it does change with time (a model that ignores the query time is broken).
         assert (img[:, 0] - img[:, 2]).abs().max() > 1e-4

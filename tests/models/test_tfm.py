@@ -39,16 +39,22 @@ def test_defaults_round_trip_and_channel_check(phantom):
 class _Decay(torch.nn.Module):
     """Velocity v(x, t) = -x: the flow from x0 ends at exactly x0 * exp(-1)."""
 
-    def forward(self, x, emb):
-        return -x[:, :4]  # x_t: 1 image + 3 tumour channels come first in [x_t, last_state, ctx]
+    def condition(self, cond):
+        return None
+
+    def forward(self, x, emb, cond_feat=None):
+        return -x  # x_t: 1 image + 3 tumour channels
 
 
-@pytest.mark.parametrize("solver,steps,tol", [("euler", 4, None), ("rk4", 4, 1e-4), ("dopri5", 1, 1e-4)])
+@pytest.mark.parametrize("solver,steps,tol", [("euler", 4, None), ("midpoint", 4, None), ("rk4", 4, 1e-4),
+                                              ("dopri5", 1, 1e-4)])
 def test_solvers_integrate_known_flows(solver, steps, tol, phantom):
-    """With v = -x the solvers reproduce known answers: euler (1 - 1/n)^n, rk4 and dopri5 exp(-1)."""
+    """With v = -x the solvers reproduce known answers: euler (1 - h)^n, midpoint (1 - h + h^2/2)^n with
+    h = 1/n, rk4 and dopri5 exp(-1)."""
     torch.manual_seed(0)
-    model = build_model("tfm", TINY | {"ctx_width": 2, "rtol": 1e-7, "atol": 1e-9})
-    model.net = _Decay()  # input channels 2*(1+3) + ctx_width 2 = 10, state = first 4
+    # The fake net returns the velocity itself (no offset/rate pair).
+    model = build_model("tfm", TINY | {"ctx_width": 2, "rtol": 1e-7, "atol": 1e-9, "rate_head": False})
+    model.net = _Decay()
     ctx = _context(phantom)
     g = torch.Generator().manual_seed(3)
     f = model.sample(*ctx, n_samples=2, generator=g, solver=solver, steps=steps)
@@ -56,7 +62,8 @@ def test_solvers_integrate_known_flows(solver, steps, tol, phantom):
     x0 = model._states(ctx[0][:, 1], ctx[1][:, 1])  # last scan's state, [B, 4, D, H, W]
     noise = torch.randn((2 * 2 * 2, *x0.shape[1:]), generator=g)
     x0 = x0.repeat_interleave(4, dim=0) + model.config.sigma * noise
-    factor = (1 - 1 / steps) ** steps if solver == "euler" else math.exp(-1)
+    h = 1 / steps
+    factor = {"euler": (1 - h) ** steps, "midpoint": (1 - h + h * h / 2) ** steps}.get(solver, math.exp(-1))
     expected = (x0 * factor).view(2, 2, 2, 4, 8, 8, 8)
     torch.testing.assert_close(f.images, expected[:, :, :, :1], atol=tol or 1e-6, rtol=tol or 1e-5)
 
@@ -94,6 +101,22 @@ def test_untrained_forecast_is_near_the_last_scan_and_chunking_is_invisible(phan
     last = ctx[0][:, 1][:, None, None]
     assert (fa.images - last).abs().mean() < 0.3  # sigma 0.1 noise plus a tiny untrained velocity
     assert torch.equal(fa.probs.argmax(dim=3), ctx[1][:, 1][:, None, None].expand_as(fa.probs[:, :, :, 0]))
+
+
+def test_rate_head_scales_the_velocity_with_the_gap():
+    """v = a + gap * r: at fixed (x, t, context) the velocity is affine in the gap, exactly."""
+    torch.manual_seed(0)
+    model = build_model("tfm", TINY).eval()
+    g = torch.Generator().manual_seed(5)
+    x, last, ctx = (torch.rand(3, n, 8, 8, 8, generator=g) for n in (4, 4, 4))
+    t, t_last = torch.full((3,), 0.5), torch.zeros(3)
+    net_out = {}
+    model.net.register_forward_hook(lambda _m, _i, out: net_out.update(out=out))
+    with torch.no_grad():
+        v = model.velocity(x, t, model.condition(last, ctx), torch.tensor([0.0, 1.0, 2.0]), t_last)
+    offset, rate = net_out["out"].split(4, dim=1)
+    torch.testing.assert_close(v, offset + torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1, 1) * rate)
+    assert tuple(net_out["out"].shape) == (3, 8, 8, 8, 8)
 
 
 def test_a_lone_flow_integrates_as_it_does_inside_a_batch():
