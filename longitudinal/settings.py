@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     bids_channel_map: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(DEFAULT_BIDS_CHANNEL_MAP))
     dicom_channel_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DICOM_CHANNEL_MAP))
     registered_model_name: str = "tumor-growth-forecaster"
+    tune_malloc: bool = Field(default=True, description="Keep freed large blocks in glibc's heap (runtime.py).")
 
     # --- resolved locations -------------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ from longitudinal.data.dataset import DataConfig, EvalBatch, EvalDataset, collat
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model
 from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.runtime import tune_cpu_allocator
 
 HORIZON_BINS: tuple[tuple[float, float], ...] = ((0, 90), (90, 180), (180, 365), (365, math.inf))
 BASELINES = ("lci", "linear")
@@ -217,6 +218,8 @@ def evaluate_models(
     out. ``max_targets`` keeps that many targets evenly spaced over the deterministic target list."""
     cfg = config or EvalConfig()
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     all_models: dict[str, ForecastModel] = {}
     for kind in BASELINES if baselines else ():
         all_models[kind] = models[kind] if kind in models else build_model(kind)

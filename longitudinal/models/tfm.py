@@ -85,6 +85,8 @@ class TFMConfig:
     sigma: float = 0.1
     seg_weight: float = 4.0
     rate_head: bool = True
+    skip_mode: str = "concat"
+    out_kernel: int = 3
     solver: str = "midpoint"
     steps: int = 2
     rtol: float = 1e-3
@@ -103,6 +105,10 @@ class TFMConfig:
             problems.append(f"n_freqs must be >= 0, got {self.n_freqs!r}")
         if self.sigma < 0:
             problems.append(f"sigma must be >= 0, got {self.sigma!r}")
+        if self.skip_mode not in ("concat", "add"):
+            problems.append(f"skip_mode {self.skip_mode!r} is not one of ['concat', 'add']")
+        if self.out_kernel not in (1, 3):
+            problems.append(f"out_kernel must be 1 or 3, got {self.out_kernel!r}")
         if self.solver not in SOLVERS:
             problems.append(f"solver {self.solver!r} is not one of {list(SOLVERS)}")
         if self.rtol <= 0 or self.atol <= 0:
@@ -163,7 +169,8 @@ class TemporalFlowMatching(ForecastModel):
         self.embed = nn.Sequential(nn.Linear(2 * n_time + 2 * _FLOW_FREQS + 1, c.emb_dim), nn.SiLU(), nn.Linear(c.emb_dim, c.emb_dim))
         out_ch = 2 * self.state_ch if c.rate_head else self.state_ch
         self.net = FiLMUNet3d(self.state_ch, out_ch, c.width, c.channel_mult, c.emb_dim,
-                              cond_channels=self.state_ch + c.ctx_width)
+                              cond_channels=self.state_ch + c.ctx_width, skip_mode=c.skip_mode,
+                              out_kernel=c.out_kernel)
         # 3D convolutions on CPU (oneDNN) run ~2x faster channels-last; load_state_dict keeps this layout.
         self.to(memory_format=torch.channels_last_3d)
 

@@ -21,6 +21,7 @@ import torch
 from longitudinal.models.base import ForecastModel
 from longitudinal.models.calibration import LEVELS, volume_quantiles
 from longitudinal.models.checkpoint import model_from_checkpoint
+from longitudinal.runtime import tune_cpu_allocator
 
 # Output column order of the pyfunc (median first); the levels are the calibration module's.
 QUANTILES = {k: LEVELS[k] for k in ("median", "lo80", "hi80", "lo95", "hi95")}
@@ -136,6 +137,8 @@ class Forecaster:
 
     def __init__(self, checkpoint: Path | str, device: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
         self.channels: list[str] = list(self.meta.get("channels") or ["T1c", "FLAIR"])
         sp = self.meta.get("spacing_mm") or (2.0, 2.0, 2.0)

@@ -46,6 +46,7 @@ from longitudinal.data.splits import Split, make_split
 from longitudinal.models.base import ForecastModel, build_model
 from longitudinal.models.calibration import VolumeCalibration, calibrations_from_meta, calibrations_to_meta
 from longitudinal.models.checkpoint import load_checkpoint, model_from_checkpoint
+from longitudinal.runtime import tune_cpu_allocator
 from longitudinal.training.checkpoint import (
     atomic_save,
     load_train_state,
@@ -281,6 +282,8 @@ def _fit(
     ckpt_dir = run_dir / "checkpoints"
     latest_path, best_path, final_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt", run_dir / "model.pt"
     device = _resolve_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     if dist_ctx.active and device.type == "cuda":
         device = torch.device("cuda", dist_ctx.local_rank)
         torch.cuda.set_device(device)
