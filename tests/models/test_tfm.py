@@ -21,9 +21,9 @@ def _context(phantom, b: int = 2, size: int = 8):
 
 def test_config_collects_every_problem():
     with pytest.raises(ValueError) as err:
-        TFMConfig(width=0, solver="heun", sigma=-1.0, channel_mult=())
+        TFMConfig(width=0, solver="heun", sigma=-1.0, channel_mult=(), skip_mode="sum", out_kernel=2)
     msg = str(err.value)
-    for part in ("width", "heun", "sigma", "channel_mult", "euler"):
+    for part in ("width", "heun", "sigma", "channel_mult", "euler", "skip_mode", "out_kernel"):
         assert part in msg
     with pytest.raises(ValueError, match="valid keys"):
         build_model("tfm", {"widht": 8})
