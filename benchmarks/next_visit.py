@@ -20,8 +20,8 @@ visits before it, at the day of visit j. Two tables:
   ``--source`` it is the store's label pulled onto the native grid through the stored registration (linear
   interpolation of the tumour indicator, > 0.5), and the table says so.
 
-``--tfm-steps 8,4,2`` adds tfm rows sampled with those Euler step counts to the crop-grid table (the shipped
-``TFMConfig.steps`` is chosen from this comparison); ``--pairs all`` scores every (context, later scan) pair
+``--tfm-steps 4,2,1`` adds tfm rows sampled with those step counts of the model's own solver to the crop-grid
+table (the shipped solver and steps were chosen on validation patients with benchmarks/tune.py); ``--pairs all`` scores every (context, later scan) pair
 instead of the next visit only.
 """
 
@@ -65,7 +65,7 @@ def crop_grid(store: str, ckpts: dict[str, Path], test: list[str], samples: int,
         for steps in tfm_steps:
             _, m, _ = load_model_ref(str(ckpts["tfm"]))
             m.config.steps = int(steps)
-            models[f"tfm (euler {steps})"] = m
+            models[f"tfm ({m.config.solver} {steps})"] = m
     report = evaluate_models(models, store, test, EvalConfig(pairs=pairs, n_samples=samples))
     by = {(r["model"], r["patient_id"], r["target_idx"], r["last_context_idx"]): r for r in report.records}
     rows = []
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("crop", "native", "both"), default="both")
     ap.add_argument("--source", type=Path, default=None, help="raw source folder ingest read (true native labels)")
     ap.add_argument("--pairs", choices=("next", "all"), default="next", help="crop grid: targets scored")
-    ap.add_argument("--tfm-steps", default="", help="crop grid: extra tfm rows with these Euler steps, e.g. 8,4,2")
+    ap.add_argument("--tfm-steps", default="", help="crop grid: extra tfm rows with these solver steps, e.g. 4,2,1")
     ap.add_argument("--json", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args()
     ckpts, split = {}, None

@@ -159,6 +159,13 @@ class ForecastModel(nn.Module, ABC):
         """JSON-able config that rebuilds this model with ``build_model(kind, config)``."""
         return {}
 
+    @classmethod
+    def upgrade_checkpoint(cls, config: dict[str, Any], state_dict: dict[str, Tensor]
+                           ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """A checkpoint's config and weights as this version builds and loads them. Kinds whose layout
+        changed map checkpoints of earlier versions here, so registered models keep loading."""
+        return config, state_dict
+
 
 ModelFactory = Callable[..., ForecastModel]
 MODEL_KINDS: dict[str, ModelFactory] = {}

@@ -65,7 +65,13 @@ def load_checkpoint(src: str | Path | IO[bytes], map_location: str | torch.devic
 def model_from_checkpoint(ckpt: dict[str, Any]) -> ForecastModel:
     """Rebuild the model of a checkpoint dict with its weights (on CPU; move it with ``.to``) and its volume
     calibration (``model.volume_calibration``: {structure: VolumeCalibration}, empty when it has none)."""
-    model = build_model(ckpt["kind"], dict(ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    from longitudinal.models.base import MODEL_KINDS
+
+    config, state_dict = dict(ckpt["config"]), ckpt["state_dict"]
+    kind = MODEL_KINDS.get(ckpt["kind"])
+    if isinstance(kind, type) and issubclass(kind, ForecastModel):
+        config, state_dict = kind.upgrade_checkpoint(config, state_dict)
+    model = build_model(ckpt["kind"], config)
+    model.load_state_dict(state_dict)
     model.volume_calibration = calibrations_from_meta(ckpt.get("meta"))
     return model

@@ -182,6 +182,21 @@ class TemporalFlowMatching(ForecastModel):
         d["channel_mult"] = list(d["channel_mult"])
         return d
 
+    @classmethod
+    def upgrade_checkpoint(cls, config: dict[str, Any], state_dict: dict[str, Tensor]
+                           ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Checkpoints written before the rate head (their configs lack ``rate_head``) used concatenated skips,
+        a 3x3x3 output and one stem over [x_t, last state, context map]. The stem is linear, so its weight
+        splits exactly into the x_t part and the conditioning part that the current net keeps apart."""
+        if "rate_head" not in config:
+            config = {**config, "rate_head": False, "skip_mode": "concat", "out_kernel": 3}
+        if "net.stem.weight" in state_dict and "net.cond_stem.weight" not in state_dict:
+            state_ch = int(config.get("in_channels", TFMConfig.in_channels)) + N_CLASSES
+            w = state_dict["net.stem.weight"]
+            state_dict = {**state_dict, "net.stem.weight": w[:, :state_ch].clone(),
+                          "net.cond_stem.weight": w[:, state_ch:].clone()}
+        return config, state_dict
+
     # -- pieces ------------------------------------------------------------------------------------------
     def _states(self, images: Tensor, labels: Tensor) -> Tensor:
         """images [..., C, D, H, W], labels [..., D, H, W] -> state [..., C+3, D, H, W]."""
