@@ -179,8 +179,8 @@ def _verdict(console: Console, rows: list[dict], kind: str) -> None:
                   f"{[round(g, 1) for g in gain_vol]} ml ({'grows' if rising(gain_vol) else 'does not grow'}) "
                   f"-> {'TARGET MET' if beats and all(beats) and grows else 'TARGET MISSED'}")
     console.print(f"{kind}: relative skill by bin (not the target): Dice {[round(x, 2) for x in skill_dice]} "
-                  f"({'grows' if rising(skill_dice) else 'falls'}), volume error "
-                  f"{[round(x, 2) for x in skill_vol]} ({'grows' if rising(skill_vol) else 'falls'})")
+                  f"({'grows' if rising(skill_dice) else 'does not grow'}), volume error "
+                  f"{[round(x, 2) for x in skill_vol]} ({'grows' if rising(skill_vol) else 'does not grow'})")
     # Calibration target (issue 5): 80% / 95% coverage within 10 points of nominal in every bin with >= 3 targets.
     cal_bins = [r for r in rows if r["model"] == kind and r["horizon"] != "all" and r["n"] >= 3
                 and r.get("coverage80") is not None]
