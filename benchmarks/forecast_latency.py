@@ -108,11 +108,18 @@ def warm_api(settings, store: str, checkpoint: Path, n_samples: int, repeats: in
     return _median(full), _median(compute)
 
 
-def model_sampling(kinds: list[str], threads: list[int], repeats: int, device: str) -> list[dict]:
-    """Median seconds of ``model.sample`` per (kind, threads, samples), after one untimed call."""
+def model_sampling(kinds: list[str], threads: list[int], repeats: int, device: str,
+                   options: dict | None = None) -> list[dict]:
+    """Median seconds of ``model.sample`` per (kind, threads, samples), after one untimed call. ``options``:
+    model config overrides for every kind (e.g. tfm's skip_mode). On CPU the allocator is tuned as the
+    product tunes it (``LONGITUDINAL_TUNE_MALLOC=false`` measures without)."""
     import torch
 
     from longitudinal.models.base import build_model
+    from longitudinal.runtime import tune_cpu_allocator
+
+    if device == "cpu":
+        tune_cpu_allocator()
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 2, CROP, CROP, CROP, generator=g).to(device)
@@ -124,7 +131,7 @@ def model_sampling(kinds: list[str], threads: list[int], repeats: int, device: s
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for kind in kinds:
-            model = build_model(kind).to(device).eval()
+            model = build_model(kind, dict(options or {})).to(device).eval()
             for n in SAMPLES:
                 times = []
                 for i in range(repeats + 1):
@@ -152,6 +159,8 @@ def main() -> None:
     ap.add_argument("--threads", default="", help="torch thread counts, e.g. 1,2 (--models-only: every row; else "
                                                   "the warm API rows)")
     ap.add_argument("--device", default="cpu", help="device for --models-only")
+    ap.add_argument("--model-options", default="{}",
+                    help="--models-only: JSON model config overrides, e.g. '{\"skip_mode\": \"concat\"}'")
     args = ap.parse_args()
     os.environ.update(QUIET)
 
@@ -160,7 +169,7 @@ def main() -> None:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if args.models_only:
         threads = [int(v) for v in args.threads.split(",") if v] or [torch.get_num_threads()]
-        rows = model_sampling(kinds, threads, args.repeats, args.device)
+        rows = model_sampling(kinds, threads, args.repeats, args.device, json.loads(args.model_options))
         _report(rows, args, f"model.sample latency ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), crop "
                             f"{CROP}^3, 3 context scans, 1 query, median of {args.repeats}")
         return
