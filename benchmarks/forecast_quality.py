@@ -15,11 +15,11 @@ beside it. Coherence: the fraction of sampled trajectories whose volume never sh
     .venv/bin/python benchmarks/forecast_quality.py                        # 64 patients, 1500 s budget
     .venv/bin/python benchmarks/forecast_quality.py --patients 6 --budget-s 60 --preset tiny   # smoke run
 
-On the 2-core machine the two kinds train side by side, one torch thread each (two OpenMP threads per job
-would spin-wait on each other), then one run scores them together:
+Session 3's acceptance run trained the kinds one after the other on one torch thread each (the second core
+stayed free for other work; side by side, two jobs each ran at about half speed), then scored them together:
 
     for k in tfm np; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W \
-        --models $k --train-only & done; wait
+        --models $k --train-only; done
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W --samples 16
 """
 
@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--ingest-workers", type=int, default=2)
     ap.add_argument("--json", type=Path, help="rows JSON (default: <work>/forecast_quality.json)")
     ap.add_argument("--train-only", action="store_true",
-                    help="stop after training (to train kinds in parallel processes, one core each, then score "
-                         "them together with a run without this flag: finished runs are reused)")
+                    help="stop after training (train kinds in separate runs, then score them together with a run "
+                         "without this flag: finished runs are reused)")
     args = ap.parse_args()
 
     import longitudinal.models  # noqa: F401  (registers every model kind)

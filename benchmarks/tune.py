@@ -5,9 +5,10 @@ The test patients of the split are never touched here, so the defaults picked fr
 honestly by benchmarks/forecast_quality.py afterwards. The cohort is the one forecast_quality.py caches
 under --work (run that first, or with ``--models ""`` to only synthesise and ingest).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune.py --work /work/bench/fq64 --budget-s 500 \\
-        --variant 'plain={"model_options": {"rate_head": false}}' --variant 'rate={}' \\
-        --samplers euler:8,euler:4,midpoint:2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune.py --work W --budget-s 1500 --samplers euler:8,midpoint:2 \\
+        --variant 'plain={"steps": 500, "model_options": {"rate_head": false}}' --variant 'default={"steps": 500}'
+
+(the README lists the exact sweep behind the shipped tfm defaults).
 
 Each variant's run folder is <work>/tune/<name> (resumable); rows go to <work>/tune/<name>.json.
 """

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 from longitudinal.models.base import N_CLASSES
 
+SKIP_MODES = ("concat", "add")  # FiLMUNet3d: how a skip joins the upsampled features
+OUT_KERNELS = (1, 3)  # FiLMUNet3d: kernel of the output convolution
+
 
 def last_context_index(context_times: Tensor, context_mask: Tensor) -> Tensor:
     """[B] index of the latest masked-in context scan (by time, not by position).
@@ -118,9 +121,9 @@ class FiLMUNet3d(nn.Module):
             if i < len(chans) - 1:
                 self.downsamples.append(nn.Conv3d(c, c, 3, stride=2, padding=1))
         self.mid = FiLMResBlock(chans[-1], chans[-1], emb_dim)
-        if skip_mode not in ("concat", "add") or out_kernel not in (1, 3):
-            raise ValueError(f"skip_mode must be 'concat' or 'add' (got {skip_mode!r}); out_kernel 1 or 3 "
-                             f"(got {out_kernel!r})")
+        if skip_mode not in SKIP_MODES or out_kernel not in OUT_KERNELS:
+            raise ValueError(f"skip_mode must be one of {list(SKIP_MODES)} (got {skip_mode!r}); out_kernel one of "
+                             f"{list(OUT_KERNELS)} (got {out_kernel!r})")
         self.skip_mode = skip_mode
         self.up_blocks = nn.ModuleList()
         self.up_proj = nn.ModuleList()

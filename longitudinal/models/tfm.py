@@ -37,6 +37,8 @@ from longitudinal.models.base import (
     scale_days,
 )
 from longitudinal.models.blocks import (
+    OUT_KERNELS,
+    SKIP_MODES,
     FiLMUNet3d,
     fourier_features,
     gather_k,
@@ -72,7 +74,8 @@ class TFMConfig:
         vs 0.728, at 500 training steps each.
     skip_mode / out_kernel: the U-Net's skip joins and output kernel (``FiLMUNet3d``). Tuned the same way:
         "add" with a 1x1x1 output scored Dice 0.784 / volume error 9.2 ml against 0.735 / 11.4 ml for
-        "concat" with 3x3x3 (both 500 steps, midpoint:2), and samples 32 flows in 1.27 s instead of 1.88 s.
+        "concat" with 3x3x3 (both 500 steps, midpoint:2), and samples 32 flows in 1.30 s instead of 1.91 s
+        (``benchmarks/forecast_latency.py --models-only --kinds tfm``, 2 CPU threads).
     max_batch: flows integrated at once when sampling (bounds memory; results do not depend on it for
     fixed-step solvers). 16 vs 32 at 32^3 on a 2-core CPU: 32 was ~20% faster with 2 threads and ~30% slower
     with 1 thread on a loaded machine, so no change either way is claimed.
@@ -108,10 +111,10 @@ class TFMConfig:
             problems.append(f"n_freqs must be >= 0, got {self.n_freqs!r}")
         if self.sigma < 0:
             problems.append(f"sigma must be >= 0, got {self.sigma!r}")
-        if self.skip_mode not in ("concat", "add"):
-            problems.append(f"skip_mode {self.skip_mode!r} is not one of ['concat', 'add']")
-        if self.out_kernel not in (1, 3):
-            problems.append(f"out_kernel must be 1 or 3, got {self.out_kernel!r}")
+        if self.skip_mode not in SKIP_MODES:
+            problems.append(f"skip_mode {self.skip_mode!r} is not one of {list(SKIP_MODES)}")
+        if self.out_kernel not in OUT_KERNELS:
+            problems.append(f"out_kernel must be one of {list(OUT_KERNELS)}, got {self.out_kernel!r}")
         if self.solver not in SOLVERS:
             problems.append(f"solver {self.solver!r} is not one of {list(SOLVERS)}")
         if self.rtol <= 0 or self.atol <= 0:
