@@ -1,7 +1,7 @@
 """Fit a model's volume-interval calibration on validation patients (see ``longitudinal.models.calibration``).
 
 The model forecasts every later scan of the validation patients from their earlier scans (the evaluation
-protocol, at most ``max_targets`` targets evenly spaced over the deterministic target list); the signed,
+protocol, at most ``max_targets`` targets evenly spaced over the deterministic target list); the absolute,
 gap-normalised errors of its median sampled volume become the conformal scores it carries, grouped by the
 evaluation's horizon bins (small bins merged; see ``VolumeCalibration.fit``).
 """

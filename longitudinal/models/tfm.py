@@ -13,8 +13,9 @@ by how long before the last scan it was taken). A global embedding of the gap to
 the last scan (both in years via ``scale_days``, as Fourier features) and the flow time t modulates every
 block. With ``rate_head`` (the default) the U-Net predicts two maps and the velocity is ``a + gap * r``: the
 change drawn over the flow is an offset plus a rate times the gap (years), which extrapolates to long gaps
-the way growth does. Each query time is an independent flow (B*Q flattened). Sampling integrates dx/dt = v from t=0 to 1
-with ``torchdiffeq.odeint`` (euler / midpoint / rk4 fixed-step, dopri5 adaptive); the S samples differ by their x0 noise.
+the way growth does. Each query time is its own flow (B*Q flattened). Sampling integrates dx/dt = v from t=0
+to 1 with ``torchdiffeq.odeint`` (euler / midpoint / rk4 fixed-step, dopri5 adaptive); the S samples differ by
+their x0 noise, one draw per sample shared by all of its query times, so a sample is one trajectory.
 Class probabilities are the flowed tumour channels clipped to [0, 1] and normalised.
 """
 
@@ -298,12 +299,15 @@ class TemporalFlowMatching(ForecastModel):
         gap = scale_days((query_times - t_last_days[:, None]).float())  # [B, Q]
         bi = torch.arange(b, device=device).repeat_interleave(q * n_samples)
         gap_n = gap.repeat_interleave(n_samples, dim=1).flatten()
-        # Noise for all flows drawn up front, in one call, so samples do not depend on max_batch.
+        # Noise drawn up front, in one call, so samples do not depend on max_batch; one draw per (patient,
+        # sample), shared by all of its query times, so sample s is one trajectory over the query times (its
+        # flows differ only by the gap) rather than unrelated draws per time.
         noise = torch.randn(
-            (bi.numel(), *last_state.shape[1:]), generator=generator,
+            (b, 1, n_samples, *last_state.shape[1:]), generator=generator,
             device=generator.device if generator is not None else device,
         ).to(device)
-        x0 = last_state[bi] + self.config.sigma * noise
+        x0 = last_state[bi] + self.config.sigma * noise.expand(b, q, *noise.shape[2:]).reshape(bi.numel(),
+                                                                                             *noise.shape[3:])
         out = []
         mb = self.config.max_batch
         for s in range(0, bi.numel(), mb):

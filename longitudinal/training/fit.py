@@ -501,7 +501,7 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     meta = dict(ckpt["meta"])
     # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
     key = {"step": meta.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
-           "patients": sorted(patient_ids), "form": "per-horizon-v1"}
+           "patients": sorted(patient_ids), "form": "per-horizon-symmetric-v2"}
     if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
         return calibrations_from_meta(meta)
     t = time.perf_counter()

@@ -110,15 +110,15 @@ def test_evaluate_a_baseline_reference_on_chosen_patients(cohort):
 
 
 def test_a_models_calibration_sets_its_interval_metrics(cohort, report):
-    """With a calibration whose scores are huge and symmetric, every interval covers the truth; with scores far
-    above any error, none does; the raw-sample columns are the same either way."""
+    """With huge absolute scores, every interval covers the truth; with signed scores far above any error, none
+    does; the raw-sample columns are the same either way."""
     from longitudinal.models.calibration import VolumeCalibration
 
     torch.manual_seed(0)
     tfm = build_model("tfm", TINY_TFM, in_channels=2)
     raw = {(r["model"], r["horizon"]): r for r in report.rows}
-    for scores, expected in (((-1e6,) * 50 + (1e6,) * 50, 1.0), ((1e6,) * 100, 0.0)):
-        tfm.volume_calibration = {"whole": VolumeCalibration("whole", scores)}
+    for form, expected in (("symmetric", 1.0), ("signed", 0.0)):
+        tfm.volume_calibration = {"whole": VolumeCalibration("whole", (1e6,) * 100, form=form)}
         rows = evaluate_models({"tfm": tfm}, cohort.url, config=CFG).rows
         for row in (r for r in rows if r["model"] == "tfm" and r["n"]):
             assert row["coverage80"] == row["coverage95"] == expected

@@ -60,8 +60,8 @@ def test_solvers_integrate_known_flows(solver, steps, tol, phantom):
     f = model.sample(*ctx, n_samples=2, generator=g, solver=solver, steps=steps)
     g = torch.Generator().manual_seed(3)
     x0 = model._states(ctx[0][:, 1], ctx[1][:, 1])  # last scan's state, [B, 4, D, H, W]
-    noise = torch.randn((2 * 2 * 2, *x0.shape[1:]), generator=g)
-    x0 = x0.repeat_interleave(4, dim=0) + model.config.sigma * noise
+    noise = torch.randn((2, 1, 2, *x0.shape[1:]), generator=g)  # [B, 1, S]: shared by the 2 query times
+    x0 = x0.repeat_interleave(4, dim=0) + model.config.sigma * noise.expand(2, 2, 2, *x0.shape[1:]).flatten(0, 2)
     h = 1 / steps
     factor = {"euler": (1 - h) ** steps, "midpoint": (1 - h + h * h / 2) ** steps}.get(solver, math.exp(-1))
     expected = (x0 * factor).view(2, 2, 2, 4, 8, 8, 8)
@@ -86,6 +86,16 @@ def test_samples_differ_only_through_x0_noise(phantom):
     torch.manual_seed(0)
     noisy = build_model("tfm", TINY).sample(*ctx, n_samples=3, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(noisy.images[:, :, 0], noisy.images[:, :, 2])
+
+
+def test_one_noise_draw_per_sample_is_shared_by_its_query_times(phantom):
+    """With a gap-blind velocity (v = -x) the flow map is the same at every query time, so the forecasts of one
+    sample agree across query times exactly when they start from the same x0 noise; samples still differ."""
+    model = build_model("tfm", TINY | {"rate_head": False})
+    model.net = _Decay()
+    f = model.sample(*_context(phantom), n_samples=3, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(f.images[:, 0], f.images[:, 1])
+    assert not torch.allclose(f.images[:, :, 0], f.images[:, :, 1])
 
 
 def test_untrained_forecast_is_near_the_last_scan_and_chunking_is_invisible(phantom):
