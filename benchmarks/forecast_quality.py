@@ -15,12 +15,14 @@ beside it. Coherence: the fraction of sampled trajectories whose volume never sh
     .venv/bin/python benchmarks/forecast_quality.py                        # 64 patients, 1500 s budget
     .venv/bin/python benchmarks/forecast_quality.py --patients 6 --budget-s 60 --preset tiny   # smoke run
 
-Session 3's acceptance run trained the kinds one after the other on one torch thread each (the second core
-stayed free for other work; side by side, two jobs each ran at about half speed), then scored them together:
+The acceptance runs trained the kinds one after the other on one torch thread each (the second core stayed
+free for other work; side by side, two jobs each ran at about half speed), then scored them together; session 4
+used 128 patients, so that calibration (19 validation patients) and test (26) rest on more patients than the
+default 64 give (10 and 13). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
 
-    for k in tfm np; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W \
+    for k in tfm np; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 \
         --models $k --train-only; done
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W --samples 16
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --samples 16
 """
 
 from __future__ import annotations
