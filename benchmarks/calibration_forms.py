@@ -19,6 +19,7 @@ Nothing is written into the checkpoints; per-target records go to <work>/calibra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,17 +38,17 @@ def main() -> None:
     args = ap.parse_args()
 
     import longitudinal.models  # noqa: F401  (registers every model kind)
-    from longitudinal.evaluation.harness import HORIZON_BINS, EvalConfig, evaluate_models
+    from longitudinal.evaluation.harness import HORIZON_BINS, evaluate_models
     from longitudinal.models.calibration import FORMS
     from longitudinal.training.checkpoint import load_model_checkpoint
     from longitudinal.training.config import TrainConfig
+    from longitudinal.training.fit import calibration_eval_config
 
     console = Console(width=150)
     work = args.work.resolve()
     store_url = str(work / "cohort.zarr")
     out_dir = work / "calibration_forms"
     out_dir.mkdir(exist_ok=True)
-    edges = sorted({lo for lo, _hi in HORIZON_BINS if lo > 0})
     for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
         run = work / "runs" / kind
         cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
@@ -55,10 +56,9 @@ def main() -> None:
         model, _ = load_model_checkpoint(run / "checkpoints" / "best.pt")
         model.volume_calibration = None  # raw records; the forms are fitted below
         records = {}
-        for part, samples, seed, cap in (("val", cfg.calib_samples, cfg.seed + 1, cfg.calib_targets),
-                                         ("test", args.samples, cfg.seed, None)):
-            ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context,  # type: ignore[arg-type]
-                              normalize=cfg.normalize, n_samples=samples, seed=seed, device="cpu")
+        val_cfg = calibration_eval_config(cfg, "cpu")  # exactly as the end-of-training calibration
+        test_cfg = dataclasses.replace(val_cfg, n_samples=args.samples, seed=cfg.seed)  # as forecast_quality.py
+        for part, ecfg, cap in (("val", val_cfg, cfg.calib_targets), ("test", test_cfg, None)):
             rep = evaluate_models({kind: model}, store_url, list(split[part]), ecfg, max_targets=cap, baselines=False)
             records[part] = [r for r in rep.records if r["model"] == kind]
             (out_dir / f"{kind}_{part}.json").write_text(json.dumps(records[part], default=float))
@@ -71,9 +71,9 @@ def main() -> None:
             table.add_column(lab, justify="right")
         table.add_column("worst |cov - nominal|", justify="right")
         for form in FORMS:
-            cal = _fit(records["val"], form, edges)
+            cal = _fit(records["val"], form)
             for name, cover in (("test", _cover(cal, records["test"])),
-                                ("val, leave-one-patient-out", _lopo(records["val"], form, edges))):
+                                ("val, leave-one-patient-out", _lopo(records["val"], form))):
                 cells, worst = _per_bin(cover, HORIZON_BINS)
                 table.add_row(form, name, *cells, f"{worst:.2f}")
         console.print(table)
@@ -94,11 +94,11 @@ def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def _fit(recs: Sequence[dict[str, Any]], form: str, edges: Sequence[float]) -> Any:
-    from longitudinal.models.calibration import VolumeCalibration
+def _fit(recs: Sequence[dict[str, Any]], form: str) -> Any:
+    """The whole-tumour calibration that training would fit from these validation records, in ``form``."""
+    from longitudinal.evaluation.calibration import calibrations_from_records
 
-    return VolumeCalibration.fit("whole", [r["volume_true_ml"] for r in recs], [r["volume_median_ml"] for r in recs],
-                                 [r["horizon_days"] for r in recs], edges_days=edges, form=form)
+    return calibrations_from_records(recs, form=form)["whole"]
 
 
 def _cover(cal: Any, recs: Sequence[dict[str, Any]]) -> list[tuple[float, bool, bool]]:
@@ -111,12 +111,13 @@ def _cover(cal: Any, recs: Sequence[dict[str, Any]]) -> list[tuple[float, bool, 
     return out
 
 
-def _lopo(recs: Sequence[dict[str, Any]], form: str, edges: Sequence[float]) -> list[tuple[float, bool, bool]]:
+def _lopo(recs: Sequence[dict[str, Any]], form: str) -> list[tuple[float, bool, bool]]:
+    """Coverage of each validation patient's targets by a calibration fitted on the other patients."""
     out = []
     for pid in sorted({r["patient_id"] for r in recs}):
         rest = [r for r in recs if r["patient_id"] != pid]
         if rest:
-            out += _cover(_fit(rest, form, edges), [r for r in recs if r["patient_id"] == pid])
+            out += _cover(_fit(rest, form), [r for r in recs if r["patient_id"] == pid])
     return out
 
 

@@ -8,11 +8,12 @@ evaluation's horizon bins (small bins merged; see ``VolumeCalibration.fit``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from longitudinal.evaluation.harness import EvalConfig, evaluate_models
+from longitudinal.evaluation.harness import HORIZON_BINS, EvalConfig, evaluate_models
 from longitudinal.models.base import ForecastModel
 from longitudinal.models.calibration import VolumeCalibration
 
@@ -36,14 +37,25 @@ def fit_volume_calibration(
     recs = [r for r in report.records if r["model"] == "model"]
     if not recs:
         raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
-    gaps = np.array([r["horizon_days"] for r in recs])
-    n_pat = len({r["patient_id"] for r in recs})
+    return calibrations_from_records(recs, config.bins, offset_years)
+
+
+def calibrations_from_records(
+    records: Sequence[Mapping[str, Any]],
+    bins: Sequence[tuple[float, float]] = HORIZON_BINS,
+    offset_years: float = 0.25,
+    form: str = "symmetric",
+) -> dict[str, VolumeCalibration]:
+    """{"whole", "enhancing"} calibrations from a sampled model's per-target evaluation records (keys
+    volume_true_ml, volume_median_ml, volume_enh_true_ml, volume_enh_median_ml, horizon_days, patient_id),
+    with Mondrian scores on the interior edges of ``bins`` (days)."""
+    gaps = np.array([r["horizon_days"] for r in records])
+    n_pat = len({r["patient_id"] for r in records})
     # Per-horizon (Mondrian) scores on the evaluation's own bins, so coverage holds bin by bin.
-    edges = sorted({lo for lo, _hi in config.bins if lo > 0})
+    edges = sorted({lo for lo, _hi in bins if lo > 0})
     return {
-        "whole": VolumeCalibration.fit("whole", [r["volume_true_ml"] for r in recs],
-                                       [r["volume_median_ml"] for r in recs], gaps, offset_years, n_pat, edges),
-        "enhancing": VolumeCalibration.fit("enhancing", [r["volume_enh_true_ml"] for r in recs],
-                                           [r["volume_enh_median_ml"] for r in recs], gaps, offset_years, n_pat,
-                                           edges),
+        structure: VolumeCalibration.fit(structure, [r[f"volume{key}_true_ml"] for r in records],
+                                         [r[f"volume{key}_median_ml"] for r in records], gaps, offset_years,
+                                         n_pat, edges, form=form)
+        for structure, key in (("whole", ""), ("enhancing", "_enh"))
     }

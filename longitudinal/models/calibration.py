@@ -53,8 +53,6 @@ from longitudinal.models.base import DAYS_PER_YEAR
 
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5] (the same levels as the raw-sample summaries).
 LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
-# Central level of each outer quantile (the symmetric form widens both ends by one score quantile).
-_CENTRAL: dict[str, float] = {"lo95": 0.95, "lo80": 0.80, "hi80": 0.80, "hi95": 0.95}
 STRUCTURES = ("whole", "enhancing")
 FORMS = ("symmetric", "signed")
 MIN_PER_BIN = 20
@@ -161,13 +159,13 @@ class VolumeCalibration:
         """
         if self.form == "symmetric":
             e = self.scores_for(gap_days)
-            n = len(e)
-            half = {lvl: _scale(float(gap_days), self.offset_years) * e[min(math.ceil((n + 1) * lvl), n) - 1]
-                    for lvl in set(_CENTRAL.values())}
-            return {name: (float(median_ml) if name == "median" else
-                           max(float(median_ml) - float(half[_CENTRAL[name]]), 0.0) if name.startswith("lo")
-                           else max(float(median_ml) + float(half[_CENTRAL[name]]), 0.0))
-                    for name in LEVELS}
+            n, scale, m = len(e), float(_scale(float(gap_days), self.offset_years)), float(median_ml)
+            sym = {}
+            for name, p in LEVELS.items():
+                central = abs(2 * p - 1)  # lo80 / hi80 -> 0.80: both ends of one interval share a half-width
+                half = scale * e[min(math.ceil((n + 1) * central), n) - 1] if central > 0 else 0.0
+                sym[name] = max(m + math.copysign(half, p - 0.5), 0.0)
+            return sym
         vals = self.samples(median_ml, gap_days)  # sorted: scores are sorted and the map is monotone
         n = vals.size
         out = {}

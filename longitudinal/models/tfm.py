@@ -306,8 +306,7 @@ class TemporalFlowMatching(ForecastModel):
             (b, 1, n_samples, *last_state.shape[1:]), generator=generator,
             device=generator.device if generator is not None else device,
         ).to(device)
-        x0 = last_state[bi] + self.config.sigma * noise.expand(b, q, *noise.shape[2:]).reshape(bi.numel(),
-                                                                                             *noise.shape[3:])
+        x0 = last_state[bi] + self.config.sigma * noise.expand(b, q, *noise.shape[2:]).flatten(0, 2)
         out = []
         mb = self.config.max_batch
         for s in range(0, bi.numel(), mb):

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from longitudinal.training.checkpoint import (
 )
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.logger import MetricLogger, NullLogger
+
+if TYPE_CHECKING:
+    from longitudinal.evaluation.harness import EvalConfig
 
 # Config fields that may change when resuming (how long to train); anything else must match the saved run.
 _RESUMABLE_CHANGES = {"steps", "epochs", "budget_s", "eval_every", "ckpt_every", "log_every", "num_workers",
@@ -495,7 +498,6 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically). A
     checkpoint already calibrated at its step with the same settings is left as it is."""
     from longitudinal.evaluation.calibration import fit_volume_calibration
-    from longitudinal.evaluation.harness import EvalConfig
 
     ckpt = load_checkpoint(path)
     meta = dict(ckpt["meta"])
@@ -505,11 +507,8 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
         return calibrations_from_meta(meta)
     t = time.perf_counter()
-    ecfg = EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
-                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
-                      device=str(device))
-    cals = fit_volume_calibration(model_from_checkpoint(ckpt).to(device), store_url, patient_ids, ecfg,
-                                  max_targets=config.calib_targets)
+    cals = fit_volume_calibration(model_from_checkpoint(ckpt).to(device), store_url, patient_ids,
+                                  calibration_eval_config(config, device), max_targets=config.calib_targets)
     meta["volume_calibration"] = calibrations_to_meta(cals)
     meta["volume_calibration_fit"] = key
     atomic_save({**ckpt, "meta": meta}, path)
@@ -517,6 +516,16 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     say(f"calibrated volume intervals of {path.name} on {w.n} validation targets of {w.n_patients} patients, "
         f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
     return cals
+
+
+def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> EvalConfig:
+    """How the end-of-training calibration forecasts the validation targets (``calib_samples`` samples, seed + 1;
+    at most ``calib_targets`` targets, passed to the harness separately)."""
+    from longitudinal.evaluation.harness import EvalConfig
+
+    return EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
+                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
+                      device=str(device))
 
 
 def _resolve_device(device: str) -> torch.device:
