@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _coverage import Cover, cell_text, cover, fit_whole, label, per_bin
 from rich.console import Console
 from rich.table import Table
 
@@ -66,16 +67,16 @@ def main() -> None:
                             f"{len(set(split['test']))} test patients)")
         table.add_column("form")
         table.add_column("scored on")
-        labels = [_label(lo, hi) for lo, hi in HORIZON_BINS]
+        labels = [label(lo, hi) for lo, hi in HORIZON_BINS]
         for lab in labels:
             table.add_column(lab, justify="right")
         table.add_column("worst |cov - nominal|", justify="right")
         for form in FORMS:
-            cal = _fit(records["val"], form)
-            for name, cover in (("test", _cover(cal, records["test"])),
-                                ("val, leave-one-patient-out", _lopo(records["val"], form))):
-                cells, worst = _per_bin(cover, HORIZON_BINS)
-                table.add_row(form, name, *cells, f"{worst:.2f}")
+            cal = fit_whole(records["val"], form)
+            for name, covers in (("test", cover(cal, records["test"])),
+                                 ("val, leave-one-patient-out", _lopo(records["val"], form))):
+                cells, worst = per_bin(covers, HORIZON_BINS)
+                table.add_row(form, name, *map(cell_text, cells), f"{worst:.2f}")
         console.print(table)
         for part in ("val", "test"):
             bias = [_mean([r["volume_true_ml"] - r["volume_median_ml"] for r in records[part]
@@ -86,54 +87,18 @@ def main() -> None:
                           f"{[round(b, 1) for b in bias]}; mean true volume {[round(s, 1) for s in size]} ml")
 
 
-def _label(lo: float, hi: float) -> str:
-    return f">{lo:g}" if np.isinf(hi) else f"{lo:g}-{hi:g}"
-
-
 def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def _fit(recs: Sequence[dict[str, Any]], form: str) -> Any:
-    """The whole-tumour calibration that training would fit from these validation records, in ``form``."""
-    from longitudinal.evaluation.calibration import calibrations_from_records
-
-    return calibrations_from_records(recs, form=form)["whole"]
-
-
-def _cover(cal: Any, recs: Sequence[dict[str, Any]]) -> list[tuple[float, bool, bool]]:
-    """(gap days, 80% covered, 95% covered) per target."""
-    out = []
-    for r in recs:
-        q = cal.quantiles(r["volume_median_ml"], r["horizon_days"])
-        v = r["volume_true_ml"]
-        out.append((r["horizon_days"], q["lo80"] <= v <= q["hi80"], q["lo95"] <= v <= q["hi95"]))
-    return out
-
-
-def _lopo(recs: Sequence[dict[str, Any]], form: str) -> list[tuple[float, bool, bool]]:
+def _lopo(recs: Sequence[dict[str, Any]], form: str) -> list[Cover]:
     """Coverage of each validation patient's targets by a calibration fitted on the other patients."""
     out = []
     for pid in sorted({r["patient_id"] for r in recs}):
         rest = [r for r in recs if r["patient_id"] != pid]
         if rest:
-            out += _cover(_fit(rest, form), [r for r in recs if r["patient_id"] == pid])
+            out += cover(fit_whole(rest, form), [r for r in recs if r["patient_id"] == pid])
     return out
-
-
-def _per_bin(cover: Sequence[tuple[float, bool, bool]], bins: Sequence[tuple[float, float]]) -> tuple[list[str], float]:
-    """Cells 'cov80 / cov95 (n)' per bin and the worst distance to nominal over bins with >= 3 targets."""
-    cells, worst = [], 0.0
-    for lo, hi in bins:
-        sel = [c for c in cover if lo <= c[0] < hi]
-        if not sel:
-            cells.append("-")
-            continue
-        c80, c95 = np.mean([c[1] for c in sel]), np.mean([c[2] for c in sel])
-        cells.append(f"{c80:.2f} / {c95:.2f} ({len(sel)})")
-        if len(sel) >= 3:
-            worst = max(worst, abs(c80 - 0.80), abs(c95 - 0.95))
-    return cells, worst
 
 
 if __name__ == "__main__":

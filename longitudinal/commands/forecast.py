@@ -39,6 +39,12 @@ def print_forecast_table(result: Any) -> None:
             table.add_row(*lead, kind, _ml(v.median), f"{_ml(v.lo80)}-{_ml(v.hi80)}", f"{_ml(v.lo95)}-{_ml(v.hi95)}")
         table.add_section()
     console.print(table)
+    whole = result.intervals.get("whole") or {}
+    if whole.get("calibrated"):
+        console.print(f"volume intervals: calibrated on {whole['calibration_targets']} targets of "
+                      f"{whole['calibration_patients']} validation patients ({whole['method']})")
+    elif whole:
+        console.print(f"volume intervals: {whole['method']}, {whole['note']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""CLI commands for the 'train' area: `longitudinal train` and `longitudinal evaluate`."""
+"""CLI commands for the 'train' area: `longitudinal train`, `longitudinal calibrate` and `longitudinal evaluate`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast ev
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train` and `evaluate` to the root app."""
+    """Add `train`, `calibrate` and `evaluate` to the root app."""
 
     @app.command()
     def train(
@@ -95,6 +95,35 @@ def register(app: typer.Typer) -> None:
         best = "-" if res.best_metric is None else f"{res.best_metric:.3f}"
         console.print(f"[bold]model[/bold] {res.checkpoint}  steps {res.steps}  {res.wall_s:.0f} s  "
                       f"best val Dice {best}  split {res.split.split_id} ({res.split_path})")
+
+    @app.command()
+    def calibrate(
+        ctx: typer.Context,
+        run_dir: Path = typer.Argument(..., help="A finished training run folder (holds config.json, split.json)."),
+        patients: str = typer.Option(..., "--patients",
+                                     help="Comma-separated held-out patient ids, or a split.json to use its "
+                                          "validation patients (never the run's training or test patients)."),
+        store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
+        targets: int | None = typer.Option(None, "--targets", min=1,
+                                           help="At most this many targets (default: the run's calib_targets)."),
+    ) -> None:
+        """Refit a sampled model's volume-interval calibration on more held-out patients (no retraining)."""
+        from rich.markup import escape
+
+        from longitudinal.training.recalibrate import recalibrate_run
+
+        settings = settings_of(ctx)
+        store_url = store or settings.store_url
+        print_locations(settings, ("store",))
+        try:
+            out = recalibrate_run(run_dir, store_url, _patients(patients, part="val") or [], targets,
+                                  progress=console.print)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(escape(str(exc)))
+        w = out.whole
+        console.print(f"[bold]calibrated[/bold] {', '.join(str(p) for p in out.checkpoints)} on {w.n} targets of "
+                      f"{w.n_patients} patients; horizon bins split at {list(w.edges_days)} d holding "
+                      f"{w.bin_sizes()} targets")
 
     @app.command()
     def evaluate(
@@ -148,12 +177,13 @@ def _train_tracked(settings: Any, store_url: str, cfg: Any, register_as: str | N
                   f"{escape(d.get('gate.reasons', ''))}")
 
 
-def _patients(spec: str | None) -> list[str] | None:
+def _patients(spec: str | None, part: str = "test") -> list[str] | None:
+    """Patient ids from a comma-separated list, or the ``part`` patients of a split.json."""
     if not spec:
         return None
     path = Path(spec)
     if path.suffix == ".json" and path.exists():
         from longitudinal.data.splits import Split
 
-        return list(Split.load(path).test)
+        return list(getattr(Split.load(path), part))
     return [p.strip() for p in spec.split(",") if p.strip()]

@@ -49,6 +49,7 @@ from longitudinal.forecast.result import (
     ObservedScan,
     QueryForecast,
     VolumeInterval,
+    interval_basis,
 )
 from longitudinal.settings import Settings
 
@@ -277,13 +278,14 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     latest = sessions[names.index(native_session) if native_session is not None else -1]
     shape_xyz, affine, to_ref, grid_kind = _output_geometry(arr, latest)
     native = NativeSpace(latest.session, shape_xyz, affine.tolist(), grid_kind)
+    cals = model.forecaster.model.volume_calibration or {}
     result = ForecastResult(
         patient=pid, model=model.name, version=model.version, model_kind=model.kind, n_samples=n_samples, seed=seed,
         queries=[], observed=observed, native=native, channels=tuple(model.channels),
+        intervals=interval_basis(cals, n_samples),
     )
     out = Path(out_dir) if out_dir is not None else settings.forecasts_path / pid
     writer = _Writer(arr, shape_xyz, affine, to_ref, model.channels, out, pid) if write else None
-    cals = model.forecaster.model.volume_calibration or {}
     for q, p in zip(queries, preds, strict=True):
         files = writer.write(q, p) if writer is not None else {}
         result.queries.append(QueryForecast(

@@ -5,13 +5,14 @@ Units: volumes in ml, days since the patient's baseline scan (float), dates ISO 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from longitudinal.models.calibration import LEVELS, VolumeCalibration, volume_quantiles
+from longitudinal.models.calibration import LEVELS, STRUCTURES, VolumeCalibration, volume_quantiles
 
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
 QUANTILE_LEVELS: dict[str, float] = LEVELS
@@ -45,6 +46,32 @@ class VolumeInterval:
 
     def to_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("median", "lo80", "hi80", "lo95", "hi95")}
+
+
+def interval_basis(calibrations: Mapping[str, VolumeCalibration], n_samples: int) -> dict[str, Any]:
+    """What the volume intervals of a forecast rest on, per structure (``whole``, ``enhancing``): the calibration
+    the model carries (its method and how many validation patients and targets it was fitted on) or, without
+    one, the quantiles of the ``n_samples`` sampled volumes, which the reader is told are uncalibrated."""
+    out: dict[str, Any] = {"levels": "central: 80% = [q10, q90], 95% = [q2.5, q97.5]"}
+    for structure in STRUCTURES:
+        cal = calibrations.get(structure)
+        if cal is None:
+            out[structure] = {
+                "method": f"quantiles of the {n_samples} sampled volumes",
+                "calibrated": False,
+                "note": "uncalibrated: a model's own samples are usually over-confident (see the evaluation's "
+                        "coverage80_raw)" if n_samples > 1 else "one sample: a point forecast, no interval",
+            }
+        else:
+            out[structure] = {
+                "method": f"split conformal ({cal.form} scores per horizon bin) around the median sampled volume",
+                "calibrated": True,
+                "calibration_patients": cal.n_patients,
+                "calibration_targets": cal.n,
+                "bin_edges_days": list(cal.edges_days),
+                "targets_per_bin": cal.bin_sizes(),
+            }
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,7 @@ class ForecastResult:
     observed: list[ObservedScan]
     native: NativeSpace
     channels: tuple[str, ...]
+    intervals: dict[str, Any] = field(default_factory=dict)  # interval_basis(): what the volume intervals rest on
     out_dir: Path | None = None
     summary_path: Path | None = None
     plot_path: Path | None = None
@@ -131,6 +159,6 @@ class ForecastResult:
             "observed": [asdict(o) for o in self.observed],
             "native_space": {"session": self.native.session, "shape": list(self.native.shape),
                              "affine": self.native.affine, "grid": self.native.grid},
-            "intervals": "central: 80% = [q10, q90], 95% = [q2.5, q97.5] of the sampled volumes",
+            "intervals": self.intervals,
             "plot": None if self.plot_path is None else str(self.plot_path),
         }

@@ -154,6 +154,35 @@ def test_sampled_model_intervals_are_ordered_through_the_api(cohort: Cohort, tmp
     assert [q.volume_whole_ml for q in again.queries] == [q.volume_whole_ml for q in r.queries]  # seeded
 
 
+def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) -> None:  # noqa: ANN001
+    from forecasthelpers import baseline_checkpoint
+
+    from longitudinal.models.calibration import VolumeCalibration, calibrations_to_meta
+
+    ckpt = baseline_checkpoint(tmp_path / "np.pt", kind="np", crop=16)
+    raw = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
+                           model_ref=str(ckpt), n_samples=4, write=False, seed=1)
+    assert raw.intervals["whole"]["calibrated"] is False and "uncalibrated" in raw.intervals["whole"]["note"]
+    assert raw.to_json()["intervals"] == raw.intervals
+
+    # 30 validation targets of 7 patients, every absolute error 10 ml per year of scale: at a one-year gap the
+    # scale is 0.25 + 1 years, so every interval is the median -/+ 12.5 ml.
+    gaps = np.linspace(400, 700, 30)
+    cal = VolumeCalibration.fit("whole", np.full(30, 50.0) + 10.0 * (0.25 + gaps / 365.25), np.full(30, 50.0),
+                                gaps, n_patients=7)
+    data = torch.load(ckpt, weights_only=False)
+    data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
+    torch.save(data, tmp_path / "np_cal.pt")
+    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
+                         model_ref=str(tmp_path / "np_cal.pt"), n_samples=4, write=False, seed=1)
+    basis = r.intervals["whole"]
+    assert basis["calibrated"] is True and basis["calibration_patients"] == 7 and basis["calibration_targets"] == 30
+    assert r.intervals["enhancing"]["calibrated"] is False  # only the whole tumour was calibrated here
+    v = r.queries[0].volume_whole_ml
+    assert v.median == raw.queries[0].volume_whole_ml.median  # same samples, same median
+    assert v.hi80 - v.median == pytest.approx(12.5) and v.hi95 - v.median == pytest.approx(12.5)
+
+
 def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:  # noqa: ANN001
     import dataclasses
 
