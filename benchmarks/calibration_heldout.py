@@ -11,7 +11,8 @@ trained (nothing is retrained and nothing is written into the checkpoints):
 - its patients are cut by a permutation seeded with ``--seed`` (fixed before any of them was scored) into a
   calibration half F and a test half F';
 - per kind, coverage of the calibrated 80% / 95% whole-tumour volume intervals per horizon bin for each
-  calibration set (V as trained; V + F) on each test set (T; F'; T + F');
+  calibration set (V as trained; F, what ``longitudinal calibrate`` on the fresh patients gives; V + F) on each
+  test set (T; F'; T + F');
 - subsampling: ``--draws`` calibrations, each on m patients drawn without replacement from V + F (m in
   ``--sizes``), scored on T + F': the 5th / 50th / 95th percentiles of each bin's coverage and the share of draws
   whose every cell (both levels, every bin with >= 3 targets) is within 10 points of nominal.
@@ -103,7 +104,7 @@ def main() -> None:
                             f"F' {len(f_test)} patients")
         for col in ("calibrated on", "patients", "scored on", *labels, "worst |cov - nominal|"):
             table.add_column(col, justify="left" if col in ("calibrated on", "scored on") else "right")
-        for cal_name in ("V", "V+F"):
+        for cal_name in ("V", "F", "V+F"):
             cal_recs = [r for part in cal_name.split("+") for r in recs[part]]
             cal = fit_whole(cal_recs)
             for test_name in ("T", "F'", "T+F'"):

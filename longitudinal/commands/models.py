@@ -15,7 +15,8 @@ def list_cmd(
     ctx: typer.Context,
     name: str | None = typer.Option(None, "--name", help="Registered model name (default tumor-growth-forecaster)."),
 ) -> None:
-    """Versions (newest first) with aliases, model kind, gate decision and validation figures."""
+    """Versions (newest first) with aliases, model kind, gate decision, validation figures and what their volume
+    intervals rest on."""
     from rich.table import Table
 
     from longitudinal.tracking.registry import list_versions
@@ -28,11 +29,11 @@ def list_cmd(
         console.print(f"no versions of {shown!r}")
         return
     table = Table(title=shown, title_justify="left")
-    for col in ("version", "aliases", "kind", "gate", "val dice whole", "val vol err (ml)", "run"):
+    for col in ("version", "aliases", "kind", "gate", "val dice whole", "val vol err (ml)", "intervals", "run"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.version, ", ".join(r.aliases) or "-", r.kind, r.decision, r.val_dice_whole,
-                      r.val_volume_error_ml, (r.run_id or "-")[:12])
+                      r.val_volume_error_ml, r.intervals, (r.run_id or "-")[:12])
     console.print(table)
 
 

@@ -176,6 +176,7 @@ class VersionInfo:
     val_dice_whole: str
     val_volume_error_ml: str
     source: str
+    intervals: str = "-"  # the version tag written at registration (tracking.training.intervals_tag)
 
 
 def list_versions(settings: Settings, name: str | None = None) -> list[VersionInfo]:
@@ -205,6 +206,7 @@ def list_versions(settings: Settings, name: str | None = None) -> list[VersionIn
                 val_dice_whole=t.get("gate.val_dice_whole", "-"),
                 val_volume_error_ml=t.get("gate.val_volume_error_ml", "-"),
                 source=v.source,
+                intervals=t.get("intervals", "-"),
             )
         )
     return rows

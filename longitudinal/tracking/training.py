@@ -317,7 +317,8 @@ def _evaluate_register_promote(
     logger.log_metrics(timing)
     model_id = model_uri.removeprefix("models:/")
     mv, created = register_version(client, name, model_uri, run_id, model_id,
-                                   {"model_kind": str(meta.get("kind")), "split_id": split.split_id})
+                                   {"model_kind": str(meta.get("kind")), "split_id": split.split_id,
+                                    "intervals": intervals_tag(candidate)})
     decision = None
     if not gated_before:
         cand = GateMetrics.from_rows(val.rows, CANDIDATE)
@@ -330,6 +331,14 @@ def _evaluate_register_promote(
         aliases = sorted(client.get_model_version(name, mv.version).aliases)
     logger.set_tags({"registry.name": name, "registry.version": str(mv.version)})
     return model_uri, str(mv.version), created, aliases, decision, val.rows, test.rows
+
+
+def intervals_tag(model: Any) -> str:
+    """The registry version tag ``intervals``: what a consumer's volume intervals will rest on."""
+    cal = (getattr(model, "volume_calibration", None) or {}).get("whole")
+    if cal is not None:
+        return f"calibrated: {cal.n} targets of {cal.n_patients} validation patients"
+    return "uncalibrated samples" if getattr(model, "stochastic", False) else "point forecast"
 
 
 # --- figures -------------------------------------------------------------------------------------------

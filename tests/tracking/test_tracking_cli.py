@@ -23,7 +23,8 @@ def test_models_list_and_resolve(tmp_path: Path, empty_cwd: Path) -> None:
     client = uri.client(s)
     run_id = client.create_run(uri.ensure_experiment(s)).info.run_id
     model_uri = log_forecaster(baseline_checkpoint(tmp_path / "l.pt", "linear"), run_id, s.tracking_uri)
-    mv, _ = register_version(client, s.registered_model_name, model_uri, run_id, None, {"model_kind": "linear"})
+    mv, _ = register_version(client, s.registered_model_name, model_uri, run_id, None,
+                             {"model_kind": "linear", "intervals": "point forecast"})
     apply_decision(client, s.registered_model_name, str(mv.version),
                    gate(GateMetrics(0.9, 1.0, 5), GateMetrics(0.8, 2.0, 5)))
 
@@ -31,7 +32,7 @@ def test_models_list_and_resolve(tmp_path: Path, empty_cwd: Path) -> None:
     res = runner.invoke(app, ["--home", str(home), "models", "list"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("│ 1"))
-    for text in ("challenger, champion", "linear", "promoted", "0.9000", "1.0000"):
+    for text in ("challenger, champion", "linear", "promoted", "0.9000", "1.0000", "point forecast"):
         assert text in line, (text, line)
     assert s.tracking_uri in res.output.replace("\n", "")
 

@@ -84,6 +84,8 @@ def test_the_run_records_params_metrics_tables_figures_and_tags(trained: dict) -
     tags = run.data.tags
     for key in ("store_hash", "split_id", "code_version", "model_kind", "registry.version"):
         assert tags.get(key), key
+    version = MlflowClient(out.tracking_uri).get_model_version(NAME, out.version)
+    assert version.tags["intervals"] == "point forecast"  # linear is deterministic
     assert "figures.error" not in tags, tags.get("figures.error")
     paths = {a.path for d in ("", "evaluation", "figures") for a in client.list_artifacts(out.run_id, d or None)}
     assert {"evaluation/test.csv", "evaluation/validation.json", "split.json", "config.json",
