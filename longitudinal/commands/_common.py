@@ -20,6 +20,11 @@ def settings_of(ctx: typer.Context) -> Settings:
     return obj if isinstance(obj, Settings) else Settings()
 
 
+def with_store(settings: Settings, store: str | None) -> Settings:
+    """``settings`` with a command's --store applied, so the locations printed are the ones used."""
+    return settings.model_copy(update={"store": store}) if store else settings
+
+
 def print_locations(settings: Settings, keys: tuple[str, ...] | None = None) -> None:
     """Print the locations a command uses, so a user always knows where things go."""
     locs = settings.locations()

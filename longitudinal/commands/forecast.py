@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from longitudinal.commands._common import console, fail, print_locations, settings_of
+from longitudinal.commands._common import console, fail, print_locations, settings_of, with_store
 
 
 def _ml(v: float) -> str:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
         from longitudinal.forecast import ForecastError, forecast_patient
 
-        settings = settings_of(ctx)
+        settings = with_store(settings_of(ctx), store)
         print_locations(settings, ("store", "forecasts", "mlflow"))
         try:
             result = forecast_patient(

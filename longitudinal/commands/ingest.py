@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from longitudinal.commands._common import console, fail, print_locations, settings_of
+from longitudinal.commands._common import console, fail, print_locations, settings_of, with_store
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +42,7 @@ def register(app: typer.Typer) -> None:
         settings = settings_of(ctx)
         if spacing is not None:
             settings = settings.model_copy(update={"target_spacing_mm": spacing})
-        if store:
-            settings = settings.model_copy(update={"store": store})
+        settings = with_store(settings, store)
         print_locations(settings, ("store", "reports"))
         if not source.exists():
             fail(f"source {source} does not exist")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from longitudinal.commands._common import console, err_console, fail, print_locations, settings_of
+from longitudinal.commands._common import console, err_console, fail, print_locations, settings_of, with_store
 
 STORE_ARG = typer.Argument(None, help="Cohort store URL (path or s3://...); default: the settings' store.")
 
@@ -25,8 +25,7 @@ def _open(ctx: typer.Context, store: str | None, recover: bool):  # noqa: ANN202
     from storage.store import CohortStore
 
     settings = settings_of(ctx)
-    if store:
-        settings = settings.model_copy(update={"store": store})
+    settings = with_store(settings, store)
     print_locations(settings, ("home", "store"))
     try:
         return CohortStore.open(settings.store_url, recover=recover)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from longitudinal.commands._common import console, fail, print_locations, settings_of
+from longitudinal.commands._common import console, fail, print_locations, settings_of, with_store
 
 
 def print_evaluation_table(rows: list[dict[str, Any]], title: str = "forecast evaluation") -> None:
@@ -76,8 +76,8 @@ def register(app: typer.Typer) -> None:
         from longitudinal.training.fit import fit
         from longitudinal.training.logger import JsonlLogger
 
-        settings = settings_of(ctx)
-        store_url = store or settings.store_url
+        settings = with_store(settings_of(ctx), store)
+        store_url = settings.store_url
         try:
             cfg = load_train_config(config, model=model, budget_s=budget_s, steps=steps)
         except ValueError as exc:
@@ -112,8 +112,8 @@ def register(app: typer.Typer) -> None:
 
         from longitudinal.training.recalibrate import recalibrate_run
 
-        settings = settings_of(ctx)
-        store_url = store or settings.store_url
+        settings = with_store(settings_of(ctx), store)
+        store_url = settings.store_url
         print_locations(settings, ("store",))
         try:
             out = recalibrate_run(run_dir, store_url, _patients(patients, part="val") or [], targets,
@@ -142,8 +142,8 @@ def register(app: typer.Typer) -> None:
 
         from longitudinal.tracking.training import evaluate_model_ref
 
-        settings = settings_of(ctx)
-        store_url = store or settings.store_url
+        settings = with_store(settings_of(ctx), store)
+        store_url = settings.store_url
         pids = _patients(patients)
         print_locations(settings, ("store",))
         try:

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
+from longitudinal.commands import _common
 from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.phantoms import make_phantom_store, phantom_record
 from longitudinal.data.splits import Split
@@ -82,9 +83,11 @@ def test_training_test_and_unknown_patients_are_refused_and_nothing_is_rewritten
 def test_calibrate_from_the_cli(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     url, run = trained
     monkeypatch.setenv("LONGITUDINAL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(_common.console, "width", 400)
     runner = CliRunner()
     res = runner.invoke(app, ["calibrate", str(run), "--store", url, "--patients", ",".join(NEW)])
     assert res.exit_code == 0, res.output
+    assert f"store  {url}" in res.output  # the locations printed are the ones used
     cal, _ = _calibration(run / "model.pt")
     assert cal.n_patients == 2 and f"of {cal.n_patients} patients" in res.output
 
