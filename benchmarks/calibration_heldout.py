@@ -15,7 +15,10 @@ trained (nothing is retrained and nothing is written into the checkpoints):
   test set (T; F'; T + F');
 - subsampling: ``--draws`` calibrations, each on m patients drawn without replacement from V + F (m in
   ``--sizes``), scored on T + F': the 5th / 50th / 95th percentiles of each bin's coverage and the share of draws
-  whose every cell (both levels, every bin with >= 3 targets) is within 10 points of nominal.
+  whose every cell (both levels, every bin with >= 3 targets) is within 10 points of nominal;
+- per bin, on the calibration pool V + F and on the test patients T + F': the mean signed error (true - median
+  sampled volume) and the 50th / 80th / 95th percentiles of the conformal scores, which show how heavy the
+  error tail is and whether the two sets differ.
 
 Validation-like records (V, F) are forecast as the end-of-training calibration forecasts them
 (``calibration_eval_config``: calib_samples samples, seed + 1; V keeps the run's calib_targets cap, F is
@@ -114,6 +117,8 @@ def main() -> None:
 
         pool = recs["V"] + recs["F"]
         tests = recs["T"] + recs["F'"]
+        for name, part in (("V+F", pool), ("T+F'", tests)):
+            console.print(f"{kind} {name}: " + "; ".join(_error_summary(part, lo, hi) for lo, hi in HORIZON_BINS))
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         sub = Table(title=f"{kind}: {args.draws} calibrations on m patients drawn from V+F, scored on T+F' "
                           f"({len({r['patient_id'] for r in tests})} patients): coverage 80% / 95%, "
@@ -124,6 +129,20 @@ def main() -> None:
         for m in sizes:
             sub.add_row(*_subsample(pool, tests, m, args.draws, rng, len(HORIZON_BINS)))
         console.print(sub)
+
+
+def _error_summary(recs: Sequence[dict[str, Any]], lo: float, hi: float) -> str:
+    """One bin's mean signed error (true - median sampled volume, ml) and the 50th / 80th / 95th percentiles of
+    its conformal scores (|error| per year of scale, ``longitudinal.models.calibration``)."""
+    from longitudinal.models.calibration import _scale
+
+    sel = [r for r in recs if lo <= r["horizon_days"] < hi]
+    if not sel:
+        return f"{label(lo, hi)}: -"
+    err = np.array([r["volume_true_ml"] - r["volume_median_ml"] for r in sel])
+    score = np.abs(err) / _scale(np.array([r["horizon_days"] for r in sel]), 0.25)
+    q = np.percentile(score, [50, 80, 95])
+    return f"{label(lo, hi)}: bias {err.mean():+.1f} ml, scores p50/p80/p95 {q[0]:.1f}/{q[1]:.1f}/{q[2]:.1f}"
 
 
 def _subsample(pool: Sequence[dict[str, Any]], tests: Sequence[dict[str, Any]], m: int, draws: int,
