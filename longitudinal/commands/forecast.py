@@ -42,7 +42,7 @@ def print_forecast_table(result: Any) -> None:
     whole = result.intervals.get("whole") or {}
     if whole.get("calibrated"):
         console.print(f"volume intervals: calibrated on {whole['calibration_targets']} targets of "
-                      f"{whole['calibration_patients']} validation patients ({whole['method']})")
+                      f"{whole['calibration_patients']} held-out patients ({whole['method']})")
     elif whole:
         console.print(f"volume intervals: {whole['method']}, {whole['note']}")
 

@@ -337,7 +337,7 @@ def intervals_tag(model: Any) -> str:
     """The registry version tag ``intervals``: what a consumer's volume intervals will rest on."""
     cal = (getattr(model, "volume_calibration", None) or {}).get("whole")
     if cal is not None:
-        return f"calibrated: {cal.n} targets of {cal.n_patients} validation patients"
+        return f"calibrated: {cal.n} targets of {cal.n_patients} held-out patients"
     return "uncalibrated samples" if getattr(model, "stochastic", False) else "point forecast"
 
 
