@@ -23,7 +23,8 @@ trained (nothing is retrained and nothing is written into the checkpoints):
 Validation-like records (V, F) are forecast as the end-of-training calibration forecasts them
 (``calibration_eval_config``: calib_samples samples, seed + 1; V keeps the run's calib_targets cap, F is
 uncapped), test-like ones (T, F') as forecast_quality.py scores them (--samples, the run's seed). Records are
-cached in <work>/calibration_heldout/<kind>_<set>.json.
+cached in <work>/calibration_heldout/<kind>_<set>.json, the fresh patients' cut in F.txt and Fp.txt there
+(comma-separated ids, for ``longitudinal calibrate`` and ``longitudinal evaluate``).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/calibration_heldout.py --work /work/bench/fq128 \\
         --fresh /work/bench/fq128x --models np,tfm
@@ -74,6 +75,9 @@ def main() -> None:
     f_test = sorted(fresh_ids[i] for i in order[half:])
     cache = work / "calibration_heldout"
     cache.mkdir(exist_ok=True)
+    # the cut, for `longitudinal calibrate --patients "$(cat .../F.txt)"` and `evaluate --patients ...`
+    (cache / "F.txt").write_text(",".join(f_cal))
+    (cache / "Fp.txt").write_text(",".join(f_test))
     labels = [label(lo, hi) for lo, hi in HORIZON_BINS]
     for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
         run = work / "runs" / kind
