@@ -50,7 +50,7 @@ class VolumeInterval:
 
 def interval_basis(calibrations: Mapping[str, VolumeCalibration], n_samples: int) -> dict[str, Any]:
     """What the volume intervals of a forecast rest on, per structure (``whole``, ``enhancing``): the calibration
-    the model carries (its method and how many validation patients and targets it was fitted on) or, without
+    the model carries (its method and how many held-out patients and targets it was fitted on) or, without
     one, the quantiles of the ``n_samples`` sampled volumes, which the reader is told are uncalibrated."""
     out: dict[str, Any] = {"levels": "central: 80% = [q10, q90], 95% = [q2.5, q97.5]"}
     for structure in STRUCTURES:

@@ -2,13 +2,15 @@
 
 Training calibrates a sampled model on its validation split, which is small (15% of the cohort: 19 patients of
 128), and per-bin coverage rests on the number of calibration *patients* (benchmarks/calibration_heldout.py
-measures how much it moves with 10, 19, 40 and 83 of them). Patients who arrive after training, or a site's own
+measures how much it moves with 10, 19 and 40 of them). Patients who arrive after training, or a site's own
 held-out patients, can calibrate the same weights: this module rewrites ``meta["volume_calibration"]`` of the
 run's ``checkpoints/best.pt`` and ``model.pt`` from the patients given, through the same path as the
 end-of-training calibration (``fit.calibrate_checkpoint``).
 
 Calibration patients must be held out from the weights: the run's training patients are refused, and so are its
-test patients (their figures would no longer be held out). Each checkpoint is rewritten atomically.
+test patients (their figures would no longer be held out). Each checkpoint is rewritten atomically; if the
+second one fails, running the command again finishes it (a checkpoint already calibrated on the same patients
+and settings is left as it is).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
     """Calibrate the checkpoints of ``run_dir`` (a ``fit`` run folder) on ``patient_ids`` of ``store_url``.
 
     max_targets: at most this many targets, evenly spaced over the patients' targets (default: the run's
-    ``calib_targets``; 0 is refused). Raises ValueError listing every problem: no run folder, config or split;
-    a model that is not sampled; empty, duplicated, unknown, training or test patients."""
+    ``calib_targets``). Raises ValueError listing every problem found before any forecast: no checkpoint, config
+    or split; empty, duplicated, unknown, training or test patients; no target cap. A model that is not sampled
+    is refused by ``fit_volume_calibration`` before anything is written."""
     from longitudinal.evaluation.harness import resolve_device
     from storage.store import CohortStore
 
@@ -68,6 +71,8 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
                 problems.append(f"{len(both)} patients are in the run's {part} split, not held out: {both}")
     if max_targets is not None and max_targets < 1:
         problems.append(f"max_targets must be >= 1, got {max_targets}")
+    elif max_targets is None and config is not None and config.calib_targets < 1:
+        problems.append("the run's calib_targets is 0 (calibration was off); give max_targets (--targets)")
     try:
         known = set(CohortStore.open(store_url).patient_ids())
         unknown = sorted(set(pids) - known)

@@ -94,3 +94,16 @@ def test_calibrate_from_the_cli(trained, tmp_path, monkeypatch) -> None:  # noqa
     split = Split.load(run / "split.json")
     res = runner.invoke(app, ["calibrate", str(run), "--store", url, "--patients", split.train[0]])
     assert res.exit_code == 1 and "not held out" in res.output and "Traceback" not in res.output
+
+
+def test_a_deterministic_model_is_refused_before_anything_is_written(trained, tmp_path) -> None:  # noqa: ANN001
+    url, _ = trained
+    cfg = TrainConfig(model="linear", crop_size=(16, 16, 16), batch_size=2, num_workers=0, device="cpu",
+                      augment=None, val_targets=4, budget_s=None, steps=1)
+    fit(cfg, url, tmp_path / "lin", progress=None)
+    files = {p: p.read_bytes() for p in (tmp_path / "lin").rglob("*.pt")}
+    assert files
+    val = list(Split.load(tmp_path / "lin" / "split.json").val)
+    with pytest.raises(ValueError, match="only sampled models get a volume calibration"):
+        recalibrate_run(tmp_path / "lin", url, val, device="cpu")
+    assert {p: p.read_bytes() for p in files} == files
