@@ -38,7 +38,7 @@ test: $(STAMP) lint layers
 demo: $(STAMP)
 	$(BIN)/python -m longitudinal.demo
 
-# Each benchmark prints its table; the last four reuse forecast_quality.py's work folder (trained models).
+# Each benchmark prints its table; the last five reuse forecast_quality.py's work folder (trained models).
 BENCH_FQ := workspace/bench/forecast_quality
 bench: $(STAMP)
 	for b in synth ingest registration_qc train_throughput tracking_overhead forecast_latency forecast_quality tune; do \
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/calibration_forms.py --work $(BENCH_FQ)
 	$(BIN)/python benchmarks/forecast_quality.py --work $(BENCH_FQ)_fresh --seed 1 --models "" --train-only
 	$(BIN)/python benchmarks/calibration_heldout.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
+	$(BIN)/python benchmarks/calibration_difficulty.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache
