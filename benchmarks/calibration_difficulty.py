@@ -55,8 +55,10 @@ def main() -> None:
     work, fresh = args.work.resolve(), args.fresh.resolve()
     cache = work / "calibration_heldout"
     cut = {"F": (cache / "F.txt").read_text().split(","), "F'": (cache / "Fp.txt").read_text().split(",")}
-    split = json.loads((work / "runs" / "np" / "split.json").read_text())
-    cfg = TrainConfig.model_validate(json.loads((work / "runs" / "np" / "config.json").read_text()))
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    run = work / "runs" / kinds[0]  # forecast_quality.py trains every kind on one split
+    split = json.loads((run / "split.json").read_text())
+    cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
     stores = {"V": str(work / "cohort.zarr"), "T": str(work / "cohort.zarr"),
               "F": str(fresh / "cohort.zarr"), "F'": str(fresh / "cohort.zarr")}
     patients = {"V": split["val"], "T": split["test"], **cut}
@@ -74,7 +76,7 @@ def main() -> None:
 
     cs = [float(c) for c in args.c.split(",") if c.strip()]
     edges = [lo for lo, _hi in HORIZON_BINS if lo > 0]
-    for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
+    for kind in kinds:
         recs = {}
         for name, stem in SETS.items():
             rows = json.loads((cache / f"{kind}_{stem}.json").read_text())["records"]
@@ -101,9 +103,9 @@ def _key(r: dict[str, Any]) -> tuple:
 
 def _sigma(recs: list[dict[str, Any]], form: str, c: float) -> np.ndarray:
     """Per-target scale: (offset + gap years), times (c + |median - linear|) for the difficulty form."""
-    from longitudinal.models.calibration import _scale
+    from longitudinal.models.calibration import horizon_scale
 
-    s = _scale(np.array([r["horizon_days"] for r in recs]), 0.25)
+    s = horizon_scale(np.array([r["horizon_days"] for r in recs]), 0.25)
     if form == "difficulty":
         s = s * (c + np.abs(np.array([r["volume_median_ml"] - r["linear_ml"] for r in recs])))
     return s

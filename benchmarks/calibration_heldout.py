@@ -138,13 +138,13 @@ def main() -> None:
 def _error_summary(recs: Sequence[dict[str, Any]], lo: float, hi: float) -> str:
     """One bin's mean signed error (true - median sampled volume, ml) and the 50th / 80th / 95th percentiles of
     its conformal scores (|error| per year of scale, ``longitudinal.models.calibration``)."""
-    from longitudinal.models.calibration import _scale
+    from longitudinal.models.calibration import horizon_scale
 
     sel = [r for r in recs if lo <= r["horizon_days"] < hi]
     if not sel:
         return f"{label(lo, hi)}: -"
     err = np.array([r["volume_true_ml"] - r["volume_median_ml"] for r in sel])
-    score = np.abs(err) / _scale(np.array([r["horizon_days"] for r in sel]), 0.25)
+    score = np.abs(err) / horizon_scale(np.array([r["horizon_days"] for r in sel]), 0.25)
     q = np.percentile(score, [50, 80, 95])
     return f"{label(lo, hi)}: bias {err.mean():+.1f} ml, scores p50/p80/p95 {q[0]:.1f}/{q[1]:.1f}/{q[2]:.1f}"
 

@@ -119,7 +119,7 @@ class VolumeCalibration:
         t, m, g = (np.asarray(x, dtype=np.float64).ravel() for x in (true_ml, median_ml, gap_days))
         if not (t.size == m.size == g.size) or t.size == 0:
             raise ValueError(f"volume calibration: need n >= 1 aligned values, got {t.size}, {m.size}, {g.size}")
-        scores = (t - m) / _scale(g, offset_years)
+        scores = (t - m) / horizon_scale(g, offset_years)
         if form == "symmetric":
             scores = np.abs(scores)
         edges = _merged_edges(g, sorted(float(e) for e in edges_days), min_per_bin)
@@ -142,7 +142,8 @@ class VolumeCalibration:
         e = np.asarray(self.scores_for(gap_days))
         if self.form == "symmetric":
             e = np.concatenate([-e[::-1], e])
-        return np.maximum(median_ml + _scale(np.asarray(gap_days, dtype=np.float64), self.offset_years) * e, 0.0)
+        scale = horizon_scale(np.asarray(gap_days, dtype=np.float64), self.offset_years)
+        return np.maximum(median_ml + scale * e, 0.0)
 
     def quantiles(self, median_ml: float, gap_days: float) -> dict[str, float]:
         """{lo95, lo80, median, hi80, hi95} (ml) of the calibrated distribution, ordered by construction.
@@ -159,7 +160,7 @@ class VolumeCalibration:
         """
         if self.form == "symmetric":
             e = self.scores_for(gap_days)
-            n, scale, m = len(e), float(_scale(float(gap_days), self.offset_years)), float(median_ml)
+            n, scale, m = len(e), float(horizon_scale(float(gap_days), self.offset_years)), float(median_ml)
             sym = {}
             for name, p in LEVELS.items():
                 central = abs(2 * p - 1)  # lo80 / hi80 -> 0.80: both ends of one interval share a half-width
@@ -179,6 +180,10 @@ class VolumeCalibration:
             else:
                 out[name] = float(np.median(vals))
         return out
+
+    def summary(self) -> str:
+        """'N targets of M held-out patients': what the calibration was fitted on."""
+        return f"{self.n} targets of {self.n_patients} held-out patients"
 
     def bin_sizes(self) -> list[int]:
         """Validation targets per horizon bin (one entry when the scores are pooled)."""
@@ -231,7 +236,8 @@ def _merged_edges(gap_days: np.ndarray, edges: list[float], min_per_bin: int) ->
     return edges
 
 
-def _scale(gap_days: np.ndarray | float, offset_years: float) -> np.ndarray:
+def horizon_scale(gap_days: np.ndarray | float, offset_years: float) -> np.ndarray:
+    """The conformal scale ``offset_years + gap in years`` (gap in days, clipped at 0) that scores divide by."""
     return offset_years + np.maximum(np.asarray(gap_days, dtype=np.float64), 0.0) / DAYS_PER_YEAR
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
+from longitudinal.models.base import ForecastModel
 from longitudinal.models.calibration import volume_quantiles
 from longitudinal.settings import Settings
 from longitudinal.tracking import figures
@@ -333,12 +334,12 @@ def _evaluate_register_promote(
     return model_uri, str(mv.version), created, aliases, decision, val.rows, test.rows
 
 
-def intervals_tag(model: Any) -> str:
+def intervals_tag(model: ForecastModel) -> str:
     """The registry version tag ``intervals``: what a consumer's volume intervals will rest on."""
-    cal = (getattr(model, "volume_calibration", None) or {}).get("whole")
+    cal = (model.volume_calibration or {}).get("whole")
     if cal is not None:
-        return f"calibrated: {cal.n} targets of {cal.n_patients} held-out patients"
-    return "uncalibrated samples" if getattr(model, "stochastic", False) else "point forecast"
+        return f"calibrated: {cal.summary()}"
+    return "uncalibrated samples" if model.stochastic else "point forecast"
 
 
 # --- figures -------------------------------------------------------------------------------------------

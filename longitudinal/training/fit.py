@@ -513,7 +513,7 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     meta["volume_calibration_fit"] = key
     atomic_save({**ckpt, "meta": meta}, path)
     w = cals["whole"]
-    say(f"calibrated volume intervals of {path.name} on {w.n} targets of {w.n_patients} held-out patients, "
+    say(f"calibrated volume intervals of {path.name} on {w.summary()}, "
         f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
     return cals
 

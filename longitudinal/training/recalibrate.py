@@ -86,7 +86,6 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
     # A deterministic model is refused by fit_volume_calibration ("only sampled models get a volume calibration").
     cfg = config.model_copy(update={"calib_targets": max_targets or config.calib_targets})
     say = progress or (lambda _m: None)
-    cals = {}
-    for path in paths:
-        cals[path] = calibrate_checkpoint(path, store_url, pids, cfg, resolve_device(device), say)
-    return Recalibration(tuple(paths), cals[paths[0]]["whole"])
+    dev = resolve_device(device)
+    cals = [calibrate_checkpoint(path, store_url, pids, cfg, dev, say) for path in paths]
+    return Recalibration(tuple(paths), cals[0]["whole"])

@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
-from longitudinal.commands import _common
 from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.phantoms import make_phantom_store, phantom_record
 from longitudinal.data.splits import Split
@@ -83,7 +82,7 @@ def test_training_test_and_unknown_patients_are_refused_and_nothing_is_rewritten
 def test_calibrate_from_the_cli(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     url, run = trained
     monkeypatch.setenv("LONGITUDINAL_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(_common.console, "width", 400)
+    monkeypatch.setenv("COLUMNS", "400")  # env, not console.width: setattr would pin the width for later tests
     runner = CliRunner()
     res = runner.invoke(app, ["calibrate", str(run), "--store", url, "--patients", ",".join(NEW)])
     assert res.exit_code == 0, res.output

@@ -7,13 +7,12 @@ import json
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
-from longitudinal.commands import _common
 from longitudinal.data.phantoms import make_phantom_store
 
 
 def test_train_then_evaluate_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGITUDINAL_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(_common.console, "width", 220)  # the per-horizon table is wide
+    monkeypatch.setenv("COLUMNS", "220")  # the per-horizon table is wide (env, not console.width: no pinning)
     url = make_phantom_store(str(tmp_path / "c.zarr"), n_patients=5, seed=2, grid=(24, 24, 24)).url
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
