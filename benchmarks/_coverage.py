@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from longitudinal.evaluation.calibration import calibrations_from_records
 from longitudinal.evaluation.harness import HORIZON_BINS
-from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.models.calibration import DEFAULT_DIFFICULTY_ML, VolumeCalibration
 
 Cover = tuple[float, bool, bool]  # (gap days, 80% interval covers the truth, 95% covers it)
 TOLERANCE = 0.10  # issue 5: within 10 points of nominal in every bin with >= 3 targets
@@ -21,16 +20,22 @@ def label(lo: float, hi: float) -> str:
     return f">{lo:g}" if np.isinf(hi) else f"{lo:g}-{hi:g}"
 
 
-def fit_whole(records: Sequence[Mapping[str, Any]], form: str = "symmetric") -> VolumeCalibration:
-    """The whole-tumour calibration that training would fit from these (validation) records, in ``form``."""
-    return calibrations_from_records(records, form=form)["whole"]
+def fit_whole(records: Sequence[Mapping[str, Any]], form: str = "symmetric",
+              difficulty_ml: float = DEFAULT_DIFFICULTY_ML) -> VolumeCalibration:
+    """The whole-tumour calibration that training would fit from these (validation) records, in ``form``
+    (``"scaled"`` reads each record's ``volume_linear_ml``), on the evaluation's horizon bins."""
+    return VolumeCalibration.fit(
+        "whole", [r["volume_true_ml"] for r in records], [r["volume_median_ml"] for r in records],
+        [r["horizon_days"] for r in records], n_patients=len({r["patient_id"] for r in records}),
+        edges_days=sorted({lo for lo, _hi in HORIZON_BINS if lo > 0}), form=form, difficulty_ml=difficulty_ml,
+        reference_ml=[r["volume_linear_ml"] for r in records] if form == "scaled" else None)
 
 
 def cover(cal: VolumeCalibration, records: Sequence[Mapping[str, Any]]) -> list[Cover]:
     """(gap days, 80% covered, 95% covered) of each record's true whole-tumour volume."""
     out = []
     for r in records:
-        q = cal.quantiles(r["volume_median_ml"], r["horizon_days"])
+        q = cal.quantiles(r["volume_median_ml"], r["horizon_days"], r.get("volume_linear_ml"))
         v = r["volume_true_ml"]
         out.append((r["horizon_days"], q["lo80"] <= v <= q["hi80"], q["lo95"] <= v <= q["hi95"]))
     return out

@@ -106,6 +106,9 @@ def register(app: typer.Typer) -> None:
         store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
         targets: int | None = typer.Option(None, "--targets", min=1,
                                            help="At most this many targets (default: the run's calib_targets)."),
+        form: str | None = typer.Option(None, "--form",
+                                        help="Conformal scores: scaled (by |median - linear forecast|) or "
+                                             "symmetric (default: the run's calib_form, scaled)."),
     ) -> None:
         """Refit a sampled model's volume-interval calibration on more held-out patients (no retraining)."""
         from rich.markup import escape
@@ -117,13 +120,13 @@ def register(app: typer.Typer) -> None:
         print_locations(settings, ("store",))
         try:
             out = recalibrate_run(run_dir, store_url, _patients(patients, part="val") or [], targets,
-                                  progress=console.print)
+                                  progress=console.print, form=form)
         except (ValueError, FileNotFoundError) as exc:
             fail(escape(str(exc)))
         w = out.whole
         console.print(f"[bold]calibrated[/bold] {', '.join(str(p) for p in out.checkpoints)} on {w.n} targets of "
-                      f"{w.n_patients} patients; horizon bins split at {list(w.edges_days)} d holding "
-                      f"{w.bin_sizes()} targets")
+                      f"{w.n_patients} patients ({w.form} scores); horizon bins split at {list(w.edges_days)} d "
+                      f"holding {w.bin_sizes()} targets")
 
     @app.command()
     def evaluate(

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from longitudinal.data.dataset import DataConfig, EvalBatch, EvalDataset, collate_eval, enumerate_targets
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.baselines import linear_volume_counts
 from longitudinal.models.calibration import VolumeCalibration
 from longitudinal.runtime import tune_cpu_allocator
 
@@ -116,6 +117,7 @@ def score_target(
     images: torch.Tensor, probs: torch.Tensor, target_image: torch.Tensor, target_label: torch.Tensor,
     brain: torch.Tensor, spacing_mm: Sequence[float], voxel_volume_ml: float, stochastic: bool,
     horizon_days: float = 0.0, calibration: Mapping[str, VolumeCalibration] | None = None,
+    reference_ml: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """Metrics for one target from one model's samples.
 
@@ -125,7 +127,10 @@ def score_target(
 
     Interval metrics of a sampled model: ``coverage80`` / ``coverage95`` / ``crps_ml`` use the model's
     calibrated volume distribution when it has a ``calibration["whole"]`` (see
-    ``longitudinal.models.calibration``), else its raw samples; ``*_raw`` always use the raw samples."""
+    ``longitudinal.models.calibration``), else its raw samples; ``*_raw`` always use the raw samples.
+    reference_ml: the ``linear`` baseline's (whole, enhancing) volume forecast of the target (ml), which a
+    difficulty-scaled calibration needs; kept in the record (``volume_linear_ml``, ``volume_enh_linear_ml``)
+    so calibrations can be fitted from records."""
     mean_probs = probs.float().mean(0)
     lab = mean_probs.argmax(0)
     whole, enh = lab > 0, lab == 2
@@ -155,16 +160,19 @@ def score_target(
         rec["coverage80_raw"] = float(M.interval_covers(vols, v_true, 0.8))
         rec["coverage95_raw"] = float(M.interval_covers(vols, v_true, 0.95))
         rec["crps_raw_ml"] = M.crps_samples(vols, v_true)
+        ref = reference_ml[0] if reference_ml is not None else None
+        if reference_ml is not None:
+            rec["volume_linear_ml"], rec["volume_enh_linear_ml"] = float(reference_ml[0]), float(reference_ml[1])
         cal = (calibration or {}).get("whole")
         if cal is None:
             rec["coverage80"], rec["coverage95"] = rec["coverage80_raw"], rec["coverage95_raw"]
             rec["crps_ml"] = rec["crps_raw_ml"]
         else:
-            q = cal.quantiles(rec["volume_median_ml"], horizon_days)
+            q = cal.quantiles(rec["volume_median_ml"], horizon_days, ref)
             rec["coverage80"] = float(q["lo80"] <= v_true <= q["hi80"])
             rec["coverage95"] = float(q["lo95"] <= v_true <= q["hi95"])
-            rec["crps_ml"] = M.crps_samples(torch.from_numpy(cal.samples(rec["volume_median_ml"], horizon_days)),
-                                            v_true)
+            rec["crps_ml"] = M.crps_samples(
+                torch.from_numpy(cal.samples(rec["volume_median_ml"], horizon_days, ref)), v_true)
         rec["ged"] = M.generalized_energy_distance(sample_whole, t_whole)
     return rec
 
@@ -248,6 +256,8 @@ def evaluate_models(
 def _score_batch(models: Mapping[str, ForecastModel], eb: EvalBatch, cfg: EvalConfig, device: torch.device,
                  offset: int) -> list[dict[str, Any]]:
     b = eb.batch.to(device)
+    # The linear baseline's volume counts of every target: a difficulty-scaled calibration scales by them.
+    lin_counts = linear_volume_counts(b.context_labels, b.context_times, b.context_mask, b.query_times).cpu()
     out = []
     for name, model in models.items():
         s = cfg.n_samples if model.stochastic else 1
@@ -260,7 +270,8 @@ def _score_batch(models: Mapping[str, ForecastModel], eb: EvalBatch, cfg: EvalCo
             horizon = float(smp.query_times[0] - smp.context_times[len(smp.context_idx) - 1])
             rec = score_target(images[i, 0], probs[i, 0], smp.target_images[0], smp.target_labels[0],
                                smp.brain_mask[0], smp.spacing_mm, smp.voxel_volume_ml, model.stochastic,
-                               horizon, getattr(model, "volume_calibration", None))
+                               horizon, getattr(model, "volume_calibration", None),
+                               tuple(float(c) * smp.voxel_volume_ml for c in lin_counts[i, 0]))
             last = max(smp.context_idx)
             out.append({"model": name, "patient_id": smp.patient_id, "target_idx": smp.target_idx[0],
                         "last_context_idx": last, "n_context": len(smp.context_idx),

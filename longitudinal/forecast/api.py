@@ -291,9 +291,11 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
         result.queries.append(QueryForecast(
             days=q.days, days_after_last_scan=round(q.days - float(days[-1]), 6), date=q.date,
             calendar=cal.calendar if q.date else None, n_context=p["n_context"],
-            volume_whole_ml=VolumeInterval.from_samples(p["volumes"][:, 0], p["gap_days"], cals.get("whole")),
+            volume_whole_ml=VolumeInterval.from_samples(p["volumes"][:, 0], p["gap_days"], cals.get("whole"),
+                                                        float(p["reference_ml"][0])),
             volume_enhancing_ml=VolumeInterval.from_samples(p["volumes"][:, 1], p["gap_days"],
-                                                            cals.get("enhancing")), files=files,
+                                                            cals.get("enhancing"), float(p["reference_ml"][1])),
+            files=files,
         ))
     if writer is not None:
         from longitudinal.forecast.plot import plot_volumes
@@ -312,6 +314,7 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
     import torch
 
     from longitudinal.data.crops import context_crop_centre, crop_start, read_crop, tumour_bbox
+    from longitudinal.models.baselines import linear_volumes_ml
 
     fc_ = model.forecaster
     grid = tuple(int(n) for n in labels_all.shape[-3:])
@@ -348,11 +351,16 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
                 torch.tensor(qt, dtype=torch.float32)[None].to(dev), n_samples=n_samples, generator=gen,
             )
             vols = sample_volumes_ml(fc.probs[0], voxel_ml)  # (Q, S, 2)
+            # the linear baseline's volumes from the same context: a difficulty-scaled calibration needs them
+            ref = linear_volumes_ml(torch.from_numpy(labels)[None], torch.tensor(days[idx], dtype=torch.float32)[None],
+                                    torch.ones(1, len(idx), dtype=torch.bool),
+                                    torch.tensor(qt, dtype=torch.float32)[None], voxel_ml)[0].numpy()  # (Q, 2)
             mean_img = fc.images[0].float().mean(1).cpu().numpy() * scale[None, :, None, None, None]
             p_whole = fc.whole_prob[0].float().mean(1).cpu().numpy()
             p_enh = fc.enhancing_prob[0].float().mean(1).cpu().numpy()
         for j, qi in enumerate(qis):
-            out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "image": mean_img[j],
+            out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "reference_ml": ref[j],
+                       "image": mean_img[j],
                        "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx),
                        "last_context": idx[-1]}
     return out

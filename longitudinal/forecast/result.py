@@ -35,11 +35,14 @@ class VolumeInterval:
 
     @classmethod
     def from_samples(cls, samples: np.ndarray, gap_days: float = 0.0,
-                     calibration: VolumeCalibration | None = None) -> VolumeInterval:
+                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None
+                     ) -> VolumeInterval:
         """Summary of ``samples`` (S,) in ml: their quantiles, or with ``calibration`` (the model's, fitted on
         validation patients) the calibrated interval around their median for a query ``gap_days`` after the
-        last context scan (``longitudinal.models.calibration.volume_quantiles``). Ordered for every S >= 1."""
-        return cls(**volume_quantiles(samples, gap_days, calibration))
+        last context scan (``longitudinal.models.calibration.volume_quantiles``; ``reference_ml``: the linear
+        baseline's volume forecast of the query, which a difficulty-scaled calibration needs). Ordered for
+        every S >= 1."""
+        return cls(**volume_quantiles(samples, gap_days, calibration, reference_ml))
 
     def ordered(self) -> bool:
         return self.lo95 <= self.lo80 <= self.median <= self.hi80 <= self.hi95
@@ -64,7 +67,7 @@ def interval_basis(calibrations: Mapping[str, VolumeCalibration], n_samples: int
             }
         else:
             out[structure] = {
-                "method": f"split conformal ({cal.form} scores per horizon bin) around the median sampled volume",
+                "method": cal.method(),
                 "calibrated": True,
                 "calibration_patients": cal.n_patients,
                 "calibration_targets": cal.n,

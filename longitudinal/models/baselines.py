@@ -127,6 +127,45 @@ def top_n_mask(score: Tensor, n: Tensor) -> Tensor:
     return (rank < n[:, None]).view_as(score)
 
 
+def _extrapolation(context_times: Tensor, context_mask: Tensor, query_times: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(last [B], previous [B] context index by time, factor [B, Q] float64): how many "last intervals" (last
+    minus previous scan, days) each query lies past the last scan; 0 (LCI) with one scan or a zero interval."""
+    last = last_context_index(context_times, context_mask)
+    prev, has_prev = previous_context_index(context_times, context_mask)
+    t_last = gather_k(context_times, last).double()
+    span = t_last - gather_k(context_times, prev).double()
+    ok = has_prev & (span > 0)
+    factor = torch.where(ok[:, None], (query_times.double() - t_last[:, None]) / span.clamp_min(1e-9)[:, None], 0.0)
+    return last, prev, factor
+
+
+def linear_volume_counts(context_labels: Tensor, context_times: Tensor, context_mask: Tensor,
+                         query_times: Tensor) -> Tensor:
+    """The ``linear`` baseline's (whole tumour, enhancing) voxel counts at every query: int64 [B, Q, 2].
+
+    context_labels [B, K, D, H, W] (0 background, 1 tumour, 2 enhancing), context_times [B, K] and
+    query_times [B, Q] in days, context_mask [B, K] bool. Each count is extrapolated linearly from the last two
+    masked-in context scans (by time), rounded and clamped to [0, D*H*W], enhancing <= whole; with one scan (or
+    two at the same day) it is the last scan's count. Closed form and cheap: the difficulty-scaled volume
+    calibration (``longitudinal.models.calibration``) needs it for every query.
+    """
+    n_vox = int(context_labels.shape[-3] * context_labels.shape[-2] * context_labels.shape[-1])
+    last, prev, factor = _extrapolation(context_times, context_mask, query_times)
+    lab_last, lab_prev = gather_k(context_labels, last), gather_k(context_labels, prev)
+    vol_last = torch.stack([(lab_last > 0).flatten(1).sum(1), (lab_last == 2).flatten(1).sum(1)], 1).double()
+    vol_prev = torch.stack([(lab_prev > 0).flatten(1).sum(1), (lab_prev == 2).flatten(1).sum(1)], 1).double()
+    vol_q = vol_last[:, None] + (vol_last - vol_prev)[:, None] * factor[..., None]  # [B, Q, 2]
+    vol_q = vol_q.round().clamp(0, n_vox).long()
+    vol_q[..., 1] = torch.minimum(vol_q[..., 1], vol_q[..., 0])
+    return vol_q
+
+
+def linear_volumes_ml(context_labels: Tensor, context_times: Tensor, context_mask: Tensor, query_times: Tensor,
+                      voxel_volume_ml: float) -> Tensor:
+    """``linear_volume_counts`` in ml (float64 [B, Q, 2]; ``voxel_volume_ml``: one voxel's volume in ml)."""
+    return linear_volume_counts(context_labels, context_times, context_mask, query_times).double() * voxel_volume_ml
+
+
 @register_model("linear")
 class LinearExtrapolation(_Baseline):
     """Linear extrapolation from the last two context scans (by time); LCI when only one scan is present.
@@ -156,31 +195,15 @@ class LinearExtrapolation(_Baseline):
         check_context(context_images, context_labels, context_times, context_mask, query_times)
         b, q = query_times.shape
         spatial = context_images.shape[-3:]
-        n_vox = int(spatial[0] * spatial[1] * spatial[2])
-        last = last_context_index(context_times, context_mask)
-        prev, has_prev = previous_context_index(context_times, context_mask)
-        t_last = gather_k(context_times, last).double()
-        t_prev = gather_k(context_times, prev).double()
-        span = t_last - t_prev
-        ok = has_prev & (span > 0)
-        # factor [B, Q]: how many "last intervals" ahead each query lies; 0 means LCI.
-        factor = torch.where(
-            ok[:, None], (query_times.double() - t_last[:, None]) / span.clamp_min(1e-9)[:, None], 0.0
-        )
-
+        last, prev, factor = _extrapolation(context_times, context_mask, query_times)
         x_last = gather_k(context_images, last)
         x_prev = gather_k(context_images, prev)
         f_img = factor.to(context_images.dtype).view(b, q, 1, 1, 1, 1)
         images = x_last.unsqueeze(1) + (x_last - x_prev).unsqueeze(1) * f_img
 
         lab_last = gather_k(context_labels, last)
-        lab_prev = gather_k(context_labels, prev)
         whole_last, enh_last = lab_last > 0, lab_last == 2
-        vol_last = torch.stack([whole_last.flatten(1).sum(1), enh_last.flatten(1).sum(1)], dim=1).double()
-        vol_prev = torch.stack([(lab_prev > 0).flatten(1).sum(1), (lab_prev == 2).flatten(1).sum(1)], 1).double()
-        vol_q = vol_last[:, None] + (vol_last - vol_prev)[:, None] * factor[..., None]  # [B, Q, 2]
-        vol_q = vol_q.round().clamp(0, n_vox).long()
-        vol_q[..., 1] = torch.minimum(vol_q[..., 1], vol_q[..., 0])
+        vol_q = linear_volume_counts(context_labels, context_times, context_mask, query_times)
 
         score_whole = depth_score(whole_last)  # [B, D, H, W]
         score_enh = depth_score(enh_last)

@@ -35,6 +35,22 @@ The guarantee is for targets exchangeable with the validation ones. Targets of o
 so what sets the precision is the number of validation *patients* (``n_patients``), not of targets: a
 calibration fitted on 10 patients misses nominal by several points on another 13 by chance alone.
 
+Difficulty-scaled ("scaled") scores, the default since session 6: errors are heavy-tailed. Both sampled models
+under-forecast fast growers, and a minority of them carries the large errors, so with one score scale for every
+query the 80% quantile sits on the shoulder of that tail and per-bin coverage moved by 10-20 points between sets
+of 60-90 patients (benchmarks/calibration_heldout.py). The scaled form divides each error by a per-query
+difficulty as well, how far the model's median is from the closed-form ``linear`` baseline's forecast of the same
+query (the two disagree where the tumour grows fast):
+
+    score e = |v_true - m| / (scale * (c + |m - v_lin|))        c = ``difficulty_ml`` (ml, 10 by default)
+
+and the p-interval of a new query is ``m -/+ scale * (c + |m - v_lin|) * q_p``: wide where model and
+extrapolation disagree, narrow where they agree. It keeps split conformal's guarantee (the score is a fixed
+function of the query's inputs). ``c`` keeps queries where the two agree from getting zero-width intervals; it
+was fixed at 10 ml before the form was confirmed on an unseen cohort (docs/preregistration_calibration_seed2.md).
+Such a calibration needs ``reference_ml`` (v_lin) with every query: ``linear_volumes_ml`` in
+``longitudinal.models.baselines`` computes it from the context labels the model is given.
+
 The sampled trajectories themselves are left as they are (their masks, coherence and GED are the model's);
 only the volume summaries go through the calibration. Pure numpy; stored as a plain dict in the checkpoint's
 ``meta["volume_calibration"]``.
@@ -54,7 +70,9 @@ from longitudinal.models.base import DAYS_PER_YEAR
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5] (the same levels as the raw-sample summaries).
 LEVELS: dict[str, float] = {"lo95": 0.025, "lo80": 0.10, "median": 0.50, "hi80": 0.90, "hi95": 0.975}
 STRUCTURES = ("whole", "enhancing")
-FORMS = ("symmetric", "signed")
+FORMS = ("scaled", "symmetric", "signed")
+DEFAULT_FORM = "scaled"
+DEFAULT_DIFFICULTY_ML = 10.0
 MIN_PER_BIN = 20
 
 
@@ -62,13 +80,15 @@ MIN_PER_BIN = 20
 class VolumeCalibration:
     """Conformal scores of one structure's volume (``whole`` or ``enhancing``).
 
-    scores: sorted scores e (ml per year of scale) of the n validation targets (all bins pooled): absolute
-        errors in the ``"symmetric"`` form, signed ones (v_true - m) in the ``"signed"`` form of older
-        checkpoints.
+    scores: sorted scores e of the n validation targets (all bins pooled): absolute errors per year of scale
+        (ml per year) in the ``"symmetric"`` form, divided again by ``difficulty_ml + |m - v_lin|`` (ml) in the
+        ``"scaled"`` form (then unitless, per year), signed ones (v_true - m, ml per year) in the ``"signed"``
+        form of older checkpoints.
     offset_years: the scale's offset (years). n_patients: validation patients the scores come from.
     edges_days: interior horizon-bin edges (days, increasing; bins are [lo, hi) of the gap) after merging
         small bins; empty: one bin. bin_scores: the sorted scores of each of the len(edges_days) + 1 bins
-        (empty: the pooled ``scores``). form: ``"symmetric"`` or ``"signed"`` (see the module docstring).
+        (empty: the pooled ``scores``). form: ``"scaled"``, ``"symmetric"`` or ``"signed"`` (see the module
+        docstring). difficulty_ml: the scaled form's c (ml, > 0); 0 for the other forms.
     """
 
     structure: str
@@ -78,6 +98,7 @@ class VolumeCalibration:
     edges_days: tuple[float, ...] = ()
     bin_scores: tuple[tuple[float, ...], ...] = ()
     form: str = "symmetric"
+    difficulty_ml: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,8 +108,12 @@ class VolumeCalibration:
             problems.append(f"need >= 1 finite score, got {len(self.scores)}")
         if self.form not in FORMS:
             problems.append(f"form must be one of {FORMS}, got {self.form!r}")
-        elif self.form == "symmetric" and any(s < 0 for s in self.scores):
-            problems.append("symmetric scores are absolute errors and must be >= 0")
+        elif self.form != "signed" and any(s < 0 for s in self.scores):
+            problems.append(f"{self.form} scores are absolute errors and must be >= 0")
+        if self.form == "scaled" and not (math.isfinite(self.difficulty_ml) and self.difficulty_ml > 0):
+            problems.append(f"the scaled form needs difficulty_ml > 0 (ml), got {self.difficulty_ml}")
+        if self.form != "scaled" and self.difficulty_ml != 0:
+            problems.append(f"difficulty_ml is for the scaled form only, got {self.difficulty_ml} with {self.form!r}")
         if not self.offset_years > 0:
             problems.append(f"offset_years must be > 0, got {self.offset_years}")
         if list(self.edges_days) != sorted(set(self.edges_days)):
@@ -108,27 +133,63 @@ class VolumeCalibration:
     def n(self) -> int:
         return len(self.scores)
 
+    @property
+    def needs_reference(self) -> bool:
+        """True when every query needs the linear baseline's volume forecast (``reference_ml``)."""
+        return self.form == "scaled"
+
+    def scale(self, gap_days: np.ndarray | float, median_ml: np.ndarray | float,
+              reference_ml: np.ndarray | float | None = None) -> np.ndarray:
+        """What a score is multiplied by to give a half-width in ml: ``offset + gap years``, times
+        ``difficulty_ml + |median - reference|`` in the scaled form (gap in days, volumes in ml)."""
+        s = horizon_scale(gap_days, self.offset_years)
+        if self.form != "scaled":
+            return s
+        if reference_ml is None:
+            raise ValueError("this volume calibration is difficulty-scaled: give reference_ml, the linear "
+                             "baseline's volume forecast of the query (longitudinal.models.baselines."
+                             "linear_volumes_ml)")
+        ref = np.asarray(reference_ml, dtype=np.float64)
+        if not np.all(np.isfinite(ref)):
+            raise ValueError(f"reference_ml must be finite, got {reference_ml}")
+        return s * (self.difficulty_ml + np.abs(np.asarray(median_ml, dtype=np.float64) - ref))
+
     @classmethod
     def fit(cls, structure: str, true_ml: Sequence[float], median_ml: Sequence[float], gap_days: Sequence[float],
             offset_years: float = 0.25, n_patients: int = 0, edges_days: Sequence[float] = (),
-            min_per_bin: int = MIN_PER_BIN, form: str = "symmetric") -> VolumeCalibration:
+            min_per_bin: int = MIN_PER_BIN, form: str = "symmetric", reference_ml: Sequence[float] | None = None,
+            difficulty_ml: float = DEFAULT_DIFFICULTY_ML) -> VolumeCalibration:
         """Scores from validation targets: true volumes, the model's median sampled volumes (ml) and the gaps
         from the last context scan to the target (days), all of length n. ``edges_days``: interior edges of
         the horizon bins (days); bins with fewer than ``min_per_bin`` targets are merged into a neighbour.
-        ``form``: ``"symmetric"`` (absolute scores, the default) or ``"signed"``."""
+        ``form``: ``"symmetric"`` (absolute scores), ``"scaled"`` (absolute scores divided by ``difficulty_ml
+        + |median - reference|``, which then needs ``reference_ml``: the linear baseline's volume forecast of
+        every target, ml, length n) or ``"signed"``."""
         t, m, g = (np.asarray(x, dtype=np.float64).ravel() for x in (true_ml, median_ml, gap_days))
         if not (t.size == m.size == g.size) or t.size == 0:
             raise ValueError(f"volume calibration: need n >= 1 aligned values, got {t.size}, {m.size}, {g.size}")
-        scores = (t - m) / horizon_scale(g, offset_years)
-        if form == "symmetric":
+        if form not in FORMS:
+            raise ValueError(f"volume calibration: form must be one of {FORMS}, got {form!r}")
+        ref = None
+        if form == "scaled":
+            if reference_ml is None:
+                raise ValueError("volume calibration: the scaled form needs reference_ml (the linear baseline's "
+                                 "volume forecast of every target)")
+            ref = np.asarray(reference_ml, dtype=np.float64).ravel()
+            if ref.size != t.size:
+                raise ValueError(f"volume calibration: need {t.size} reference volumes, got {ref.size}")
+        c = float(difficulty_ml) if form == "scaled" else 0.0
+        proto = cls(structure, (0.0,), offset_years, form=form, difficulty_ml=c)  # validates form, c, offset
+        scores = (t - m) / proto.scale(g, m, ref)
+        if form != "signed":
             scores = np.abs(scores)
         edges = _merged_edges(g, sorted(float(e) for e in edges_days), min_per_bin)
         pooled = tuple(float(v) for v in np.sort(scores))
         if not edges:
-            return cls(structure, pooled, offset_years, n_patients, form=form)
+            return cls(structure, pooled, offset_years, n_patients, form=form, difficulty_ml=c)
         which = np.searchsorted(np.asarray(edges), g, side="right")
         bins = tuple(tuple(float(v) for v in np.sort(scores[which == i])) for i in range(len(edges) + 1))
-        return cls(structure, pooled, offset_years, n_patients, tuple(edges), bins, form)
+        return cls(structure, pooled, offset_years, n_patients, tuple(edges), bins, form, c)
 
     def scores_for(self, gap_days: float) -> tuple[float, ...]:
         """The sorted scores of the horizon bin that holds ``gap_days`` (days from the last context scan)."""
@@ -136,21 +197,22 @@ class VolumeCalibration:
             return self.scores
         return self.bin_scores[int(np.searchsorted(np.asarray(self.edges_days), float(gap_days), side="right"))]
 
-    def samples(self, median_ml: float, gap_days: float) -> np.ndarray:
+    def samples(self, median_ml: float, gap_days: float, reference_ml: float | None = None) -> np.ndarray:
         """The calibrated forecast distribution of one query as equally likely volumes (ml, >= 0, sorted): one
-        per validation score of the query's horizon bin (signed form), or two, ``m -/+ scale * e`` (symmetric)."""
+        per validation score of the query's horizon bin (signed form), or two, ``m -/+ scale * e`` (symmetric,
+        scaled; ``reference_ml``: see ``quantiles``)."""
         e = np.asarray(self.scores_for(gap_days))
-        if self.form == "symmetric":
+        if self.form != "signed":
             e = np.concatenate([-e[::-1], e])
-        scale = horizon_scale(np.asarray(gap_days, dtype=np.float64), self.offset_years)
-        return np.maximum(median_ml + scale * e, 0.0)
+        return np.maximum(median_ml + float(self.scale(gap_days, median_ml, reference_ml)) * e, 0.0)
 
-    def quantiles(self, median_ml: float, gap_days: float) -> dict[str, float]:
+    def quantiles(self, median_ml: float, gap_days: float, reference_ml: float | None = None) -> dict[str, float]:
         """{lo95, lo80, median, hi80, hi95} (ml) of the calibrated distribution, ordered by construction.
 
-        Symmetric form: the p-interval (p = 0.80, 0.95) is ``median_ml -/+ scale * e_(k)``, e_(k) the k-th
-        smallest score of the query's bin with k = ceil((n + 1) p) (the largest when k > n), the lower end
-        clipped at 0; the median is ``median_ml``.
+        Symmetric and scaled forms: the p-interval (p = 0.80, 0.95) is ``median_ml -/+ scale * e_(k)``, e_(k)
+        the k-th smallest score of the query's bin with k = ceil((n + 1) p) (the largest when k > n), the lower
+        end clipped at 0; the median is ``median_ml``. ``scale`` is ``self.scale``: the scaled form needs
+        ``reference_ml``, the linear baseline's volume forecast of the query (ml), and raises without it.
 
         Signed form: the outer quantiles use the conservative conformal order statistics (rank ceil((n+1) p)
         from the top for the upper ends, floor((n+1) p) from the bottom for the lower ends): with n validation targets
@@ -158,9 +220,10 @@ class VolumeCalibration:
         least its nominal level. With too few targets
         for a level, the extreme score is used (coverage may then fall short; ``n`` says how many there are).
         """
-        if self.form == "symmetric":
+        if self.form != "signed":
             e = self.scores_for(gap_days)
-            n, scale, m = len(e), float(horizon_scale(float(gap_days), self.offset_years)), float(median_ml)
+            n, m = len(e), float(median_ml)
+            scale = float(self.scale(float(gap_days), m, reference_ml))
             sym = {}
             for name, p in LEVELS.items():
                 central = abs(2 * p - 1)  # lo80 / hi80 -> 0.80: both ends of one interval share a half-width
@@ -180,6 +243,12 @@ class VolumeCalibration:
             else:
                 out[name] = float(np.median(vals))
         return out
+
+    def method(self) -> str:
+        """How the intervals are made, in words (the forecast JSON's ``intervals``)."""
+        scores = {"scaled": f"difficulty-scaled scores, c = {self.difficulty_ml:g} ml",
+                  "symmetric": "symmetric scores", "signed": "signed scores"}[self.form]
+        return f"split conformal ({scores}, per horizon bin) around the median sampled volume"
 
     def summary(self) -> str:
         """'N targets of M held-out patients': what the calibration was fitted on."""
@@ -203,7 +272,7 @@ class VolumeCalibration:
                    edges_days=tuple(float(e) for e in d.get("edges_days", ())),
                    bin_scores=tuple(tuple(float(s) for s in b) for b in d.get("bin_scores", ())),
                    # dicts written before the symmetric form held signed scores
-                   form=str(d.get("form", "signed")))
+                   form=str(d.get("form", "signed")), difficulty_ml=float(d.get("difficulty_ml", 0.0)))
 
 
 def calibrations_from_meta(meta: Mapping[str, Any] | None) -> dict[str, VolumeCalibration]:
@@ -242,15 +311,17 @@ def horizon_scale(gap_days: np.ndarray | float, offset_years: float) -> np.ndarr
 
 
 def volume_quantiles(samples_ml: Sequence[float] | np.ndarray, gap_days: float = 0.0,
-                     calibration: VolumeCalibration | None = None) -> dict[str, float]:
+                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None
+                     ) -> dict[str, float]:
     """{lo95, lo80, median, hi80, hi95} (ml) of one query: the calibrated distribution around the median of the
     sampled volumes when ``calibration`` is given, else the raw samples' quantiles. ``gap_days``: days from the
-    last context scan to the query. Always ordered lo95 <= lo80 <= median <= hi80 <= hi95."""
+    last context scan to the query; ``reference_ml``: the linear baseline's volume forecast of the query (ml),
+    needed by a difficulty-scaled calibration. Always ordered lo95 <= lo80 <= median <= hi80 <= hi95."""
     values = np.asarray(samples_ml, dtype=np.float64).ravel()
     if values.size == 0 or not np.all(np.isfinite(values)):
         raise ValueError(f"need >= 1 finite volume sample, got {values.size} values")
     if calibration is not None:
-        q = calibration.quantiles(float(np.median(values)), gap_days)
+        q = calibration.quantiles(float(np.median(values)), gap_days, reference_ml)
         vals = np.maximum.accumulate([q[k] for k in LEVELS])
     else:
         # Linear-interpolated quantiles are monotone in the level; the running maximum removes any

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from longitudinal.models.base import ForecastModel
+from longitudinal.models.baselines import linear_volumes_ml
 from longitudinal.models.calibration import LEVELS, volume_quantiles
 from longitudinal.models.checkpoint import model_from_checkpoint
 from longitudinal.runtime import tune_cpu_allocator
@@ -214,13 +215,16 @@ class Forecaster:
         fc = self.model.sample(ctx_i, ctx_l, ctx_t, mask, q, n_samples=n_samples, generator=gen)
         voxel_ml = float(np.prod(prep.spacing_mm)) / 1000.0
         vols = fc.volumes_ml(voxel_ml)[0].cpu().numpy()  # [Q, S, 2]
+        # the linear baseline's volumes from the same context: a difficulty-scaled calibration needs them
+        ref = linear_volumes_ml(ctx_l, ctx_t, mask, q, voxel_ml)[0].cpu().numpy()  # [Q, 2]
         rows = []
         for qi, day in enumerate(query_days):
             row: dict[str, Any] = {"patient_id": pid, "query_day": float(day), "n_context": k,
                                    "n_samples": n_samples, "forecast_path": None, "tumour_prob_path": None}
             cals = self.model.volume_calibration or {}
             for vi, kind in enumerate(VOLUME_KINDS):
-                qs = volume_quantiles(vols[qi, :, vi], float(day) - float(prep.days[-1]), cals.get(kind))
+                qs = volume_quantiles(vols[qi, :, vi], float(day) - float(prep.days[-1]), cals.get(kind),
+                                      float(ref[qi, vi]))
                 for name in QUANTILES:
                     row[f"volume_{kind}_ml_{name}"] = qs[name]
             if out_dir is not None:

@@ -24,6 +24,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from longitudinal.models.base import ForecastModel
+from longitudinal.models.baselines import linear_volumes_ml
 from longitudinal.models.calibration import volume_quantiles
 from longitudinal.settings import Settings
 from longitudinal.tracking import figures
@@ -338,7 +339,7 @@ def intervals_tag(model: ForecastModel) -> str:
     """The registry version tag ``intervals``: what a consumer's volume intervals will rest on."""
     cal = (model.volume_calibration or {}).get("whole")
     if cal is not None:
-        return f"calibrated: {cal.summary()}"
+        return f"calibrated: {cal.summary()} ({cal.form} scores)"
     return "uncalibrated samples" if model.stochastic else "point forecast"
 
 
@@ -404,7 +405,10 @@ def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_sam
     spacing = np.asarray(arr.spacing_mm, float)
     vols = fc.volumes_ml(float(np.prod(spacing)) / 1000.0)[0, :, :, 0].cpu().numpy()  # [Q, S]
     cal = (model.volume_calibration or {}).get("whole")
-    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal) for i in range(len(grid))]
+    ref = linear_volumes_ml(torch.from_numpy(labs.astype(np.int64))[None], torch.tensor(days[ctx])[None],
+                            torch.ones(1, k, dtype=torch.bool), torch.tensor(grid)[None],
+                            float(np.prod(spacing)) / 1000.0)[0, :, 0].numpy()  # [Q]
+    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal, float(ref[i])) for i in range(len(grid))]
     observed = [float((labels_all[t] > 0).sum() * np.prod(spacing) / 1000.0) for t in range(len(days))]
     tr = {"patient_id": pid, "observed_days": days.tolist(), "observed_ml": observed, "query_days": grid.tolist(),
           **{k: [q[k] for q in qs] for k in ("median", "lo80", "hi80", "lo95", "hi95")}, "target_day": last}

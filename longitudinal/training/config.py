@@ -42,7 +42,9 @@ class TrainConfig(BaseModel):
         highest val whole-tumour Dice.
     calib_targets / calib_samples: after training, a sampled model's volume intervals are calibrated on at most
         this many validation targets with this many samples each (0 targets: no calibration; see
-        longitudinal.models.calibration).
+        longitudinal.models.calibration). calib_form: its conformal scores, "scaled" (divided by
+        calib_difficulty_ml + |median - linear forecast|, ml; the default, confirmed on an unseen cohort) or
+        "symmetric" (gap-normalised only).
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -78,6 +80,8 @@ class TrainConfig(BaseModel):
     val_samples: int = Field(1, ge=1)
     calib_targets: int = Field(240, ge=0)
     calib_samples: int = Field(8, ge=2)
+    calib_form: Literal["scaled", "symmetric"] = "scaled"
+    calib_difficulty_ml: float = Field(10.0, gt=0)
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
 

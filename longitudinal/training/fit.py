@@ -502,13 +502,16 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     ckpt = load_checkpoint(path)
     meta = dict(ckpt["meta"])
     # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
+    form = (f"per-horizon-scaled-c{config.calib_difficulty_ml:g}" if config.calib_form == "scaled"
+            else "per-horizon-symmetric-v2")
     key = {"step": meta.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
-           "patients": sorted(patient_ids), "form": "per-horizon-symmetric-v2"}
+           "patients": sorted(patient_ids), "form": form}
     if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
         return calibrations_from_meta(meta)
     t = time.perf_counter()
     cals = fit_volume_calibration(model_from_checkpoint(ckpt).to(device), store_url, patient_ids,
-                                  calibration_eval_config(config, device), max_targets=config.calib_targets)
+                                  calibration_eval_config(config, device), max_targets=config.calib_targets,
+                                  form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
     meta["volume_calibration"] = calibrations_to_meta(cals)
     meta["volume_calibration_fit"] = key
     atomic_save({**ckpt, "meta": meta}, path)

@@ -35,13 +35,16 @@ class Recalibration:
 
 
 def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], max_targets: int | None = None,
-                    device: str = "auto", progress: Callable[[str], None] | None = None) -> Recalibration:
+                    device: str = "auto", progress: Callable[[str], None] | None = None,
+                    form: str | None = None) -> Recalibration:
     """Calibrate the checkpoints of ``run_dir`` (a ``fit`` run folder) on ``patient_ids`` of ``store_url``.
 
     max_targets: at most this many targets, evenly spaced over the patients' targets (default: the run's
-    ``calib_targets``). Raises ValueError listing every problem found before any forecast: no checkpoint, config
-    or split; empty, duplicated, unknown, training or test patients; no target cap. A model that is not sampled
-    is refused by ``fit_volume_calibration`` before anything is written."""
+    ``calib_targets``). form: ``"scaled"`` or ``"symmetric"`` conformal scores (default: the run's
+    ``calib_form``; ``longitudinal.models.calibration``). Raises ValueError listing every problem found before
+    any forecast: no checkpoint, config or split; empty, duplicated, unknown, training or test patients; no
+    target cap; an unknown form. A model that is not sampled is refused by ``fit_volume_calibration`` before
+    anything is written."""
     from longitudinal.evaluation.harness import resolve_device
     from storage.store import CohortStore
 
@@ -69,6 +72,8 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
             both = sorted(set(pids) & set(getattr(split, part)))
             if both:
                 problems.append(f"{len(both)} patients are in the run's {part} split, not held out: {both}")
+    if form is not None and form not in ("scaled", "symmetric"):
+        problems.append(f"form must be 'scaled' or 'symmetric', got {form!r}")
     if max_targets is not None and max_targets < 1:
         problems.append(f"max_targets must be >= 1, got {max_targets}")
     elif max_targets is None and config is not None and config.calib_targets < 1:
@@ -84,7 +89,8 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
         raise ValueError(f"cannot recalibrate {run_dir}:\n  " + "\n  ".join(problems))
     assert config is not None
     # A deterministic model is refused by fit_volume_calibration ("only sampled models get a volume calibration").
-    cfg = config.model_copy(update={"calib_targets": max_targets or config.calib_targets})
+    cfg = config.model_copy(update={"calib_targets": max_targets or config.calib_targets,
+                                    "calib_form": form or config.calib_form})
     say = progress or (lambda _m: None)
     dev = resolve_device(device)
     cals = [calibrate_checkpoint(path, store_url, pids, cfg, dev, say) for path in paths]

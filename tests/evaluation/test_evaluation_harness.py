@@ -124,3 +124,25 @@ def test_a_models_calibration_sets_its_interval_metrics(cohort, report):
             assert row["coverage80"] == row["coverage95"] == expected
             ref = raw[("tfm", row["horizon"])]
             assert row["coverage80_raw"] == ref["coverage80"] and row["crps_raw_ml"] == pytest.approx(ref["crps_ml"])
+
+
+def test_sampled_records_carry_the_linear_forecast_that_scaled_intervals_use(cohort, report):
+    """Every sampled-model record holds the linear baseline's volume forecast of its target, and a
+    difficulty-scaled calibration's interval is median -/+ (0.25 + gap years) * (c + |median - linear|) * e."""
+    from longitudinal.models.calibration import VolumeCalibration
+
+    def key(r):
+        return r["patient_id"], r["target_idx"], r["last_context_idx"]
+
+    lin = {key(r): r["volume_pred_ml"] for r in report.records if r["model"] == "linear"}
+    sampled = [r for r in report.records if r["model"] == "tfm"]
+    assert sampled and all(r["volume_linear_ml"] == pytest.approx(lin[key(r)]) for r in sampled)
+    torch.manual_seed(0)
+    tfm = build_model("tfm", TINY_TFM, in_channels=2)
+    tfm.volume_calibration = {"whole": VolumeCalibration("whole", (0.5,) * 50, form="scaled", difficulty_ml=10.0)}
+    recs = [r for r in evaluate_models({"tfm": tfm}, cohort.url, config=CFG).records if r["model"] == "tfm"]
+    assert len(recs) == len(sampled)
+    for r in recs:
+        m, v = r["volume_median_ml"], r["volume_true_ml"]
+        half = (0.25 + r["horizon_days"] / 365.25) * (10.0 + abs(m - r["volume_linear_ml"])) * 0.5
+        assert r["coverage80"] == float(max(m - half, 0.0) <= v <= m + half)

@@ -182,6 +182,22 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
     assert v.median == raw.queries[0].volume_whole_ml.median  # same samples, same median
     assert v.hi80 - v.median == pytest.approx(12.5) and v.hi95 - v.median == pytest.approx(12.5)
 
+    # Difficulty-scaled: every score 0.4 per year with c = 10 ml, so at a one-year gap the half-width is
+    # 1.25 * (10 + |median - linear forecast|) * 0.4 ml; the linear forecast is that of the linear baseline.
+    lin = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
+                           model_ref=str(baseline_checkpoint(tmp_path / "lin.pt", crop=16)), n_samples=1,
+                           write=False).queries[0].volume_whole_ml.median
+    cal = VolumeCalibration.fit("whole", np.full(30, 50.0) + 0.4 * 10.0 * (0.25 + gaps / 365.25), np.full(30, 50.0),
+                                gaps, n_patients=7, form="scaled", reference_ml=np.full(30, 50.0), difficulty_ml=10.0)
+    data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
+    torch.save(data, tmp_path / "np_scaled.pt")
+    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
+                         model_ref=str(tmp_path / "np_scaled.pt"), n_samples=4, write=False, seed=1)
+    assert "difficulty-scaled scores, c = 10 ml" in r.intervals["whole"]["method"]
+    v = r.queries[0].volume_whole_ml
+    assert v.median == raw.queries[0].volume_whole_ml.median
+    assert v.hi80 - v.median == pytest.approx(1.25 * (10.0 + abs(v.median - lin)) * 0.4)
+
 
 def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:  # noqa: ANN001
     import dataclasses

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from longitudinal.models.base import build_model
-from longitudinal.models.baselines import depth_score, top_n_mask
+from longitudinal.models.baselines import depth_score, linear_volume_counts, linear_volumes_ml, top_n_mask
 
 
 def test_lci_takes_the_latest_scan_by_time_not_position(phantom):
@@ -85,3 +85,25 @@ def test_top_n_of_depth_score_is_nested_and_exact(phantom):
         assert cur.sum() == n and bool((cur | ~prev).all())
         prev = cur
     assert torch.equal(top_n_mask(score, mask.flatten(1).sum(1)), mask)
+
+
+def test_linear_volume_counts_are_the_linear_forecasts_mask_sizes(phantom):
+    """The closed-form counts a difficulty-scaled calibration uses are exactly the voxels of the linear
+    baseline's forecast, for growth, shrinkage to zero, one scan (LCI) and masked-out padding."""
+    labels = torch.cat([_sphere_series(phantom, [3.0, 4.5, 5.0]), _sphere_series(phantom, [5.0, 4.0, 2.0])])
+    times = torch.tensor([[0.0, 100.0, 40.0], [0.0, 100.0, 300.0]])  # sample 0: the latest scan is position 1
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # sample 0's third scan is padding
+    query = torch.tensor([[150.0, 400.0], [320.0, 2000.0]])
+    f = build_model("linear").sample(phantom.labels_to_images(labels), labels, times, mask, query)
+    w, e = f.masks()
+    counts = linear_volume_counts(labels, times, mask, query)
+    assert counts.shape == (2, 2, 2) and counts.dtype == torch.long
+    assert torch.equal(counts[..., 0], w[:, :, 0].flatten(2).sum(-1))
+    assert torch.equal(counts[..., 1], e[:, :, 0].flatten(2).sum(-1))
+    whole = [(labels[0, i] > 0).sum().item() for i in range(2)]
+    assert counts[0, 0, 0].item() == round(whole[1] + (whole[1] - whole[0]) * 0.5)
+    assert counts[1, 1].tolist() == [0, 0]  # shrinking, far ahead: clamped at zero
+    one = linear_volume_counts(labels[:1, :1], times[:1, :1], mask[:1, :1], query[:1])
+    assert one[0, :, 0].tolist() == [whole[0]] * 2  # one scan: the last count, as LCI
+    ml = linear_volumes_ml(labels, times, mask, query, voxel_volume_ml=0.008)
+    torch.testing.assert_close(ml, counts.double() * 0.008)

@@ -184,3 +184,77 @@ def test_binned_calibration_round_trips_and_old_dicts_still_load():
     assert VolumeCalibration.from_dict({**old, "form": "signed"}) == back
     with pytest.raises(ValueError, match="bins"):
         VolumeCalibration("whole", (1.0, 2.0), edges_days=(90.0,), bin_scores=((1.0,),))
+
+
+def test_scaled_scores_divide_by_difficulty_as_well():
+    # gap 0.75 years -> horizon scale 1; c = 10 ml; |median - linear| = 10 and 0 ml -> difficulty 20 and 10.
+    gap = 0.75 * 365.25
+    cal = VolumeCalibration.fit("whole", true_ml=[70.0, 45.0], median_ml=[50.0, 50.0], gap_days=[gap, gap],
+                                form="scaled", reference_ml=[40.0, 50.0], difficulty_ml=10.0)
+    assert cal.form == "scaled" and cal.difficulty_ml == 10.0
+    assert cal.scores == pytest.approx((0.5, 1.0))  # |45 - 50| / 10, |70 - 50| / 20
+    # a query whose median is 30 ml from the linear forecast gets 4x the half-width of one where they agree
+    near, far = cal.quantiles(100.0, gap, reference_ml=100.0), cal.quantiles(100.0, gap, reference_ml=130.0)
+    assert near["hi80"] - 100.0 == pytest.approx(10.0 * 1.0)  # rank ceil(3 * 0.8) = 3 > n: the largest score
+    assert far["hi80"] - 100.0 == pytest.approx(40.0 * 1.0) and far["lo80"] == pytest.approx(60.0)
+    s = cal.samples(100.0, gap, reference_ml=130.0)
+    assert s.tolist() == pytest.approx([60.0, 80.0, 120.0, 140.0])
+
+
+def test_a_scaled_calibration_refuses_queries_without_the_linear_forecast():
+    cal = VolumeCalibration.fit("whole", [60.0], [50.0], [100.0], form="scaled", reference_ml=[50.0])
+    assert cal.needs_reference
+    with pytest.raises(ValueError, match="reference_ml"):
+        cal.quantiles(50.0, 100.0)
+    with pytest.raises(ValueError, match="reference_ml"):
+        volume_quantiles([50.0, 51.0], 100.0, cal)
+    with pytest.raises(ValueError, match="finite"):
+        cal.quantiles(50.0, 100.0, reference_ml=float("nan"))
+    with pytest.raises(ValueError, match="needs reference_ml"):
+        VolumeCalibration.fit("whole", [60.0], [50.0], [100.0], form="scaled")
+    with pytest.raises(ValueError, match="need 1 reference"):
+        VolumeCalibration.fit("whole", [60.0], [50.0], [100.0], form="scaled", reference_ml=[1.0, 2.0])
+    with pytest.raises(ValueError, match="difficulty_ml > 0"):
+        VolumeCalibration("whole", (1.0,), form="scaled", difficulty_ml=0.0)
+    with pytest.raises(ValueError, match="form must be one of"):
+        VolumeCalibration.fit("whole", [60.0], [50.0], [100.0], form="banana")
+    # symmetric calibrations never needed it and still do not
+    assert not VolumeCalibration.fit("whole", [60.0], [50.0], [100.0]).needs_reference
+
+
+def test_scaled_form_round_trips_through_checkpoint_meta():
+    rng = np.random.default_rng(2)
+    g = rng.uniform(10, 600, 80)
+    cal = VolumeCalibration.fit("whole", rng.uniform(5, 90, 80), rng.uniform(5, 90, 80), g, n_patients=9,
+                                edges_days=(90, 180, 365), form="scaled", reference_ml=rng.uniform(5, 90, 80),
+                                difficulty_ml=7.5)
+    back = calibrations_from_meta({"volume_calibration": calibrations_to_meta({"whole": cal})})["whole"]
+    assert back == cal
+    assert "difficulty-scaled scores, c = 7.5 ml" in back.method()
+
+
+def test_scaled_scores_cover_hard_and_easy_queries_alike():
+    """Errors whose spread grows with |median - linear| (fast growers, where model and extrapolation
+    disagree): the symmetric form's one width over-covers the easy half and under-covers the hard half, the
+    scaled form covers both near nominal. Known noise: error ~ N(0, (10 + d)^2) ml with d the disagreement."""
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, ...]:
+        d = np.where(rng.random(n) < 0.5, 0.0, 60.0)  # half easy (agree), half hard (disagree by 60 ml)
+        m = rng.uniform(250, 300, n)  # large enough that no interval or truth reaches 0 ml
+        gap = np.full(n, 0.75 * 365.25)  # horizon scale 1
+        return m + rng.normal(0, 10 + d), m, gap, m + d * rng.choice([-1, 1], n), d
+
+    cal_args, test = draw(4000), draw(4000)
+    t, m, gap, ref, d = test
+    cover = {}
+    for form in ("symmetric", "scaled"):
+        cal = VolumeCalibration.fit("whole", *cal_args[:3], form=form,
+                                    reference_ml=cal_args[3] if form == "scaled" else None)
+        q = [cal.quantiles(mi, gi, ri) for mi, gi, ri in zip(m, gap, ref, strict=True)]
+        inside = np.array([qi["lo80"] <= ti <= qi["hi80"] for qi, ti in zip(q, t, strict=True)])
+        cover[form] = (inside[d == 0].mean(), inside[d > 0].mean())
+    easy, hard = cover["symmetric"]
+    assert easy > 0.97 and hard < 0.72  # one width for all: wrong for both halves
+    easy, hard = cover["scaled"]
+    assert abs(easy - 0.80) < 0.04 and abs(hard - 0.80) < 0.04  # ~2000 targets a half: sd ~0.01

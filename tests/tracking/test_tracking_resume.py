@@ -64,6 +64,7 @@ def test_killed_training_resumes_in_the_same_run_with_one_version(tmp_path: Path
     # a sampled model is registered with the calibration its intervals rest on
     n_val = len(json.loads((run_dir / "split.json").read_text())["val"])
     assert versions[0].intervals.startswith("calibrated: ") and f"of {n_val} held-out patients" in versions[0].intervals
+    assert versions[0].intervals.endswith("(scaled scores)")  # training's default form
     client = MlflowClient(outcome.tracking_uri)
     steps = [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")]
     # resumed, not restarted: no training step is logged twice, and the run reaches the configured steps

@@ -47,6 +47,7 @@ def test_recalibration_refits_both_checkpoints_on_the_given_patients(trained) ->
     split = Split.load(run / "split.json")
     before, _ = _calibration(run / "model.pt")
     assert before.n_patients == len(split.val)
+    assert before.form == "scaled" and before.difficulty_ml == 10.0  # what training ships by default
 
     pids = [*split.val, *NEW]
     out = recalibrate_run(run, url, pids, device="cpu")
@@ -62,14 +63,22 @@ def test_recalibration_refits_both_checkpoints_on_the_given_patients(trained) ->
     capped = recalibrate_run(run, url, pids, max_targets=3, device="cpu")
     assert capped.whole.n == 3
 
+    # --form symmetric refits with gap-normalised scores only (and the fit key says so)
+    sym = recalibrate_run(run, url, pids, max_targets=3, device="cpu", form="symmetric")
+    cal, key = _calibration(run / "model.pt")
+    assert sym.whole.form == cal.form == "symmetric" and "symmetric" in key["form"]
+    assert cal.scores != capped.whole.scores  # same 3 targets, scores no longer divided by the difficulty
+
 
 def test_training_test_and_unknown_patients_are_refused_and_nothing_is_rewritten(trained) -> None:  # noqa: ANN001
     url, run = trained
     split = Split.load(run / "split.json")
     files = {p: p.read_bytes() for p in (run / "checkpoints" / "best.pt", run / "model.pt")}
     with pytest.raises(ValueError) as err:
-        recalibrate_run(run, url, [split.train[0], split.test[0], "GHOST", "NEW1", "NEW1"], device="cpu")
+        recalibrate_run(run, url, [split.train[0], split.test[0], "GHOST", "NEW1", "NEW1"], device="cpu",
+                        form="banana")
     msg = str(err.value)
+    assert "form must be 'scaled' or 'symmetric', got 'banana'" in msg
     assert f"in the run's train split, not held out: ['{split.train[0]}']" in msg
     assert f"in the run's test split, not held out: ['{split.test[0]}']" in msg
     assert "patients not in the store" in msg and "'GHOST'" in msg and "listed twice: ['NEW1']" in msg
