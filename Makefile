@@ -38,7 +38,7 @@ test: $(STAMP) lint layers
 demo: $(STAMP)
 	$(BIN)/python -m longitudinal.demo
 
-# Each benchmark prints its table; the last five reuse forecast_quality.py's work folder (trained models).
+# Each benchmark prints its table; the last ones reuse forecast_quality.py's work folder (trained models).
 BENCH_FQ := workspace/bench/forecast_quality
 bench: $(STAMP)
 	for b in synth ingest registration_qc train_throughput tracking_overhead forecast_latency forecast_quality tune; do \
@@ -48,6 +48,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forecast_quality.py --work $(BENCH_FQ)_fresh --seed 1 --models "" --train-only
 	$(BIN)/python benchmarks/calibration_heldout.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
 	$(BIN)/python benchmarks/calibration_difficulty.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
+	$(BIN)/python benchmarks/forecast_quality.py --work $(BENCH_FQ)_confirm --seed 2 --models "" --train-only
+	$(BIN)/python benchmarks/calibration_confirm.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh \
+		--confirm $(BENCH_FQ)_confirm
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache

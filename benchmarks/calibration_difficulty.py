@@ -1,4 +1,8 @@
-"""Exploratory: would a difficulty-scaled conformal score steady per-bin coverage? (Not what the product ships.)
+"""Exploratory (session 5): would a difficulty-scaled conformal score steady per-bin coverage?
+
+Session 6 fixed c = 10 ml from this table, confirmed the form on an unseen cohort (calibration_confirm.py) and
+made it the product's default (``VolumeCalibration`` form ``"scaled"``); this script keeps its own formula so
+the exploration can be rerun as it was.
 
 benchmarks/calibration_heldout.py found that per-bin 80% coverage moves by 10-20 points between patient sets
 because a minority of fast growers carries heavy-tailed errors. A normalised conformal score divides each error by

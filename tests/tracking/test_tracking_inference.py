@@ -1,0 +1,35 @@
+"""The pyfunc's Forecaster puts a difficulty-scaled calibration's intervals around the median with the linear
+baseline's forecast of the same query, as the forecast API does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trackinghelpers import baseline_checkpoint, write_native_series
+
+from longitudinal.models.calibration import VolumeCalibration, calibrations_to_meta
+from longitudinal.tracking.inference import Forecaster
+
+
+def test_scaled_intervals_use_the_linear_forecast_of_the_query(tmp_path: Path) -> None:
+    frame, _ = write_native_series(tmp_path / "scans", radii_mm=(5.0, 6.5, 8.0), shift_mm=0.0)
+    days = [200.0, 400.0]
+    lin = Forecaster(baseline_checkpoint(tmp_path / "lin.pt", "linear", crop=16)).predict(frame, days, n_samples=1)
+    # an untrained np checkpoint carrying a scaled calibration: every score 0.4 per year, c = 10 ml
+    ckpt = baseline_checkpoint(tmp_path / "np.pt", "np", crop=16)
+    gaps = np.linspace(30, 600, 30)
+    cal = VolumeCalibration.fit("whole", np.full(30, 50.0) + 4.0 * (0.25 + gaps / 365.25), np.full(30, 50.0), gaps,
+                                form="scaled", reference_ml=np.full(30, 50.0), difficulty_ml=10.0)
+    data = torch.load(ckpt, weights_only=False)
+    data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
+    torch.save(data, ckpt)
+    out = Forecaster(ckpt).predict(frame, days, n_samples=4)
+    last = float(frame["days"].max())
+    for (_, row), (_, ref) in zip(out.iterrows(), lin.iterrows(), strict=True):
+        m, v_lin = row["volume_whole_ml_median"], ref["volume_whole_ml_median"]
+        half = (0.25 + (row["query_day"] - last) / 365.25) * (10.0 + abs(m - v_lin)) * 0.4
+        assert row["volume_whole_ml_hi80"] - m == pytest.approx(half)
+        assert row["volume_whole_ml_lo80"] == pytest.approx(max(m - half, 0.0))
