@@ -8,8 +8,8 @@ third cohort (``--confirm``, made with ``forecast_quality.py --work CONFIRM --pa
 
 Per kind it prints the 80% / 95% whole-tumour volume coverage on G per horizon bin for each form (symmetric,
 scaled) calibrated on V, F and V + F, the worst |coverage - nominal| over bins with >= 3 targets, the mean 80%
-interval width, and the primary verdict (np, scaled, V + F on G). The same rows scored on T + F' (seen before
-the form was chosen) are printed below for reference.
+interval width, and the primary verdict (np, scaled, V + F on G). The same rows scored on T, F' and T + F'
+(patients seen before the form was chosen) are printed below for reference.
 
 Calibration records are those calibration_heldout.py cached (run it first); their linear forecasts come from
 calibration_difficulty.py's cache (linear_<set>.json), or are forecast here. G is forecast as forecast_quality.py
@@ -93,7 +93,7 @@ def main() -> None:
             path.write_text(json.dumps(cached, default=float))
         recs["G"] = [{**r, "patient_id": "confirm:" + r["patient_id"]} for r in cached["records"]]
 
-        for test_name in ("G", "T+F'"):
+        for test_name in ("G", "T", "F'", "T+F'"):
             test = [r for part in test_name.split("+") for r in recs[part]]
             n_pat = len({r["patient_id"] for r in test})
             title = (f"{kind}: 80% / 95% whole-tumour volume coverage on {test_name} ({n_pat} patients) per horizon "
