@@ -160,9 +160,10 @@ def score_target(
         rec["coverage80_raw"] = float(M.interval_covers(vols, v_true, 0.8))
         rec["coverage95_raw"] = float(M.interval_covers(vols, v_true, 0.95))
         rec["crps_raw_ml"] = M.crps_samples(vols, v_true)
-        ref = reference_ml[0] if reference_ml is not None else None
+        ref = None
         if reference_ml is not None:
-            rec["volume_linear_ml"], rec["volume_enh_linear_ml"] = float(reference_ml[0]), float(reference_ml[1])
+            ref = rec["volume_linear_ml"] = float(reference_ml[0])
+            rec["volume_enh_linear_ml"] = float(reference_ml[1])
         cal = (calibration or {}).get("whole")
         if cal is None:
             rec["coverage80"], rec["coverage95"] = rec["coverage80_raw"], rec["coverage95_raw"]
