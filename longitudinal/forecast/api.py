@@ -292,9 +292,10 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
             days=q.days, days_after_last_scan=round(q.days - float(days[-1]), 6), date=q.date,
             calendar=cal.calendar if q.date else None, n_context=p["n_context"],
             volume_whole_ml=VolumeInterval.from_samples(p["volumes"][:, 0], p["gap_days"], cals.get("whole"),
-                                                        float(p["reference_ml"][0])),
+                                                        float(p["reference_ml"][0]), p["max_ml"]),
             volume_enhancing_ml=VolumeInterval.from_samples(p["volumes"][:, 1], p["gap_days"],
-                                                            cals.get("enhancing"), float(p["reference_ml"][1])),
+                                                            cals.get("enhancing"), float(p["reference_ml"][1]),
+                                                            p["max_ml"]),
             files=files,
         ))
     if writer is not None:
@@ -309,8 +310,9 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
 
 def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndarray, queries: list[ResolvedQuery],
              n_samples: int, seed: int) -> list[dict[str, Any]]:
-    """Per query: volumes (S, 2) ml, mean image (C, D, H, W), mean P(whole) and P(enhancing) (D, H, W) on the
-    crop, the crop start (z, y, x) and the number of context scans. One model call per distinct context set."""
+    """Per query: volumes (S, 2) ml, the linear baseline's (2,) and the crop's volume (ml), mean image
+    (C, D, H, W), mean P(whole) and P(enhancing) (D, H, W) on the crop, the crop start (z, y, x) and the number
+    of context scans. One model call per distinct context set."""
     import torch
 
     from longitudinal.data.crops import context_crop_centre, crop_start, read_crop, tumour_bbox
@@ -360,6 +362,7 @@ def _predict(model: LoadedModel, arr: Any, labels_all: np.ndarray, days: np.ndar
             p_enh = fc.enhancing_prob[0].float().mean(1).cpu().numpy()
         for j, qi in enumerate(qis):
             out[qi] = {"volumes": vols[j], "gap_days": float(qt[j] - days[idx[-1]]), "reference_ml": ref[j],
+                       "max_ml": float(np.prod(size)) * voxel_ml,
                        "image": mean_img[j],
                        "prob_whole": p_whole[j], "prob_enhancing": p_enh[j], "start": start, "n_context": len(idx),
                        "last_context": idx[-1]}

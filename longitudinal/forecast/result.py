@@ -35,14 +35,14 @@ class VolumeInterval:
 
     @classmethod
     def from_samples(cls, samples: np.ndarray, gap_days: float = 0.0,
-                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None
-                     ) -> VolumeInterval:
+                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None,
+                     max_ml: float | None = None) -> VolumeInterval:
         """Summary of ``samples`` (S,) in ml: their quantiles, or with ``calibration`` (the model's, fitted on
         validation patients) the calibrated interval around their median for a query ``gap_days`` after the
         last context scan (``longitudinal.models.calibration.volume_quantiles``; ``reference_ml``: the linear
-        baseline's volume forecast of the query, which a difficulty-scaled calibration needs). Ordered for
-        every S >= 1."""
-        return cls(**volume_quantiles(samples, gap_days, calibration, reference_ml))
+        baseline's volume forecast of the query, which a difficulty-scaled calibration needs; ``max_ml``: the
+        model's crop volume, which caps every end). Ordered for every S >= 1."""
+        return cls(**volume_quantiles(samples, gap_days, calibration, reference_ml, max_ml))
 
     def ordered(self) -> bool:
         return self.lo95 <= self.lo80 <= self.median <= self.hi80 <= self.hi95

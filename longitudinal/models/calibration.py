@@ -311,12 +311,13 @@ def horizon_scale(gap_days: np.ndarray | float, offset_years: float) -> np.ndarr
 
 
 def volume_quantiles(samples_ml: Sequence[float] | np.ndarray, gap_days: float = 0.0,
-                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None
-                     ) -> dict[str, float]:
+                     calibration: VolumeCalibration | None = None, reference_ml: float | None = None,
+                     max_ml: float | None = None) -> dict[str, float]:
     """{lo95, lo80, median, hi80, hi95} (ml) of one query: the calibrated distribution around the median of the
     sampled volumes when ``calibration`` is given, else the raw samples' quantiles. ``gap_days``: days from the
     last context scan to the query; ``reference_ml``: the linear baseline's volume forecast of the query (ml),
-    needed by a difficulty-scaled calibration. Always ordered lo95 <= lo80 <= median <= hi80 <= hi95."""
+    needed by a difficulty-scaled calibration; ``max_ml``: the largest volume the model can forecast (its
+    crop's volume, ml), which caps every end. Always ordered lo95 <= lo80 <= median <= hi80 <= hi95."""
     values = np.asarray(samples_ml, dtype=np.float64).ravel()
     if values.size == 0 or not np.all(np.isfinite(values)):
         raise ValueError(f"need >= 1 finite volume sample, got {values.size} values")
@@ -327,4 +328,8 @@ def volume_quantiles(samples_ml: Sequence[float] | np.ndarray, gap_days: float =
         # Linear-interpolated quantiles are monotone in the level; the running maximum removes any
         # floating-point inversion.
         vals = np.maximum.accumulate(np.quantile(values, list(LEVELS.values())))
+    if max_ml is not None:
+        # A forecast mask lies inside the model's crop, so no volume beyond the crop's is possible; a calibrated
+        # end past it (few calibration patients, a query far from the linear forecast) is capped there.
+        vals = np.minimum(vals, float(max_ml))
     return dict(zip(LEVELS, (float(v) for v in vals), strict=True))

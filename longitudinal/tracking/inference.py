@@ -224,7 +224,7 @@ class Forecaster:
             cals = self.model.volume_calibration or {}
             for vi, kind in enumerate(VOLUME_KINDS):
                 qs = volume_quantiles(vols[qi, :, vi], float(day) - float(prep.days[-1]), cals.get(kind),
-                                      float(ref[qi, vi]))
+                                      float(ref[qi, vi]), max_ml=float(np.prod(size)) * voxel_ml)
                 for name in QUANTILES:
                     row[f"volume_{kind}_ml_{name}"] = qs[name]
             if out_dir is not None:

@@ -408,7 +408,9 @@ def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_sam
     ref = linear_volumes_ml(torch.from_numpy(labs.astype(np.int64))[None], torch.tensor(days[ctx])[None],
                             torch.ones(1, k, dtype=torch.bool), torch.tensor(grid)[None],
                             float(np.prod(spacing)) / 1000.0)[0, :, 0].numpy()  # [Q]
-    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal, float(ref[i])) for i in range(len(grid))]
+    crop_ml = float(np.prod(size) * np.prod(spacing)) / 1000.0
+    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal, float(ref[i]), crop_ml)
+          for i in range(len(grid))]
     observed = [float((labels_all[t] > 0).sum() * np.prod(spacing) / 1000.0) for t in range(len(days))]
     tr = {"patient_id": pid, "observed_days": days.tolist(), "observed_ml": observed, "query_days": grid.tolist(),
           **{k: [q[k] for q in qs] for k in ("median", "lo80", "hi80", "lo95", "hi95")}, "target_day": last}

@@ -155,7 +155,7 @@ def test_sampled_model_intervals_are_ordered_through_the_api(cohort: Cohort, tmp
 
 
 def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) -> None:  # noqa: ANN001
-    from forecasthelpers import baseline_checkpoint
+    from forecasthelpers import SPACING, baseline_checkpoint
 
     from longitudinal.models.calibration import VolumeCalibration, calibrations_to_meta
 
@@ -197,6 +197,17 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
     v = r.queries[0].volume_whole_ml
     assert v.median == raw.queries[0].volume_whole_ml.median
     assert v.hi80 - v.median == pytest.approx(1.25 * (10.0 + abs(v.median - lin)) * 0.4)
+
+    # no end passes the largest volume the model can forecast: its 16^3 crop (scores far above any error)
+    cal = VolumeCalibration.fit("whole", np.full(30, 5000.0), np.full(30, 50.0), gaps, n_patients=7, form="scaled",
+                                reference_ml=np.full(30, 50.0))
+    data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
+    torch.save(data, tmp_path / "np_huge.pt")
+    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
+                         model_ref=str(tmp_path / "np_huge.pt"), n_samples=4, write=False, seed=1)
+    v = r.queries[0].volume_whole_ml
+    crop_ml = 16**3 * SPACING**3 / 1000.0  # the store's voxels
+    assert v.hi95 == v.hi80 == pytest.approx(crop_ml) and v.median == raw.queries[0].volume_whole_ml.median
 
 
 def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:  # noqa: ANN001

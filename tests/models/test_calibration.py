@@ -258,3 +258,13 @@ def test_scaled_scores_cover_hard_and_easy_queries_alike():
     assert easy > 0.97 and hard < 0.72  # one width for all: wrong for both halves
     easy, hard = cover["scaled"]
     assert abs(easy - 0.80) < 0.04 and abs(hard - 0.80) < 0.04  # ~2000 targets a half: sd ~0.01
+
+
+def test_every_end_is_capped_at_the_largest_volume_the_model_can_forecast():
+    cal = VolumeCalibration.fit("whole", [500.0] * 30, [50.0] * 30, np.linspace(10, 80, 30), form="scaled",
+                                reference_ml=[50.0] * 30)
+    free = volume_quantiles([50.0, 52.0], 60.0, cal, reference_ml=200.0)
+    capped = volume_quantiles([50.0, 52.0], 60.0, cal, reference_ml=200.0, max_ml=262.144)
+    assert free["hi95"] > 1000.0  # a far-off linear forecast times a large score
+    assert capped["hi95"] == capped["hi80"] == 262.144 and capped["median"] == free["median"] == 51.0
+    assert capped["lo95"] <= capped["lo80"] <= capped["median"] <= capped["hi80"] <= capped["hi95"]

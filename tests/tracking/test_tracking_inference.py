@@ -33,3 +33,20 @@ def test_scaled_intervals_use_the_linear_forecast_of_the_query(tmp_path: Path) -
         half = (0.25 + (row["query_day"] - last) / 365.25) * (10.0 + abs(m - v_lin)) * 0.4
         assert row["volume_whole_ml_hi80"] - m == pytest.approx(half)
         assert row["volume_whole_ml_lo80"] == pytest.approx(max(m - half, 0.0))
+
+
+def test_intervals_never_pass_the_crop_volume(tmp_path: Path) -> None:
+    """Scores far above any error would put the upper ends at thousands of ml; the model's 16^3 crop at 2 mm
+    holds 32.768 ml, and no end may pass it (the median and lower ends are the model's)."""
+    frame, _ = write_native_series(tmp_path / "scans", shift_mm=0.0)
+    ckpt = baseline_checkpoint(tmp_path / "np.pt", "np", crop=16)
+    gaps = np.linspace(30, 600, 30)
+    cal = VolumeCalibration.fit("whole", np.full(30, 5000.0), np.full(30, 50.0), gaps, form="scaled",
+                                reference_ml=np.full(30, 50.0))
+    data = torch.load(ckpt, weights_only=False)
+    data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
+    torch.save(data, ckpt)
+    out = Forecaster(ckpt).predict(frame, [200.0, 400.0], n_samples=4)
+    crop_ml = 16**3 * 2.0**3 / 1000.0
+    assert out["volume_whole_ml_hi95"].tolist() == pytest.approx([crop_ml] * 2)
+    assert out["volume_whole_ml_hi80"].tolist() == pytest.approx([crop_ml] * 2)
