@@ -3,7 +3,10 @@ the 80% / 95% interval coverage of other records, per horizon bin. Not a benchma
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,3 +65,29 @@ def per_bin(covers: Sequence[Cover], bins: Sequence[tuple[float, float]] = HORIZ
 def cell_text(cell: tuple[float, float, int] | None) -> str:
     """'cov80 / cov95 (n)' or '-'."""
     return "-" if cell is None else f"{cell[0]:.2f} / {cell[1]:.2f} ({cell[2]})"
+
+
+def width80(cal: VolumeCalibration, records: Sequence[Mapping[str, Any]]) -> float:
+    """Mean width (ml) of the calibrated 80% whole-tumour volume intervals of ``records``."""
+    qs = [cal.quantiles(r["volume_median_ml"], r["horizon_days"], r.get("volume_linear_ml")) for r in records]
+    return float(np.mean([q["hi80"] - q["lo80"] for q in qs]))
+
+
+def record_key(r: Mapping[str, Any]) -> tuple:
+    """A target's identity in evaluation records: (patient, target scan, last context scan)."""
+    return r["patient_id"], r["target_idx"], r["last_context_idx"]
+
+
+def linear_forecasts(path: Path, store: str, patient_ids: Sequence[str], config: Any) -> dict[tuple, float]:
+    """{record_key: the linear baseline's whole-tumour volume forecast (ml)} of every target of ``patient_ids``,
+    read from ``path`` or forecast with the harness (``config``: its EvalConfig, one sample) and cached there.
+    Records cached before the harness kept ``volume_linear_ml`` get it from here."""
+    from longitudinal.evaluation.harness import evaluate_models
+
+    if not path.exists():
+        print(f"forecasting the linear baseline on {len(patient_ids)} patients of {store}")
+        rep = evaluate_models({}, store, list(patient_ids), dataclasses.replace(config, n_samples=1))
+        path.write_text(json.dumps([{k: r[k] for k in ("patient_id", "target_idx", "last_context_idx",
+                                                        "volume_pred_ml")}
+                                    for r in rep.records if r["model"] == "linear"], default=float))
+    return {record_key(r): r["volume_pred_ml"] for r in json.loads(path.read_text())}

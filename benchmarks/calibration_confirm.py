@@ -29,8 +29,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _coverage import TOLERANCE, cell_text, cover, fit_whole, label, per_bin
+from _coverage import (
+    TOLERANCE,
+    cell_text,
+    cover,
+    fit_whole,
+    label,
+    linear_forecasts,
+    per_bin,
+    record_key,
+    width80,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -67,7 +76,13 @@ def main() -> None:
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     stores = {"V": str(work / "cohort.zarr"), "T": str(work / "cohort.zarr"), "F": str(fresh / "cohort.zarr"),
               "F'": str(fresh / "cohort.zarr")}
-    linear = {name: _linear(held, name, stores[name], work, kinds[0], console) for name in stores}
+    run0 = work / "runs" / kinds[0]  # forecast_quality.py trains every kind on one split
+    split = json.loads((run0 / "split.json").read_text())
+    patients = {"V": split["val"], "T": split["test"], "F": (held / "F.txt").read_text().split(","),
+                "F'": (held / "Fp.txt").read_text().split(",")}
+    ecfg = calibration_eval_config(TrainConfig.model_validate(json.loads((run0 / "config.json").read_text())), "cpu")
+    linear = {name: linear_forecasts(held / f"linear_{_stem(name)}.json", stores[name], patients[name], ecfg)
+              for name in stores}
     labels = [label(lo, hi) for lo, hi in HORIZON_BINS]
     verdict = None
     for kind in kinds:
@@ -77,7 +92,7 @@ def main() -> None:
         for name, lin in linear.items():
             rows = json.loads((held / f"{kind}_{_stem(name)}.json").read_text())["records"]
             prefix = "fresh:" if name.startswith("F") else ""
-            recs[name] = [{**r, "patient_id": prefix + r["patient_id"], "volume_linear_ml": lin[_key(r)]}
+            recs[name] = [{**r, "patient_id": prefix + r["patient_id"], "volume_linear_ml": lin[record_key(r)]}
                           for r in rows]
         path = out / f"{kind}_G.json"
         test_cfg = dataclasses.replace(calibration_eval_config(cfg, "cpu"), n_samples=args.samples, seed=cfg.seed)
@@ -107,7 +122,7 @@ def main() -> None:
                     cal = fit_whole([r for part in cal_name.split("+") for r in recs[part]], form, args.c)
                     covers = cover(cal, test)
                     cells, worst = per_bin(covers)
-                    width = float(np.mean([_width(cal, r) for r in test]))
+                    width = width80(cal, test)
                     name = form if form == "symmetric" else f"scaled, c = {args.c:g} ml"
                     table.add_row(name, cal_name, str(cal.n_patients), *map(cell_text, cells), f"{worst:.2f}",
                                   f"{width:.1f}")
@@ -137,40 +152,6 @@ def _every(n: int, what: str, console: Console) -> Any:
 
 def _stem(name: str) -> str:
     return name.replace("'", "p")
-
-
-def _key(r: dict[str, Any]) -> tuple:
-    return r["patient_id"], r["target_idx"], r["last_context_idx"]
-
-
-def _width(cal: Any, r: dict[str, Any]) -> float:
-    q = cal.quantiles(r["volume_median_ml"], r["horizon_days"], r.get("volume_linear_ml"))
-    return q["hi80"] - q["lo80"]
-
-
-def _linear(held: Path, name: str, store: str, work: Path, kind: str, console: Console) -> dict[tuple, float]:
-    """{(patient, target, last context): linear baseline's volume (ml)} of a calibration_heldout set, from
-    calibration_difficulty.py's cache (linear_<set>.json) or forecast here with the same evaluation."""
-    import longitudinal.models  # noqa: F401
-    from longitudinal.evaluation.harness import evaluate_models
-    from longitudinal.training.config import TrainConfig
-    from longitudinal.training.fit import calibration_eval_config
-
-    path = held / f"linear_{_stem(name)}.json"
-    if not path.exists():
-        run = work / "runs" / kind
-        cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
-        if name in ("V", "T"):
-            pids = json.loads((run / "split.json").read_text())["val" if name == "V" else "test"]
-        else:
-            pids = (held / ("F.txt" if name == "F" else "Fp.txt")).read_text().split(",")
-        console.print(f"forecasting the linear baseline on set {name} ({len(pids)} patients)")
-        rep = evaluate_models({}, store, list(pids), dataclasses.replace(calibration_eval_config(cfg, "cpu"),
-                                                                        n_samples=1))
-        path.write_text(json.dumps([{k: r[k] for k in ("patient_id", "target_idx", "last_context_idx",
-                                                        "volume_pred_ml")}
-                                    for r in rep.records if r["model"] == "linear"], default=float))
-    return {_key(r): r["volume_pred_ml"] for r in json.loads(path.read_text())}
 
 
 if __name__ == "__main__":
