@@ -143,7 +143,7 @@ class VolumeCalibration:
         """What a score is multiplied by to give a half-width in ml: ``offset + gap years``, times
         ``difficulty_ml + |median - reference|`` in the scaled form (gap in days, volumes in ml)."""
         s = horizon_scale(gap_days, self.offset_years)
-        if self.form != "scaled":
+        if not self.needs_reference:
             return s
         if reference_ml is None:
             raise ValueError("this volume calibration is difficulty-scaled: give reference_ml, the linear "
