@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from longitudinal.settings import get_settings
+from longitudinal.settings import PseudonymKeyError, get_settings
 
 app = typer.Typer(
     name="longitudinal",
@@ -38,7 +38,14 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except PseudonymKeyError as exc:
+        # Raised wherever the key is first needed; one clear line, not a traceback from deep inside ingest.
+        from longitudinal.commands._common import err_console
+
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,60 @@ DEFAULT_DICOM_CHANNEL_MAP: dict[str, str] = {
 }
 
 
+# A generated key is 64 hex characters; an operator's own key must still be long enough not to be guessed.
+MIN_PSEUDONYM_KEY_CHARS = 16
+
+
+class PseudonymKeyError(RuntimeError):
+    """The pseudonym key is missing, empty or too short; the message says how to restore it."""
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_text(encoding="ascii", errors="replace").strip()
+    if len(key) < MIN_PSEUDONYM_KEY_CHARS:
+        raise PseudonymKeyError(
+            f"pseudonym key {path} is {'empty' if not key else 'too short'} ({len(key)} characters). Pseudonyms "
+            "made with it would be recomputable, so nothing is ingested or forecast. Restore the file from the "
+            "site's backup (or set LONGITUDINAL_PSEUDONYM_KEY to the site's key). Delete it only if this "
+            "workspace has never stored a patient: a new key gives every patient a new pseudonym."
+        )
+    return key.encode()
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The workspace's pseudonym key at ``path``, created atomically on first use.
+
+    A new key is written to a temporary file in the same folder, fsynced, then hard-linked into place, so the key
+    file is either absent or complete, and when several processes start at once exactly one key wins and every
+    process reads that one. Raises :class:`PseudonymKeyError` when the file exists but is empty or short.
+    """
+    if path.exists():
+        return _read_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and never replaces: the first writer's key is the key
+        except FileExistsError:
+            pass
+        try:  # make the new directory entry durable too
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_key(path)
+
+
 class Settings(BaseSettings):
     """Resolved locations and knobs. Build with ``Settings()`` (env) or ``Settings(home=...)`` (CLI flags)."""
 
@@ -101,20 +155,28 @@ class Settings(BaseSettings):
 
     @cached_property
     def pseudonym_secret(self) -> bytes:
-        """Key for keyed patient pseudonyms.
+        """Key for keyed patient pseudonyms (at least ``MIN_PSEUDONYM_KEY_CHARS`` characters).
 
         From LONGITUDINAL_PSEUDONYM_KEY when set; otherwise a random key created once under the workspace
-        (mode 0600), so pseudonyms are stable across runs of one site but unguessable elsewhere.
+        (mode 0600), so pseudonyms are stable across runs of one site but unguessable elsewhere. An empty or
+        short key is refused with :class:`PseudonymKeyError`, never used: with a weak key anyone could recompute
+        the pseudonyms and undo the date shift.
         """
-        if self.pseudonym_key:
-            return self.pseudonym_key.encode()
-        path = self.home_dir / "secrets" / "pseudonym.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
-        return path.read_text().strip().encode()
+        if self.pseudonym_key is not None:
+            key = self.pseudonym_key.strip()
+            if len(key) < MIN_PSEUDONYM_KEY_CHARS:
+                raise PseudonymKeyError(
+                    f"LONGITUDINAL_PSEUDONYM_KEY is {'empty' if not key else 'too short'} ({len(key)} characters; "
+                    f"at least {MIN_PSEUDONYM_KEY_CHARS} are needed). Set the site's key, or unset the variable "
+                    f"to use the workspace key {self.pseudonym_key_path}."
+                )
+            return key.encode()
+        return load_or_create_key(self.pseudonym_key_path)
+
+    @property
+    def pseudonym_key_path(self) -> Path:
+        """Where the workspace's generated pseudonym key lives (used when no key is set explicitly)."""
+        return self.home_dir / "secrets" / "pseudonym.key"
 
     def locations(self) -> dict[str, str]:
         """Every location this settings object resolves to, for commands to print."""

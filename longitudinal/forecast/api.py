@@ -145,7 +145,7 @@ def open_store(url: str) -> Any:
 
 def _has_key(settings: Settings) -> bool:
     # Only an existing key can turn a raw id into a stored pseudonym; never create one from a query.
-    return bool(settings.pseudonym_key) or (settings.home_dir / "secrets" / "pseudonym.key").is_file()
+    return bool(settings.pseudonym_key) or settings.pseudonym_key_path.is_file()
 
 
 def resolve_patient(settings: Settings, store: Any, patient: str, allow_raw_id: bool = True) -> tuple[str, str | None]:

@@ -28,7 +28,7 @@ TINY_TRAIN = {
 }  # fmt: skip
 
 
-KEY = "deploy-test-key"
+KEY = "deploy-test-pseudonym-key"
 SPACING_MM = 4.0  # the tiny preset's grid
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 N_PATIENTS = 4  # tiny preset: 2 train, 1 validation, 1 test patient
 SPACING_MM = 4.0  # the tiny preset's grid
-KEY = "s3-test-key"
+KEY = "s3-test-pseudonym-key"
 TINY_TFM = {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16, "steps": 2}
 TINY_TRAIN = {
     "model": "tfm", "model_options": TINY_TFM, "crop_size": [16, 16, 16], "steps": 3, "batch_size": 2,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from longitudinal.cli import app
 from storage.store import CohortStore
 
-KEY = "flow-test-key"
+KEY = "flow-test-pseudonym-key"
 
 
 @pytest.fixture(scope="module")

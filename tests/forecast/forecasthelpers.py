@@ -17,7 +17,7 @@ from longitudinal.models.base import build_model
 from longitudinal.settings import Settings
 
 ENV_QUIET = {"MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-KEY = "forecast-test-key"
+KEY = "forecast-test-pseudonym-key"
 GRID = (32, 32, 32)
 SPACING = 2.0
 

@@ -12,7 +12,7 @@ from longitudinal.settings import Settings
 # 2 patients of the tiny preset (4 mm MNI grid): sub-001 has 5 visits, sub-002 has 4.
 SEED = 0
 N_PATIENTS = 2
-KEY = "ingest-test-key"
+KEY = "ingest-test-pseudonym-key"
 SPACING_MM = 4.0
 
 

@@ -18,7 +18,7 @@ from longitudinal.ingest import ingest_cohort
 from longitudinal.ingest.deid import pseudonym
 from storage.store import CohortStore
 
-KEY = b"ingest-test-key"
+KEY = b"ingest-test-pseudonym-key"
 
 
 def _anat(bids: Path, sub: str, ses: str, kind: str) -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 from storage.store import PAUSE_ENV, PAUSE_SIGNAL_ENV, CohortStore
 
-KEY = "ingest-test-key"
+KEY = "ingest-test-pseudonym-key"
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -19,7 +19,7 @@ from longitudinal.cli import app
 from longitudinal.ingest.deid import pseudonym
 from storage.store import CohortStore
 
-KEY = "ingest-test-key"
+KEY = "ingest-test-pseudonym-key"
 IDENTITY = {
     "PatientName": "Quinoa^Jemima^Rosalind",
     "PatientID": "MRN-77812345",

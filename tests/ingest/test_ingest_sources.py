@@ -109,7 +109,7 @@ def _bids(root: Path) -> Path:
 
 def test_bids_discovery_maps_channels_dates_and_labels(tmp_path: Path):
     root = _bids(tmp_path / "ds")
-    settings = Settings(home=tmp_path / "home", pseudonym_key="k")
+    settings = Settings(home=tmp_path / "home", pseudonym_key="sources-test-pseudonym-key")
     assert detect_kind(root) == "bids"
     cohort = discover(root, settings)
     (patient,) = cohort.patients
@@ -129,7 +129,7 @@ def test_bids_discovery_maps_channels_dates_and_labels(tmp_path: Path):
 def test_manifest_missing_columns_is_a_source_problem(tmp_path: Path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("patient_id,date,path\nA,2020-01-01,x.nii.gz\n")
-    cohort = discover(manifest, Settings(home=tmp_path / "home", pseudonym_key="k"))
+    cohort = discover(manifest, Settings(home=tmp_path / "home", pseudonym_key="sources-test-pseudonym-key"))
     assert cohort.patients == [] and "missing columns" in cohort.problems[0]
 
 

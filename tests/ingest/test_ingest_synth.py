@@ -14,7 +14,7 @@ from longitudinal.ingest.deid import pseudonym
 from longitudinal.synth import load_ground_truth
 from storage.store import CohortStore
 
-KEY = b"ingest-test-key"
+KEY = b"ingest-test-pseudonym-key"
 
 
 def _brain_points(arrays) -> np.ndarray:
