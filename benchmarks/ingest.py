@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "benchmark-key"
+KEY = "benchmark-pseudonym-key"
 
 
 def _child_ingest(source: str, store: str, workers: int, spacing: float, home: str) -> dict:
