@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from longitudinal.commands._common import console, fail, print_locations, settings_of
+from longitudinal.commands._common import console, err_console, fail, print_locations, settings_of
 
 stack_app = typer.Typer(
     help="Local Prefect server + workers + MLflow server on loopback.", no_args_is_help=True
@@ -63,21 +63,40 @@ def up(
 
 @stack_app.command("down")
 def down(ctx: typer.Context) -> None:
-    """Stop every process group the stack started and check that no port is left open."""
+    """Stop every process group the stack started and check that no port is left open.
+
+    Only processes that still have the start time, boot and command line recorded by `up` are signalled; a
+    pid now held by another process is left alone and its record cleared, with a warning. Exits 1 when
+    something that should be down may still run (a survivor, an open port, a pid that cannot be verified).
+    """
+    from rich.markup import escape
+
     from longitudinal.stack.local import stack_down
-    from longitudinal.stack.process import StackError
 
     stack_dir = settings_of(ctx).home_dir / "stack"
-    try:
-        stopped = stack_down(stack_dir)
-    except StackError as exc:
-        fail(str(exc))
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else f"no stack recorded under {stack_dir}")
+    report = stack_down(stack_dir)
+    if report is None:
+        console.print(f"no stack recorded under {stack_dir}")
+        return
+    for warning in report.warnings:
+        # Messages quote command lines, which may hold brackets rich would read as markup.
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    if report.already_gone:
+        console.print(f"already exited: {', '.join(report.already_gone)}")
+    console.print(f"stopped: {', '.join(report.stopped) or 'nothing'}")
+    if report.problems:
+        # Unwrapped, so the `kill` lines in the messages can be copied whole.
+        err_console.print("[bold red]error:[/bold red] stack did not stop cleanly:")
+        for problem in report.problems:
+            err_console.print(f"- {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @stack_app.command("status")
 def status(ctx: typer.Context) -> None:
     """One line per service: pid alive, HTTP health, port open. Exits 1 when any service is down."""
+    from rich.markup import escape
+
     from longitudinal.stack.local import read_state, stack_status
 
     stack_dir = settings_of(ctx).home_dir / "stack"
@@ -90,6 +109,8 @@ def status(ctx: typer.Context) -> None:
         console.print(
             f"{mark} {r.name:<15} pid {r.pid:<8} alive={r.alive} healthy={r.healthy} port_open={r.port_open} {r.url}"
         )
+        if r.note:
+            console.print(f"     {escape(r.note)}", soft_wrap=True)
     state = read_state(stack_dir)
     if state is not None:
         print(state.exports())

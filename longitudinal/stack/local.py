@@ -3,6 +3,8 @@
 Nothing here imports prefect or mlflow: they run as subprocesses (``python -m prefect ...``,
 ``python -m mlflow server``) of this interpreter and are judged healthy over HTTP only. State (pids, ports,
 URLs, logs) lives in ``<home>/stack/state.json`` so ``down`` and ``status`` work from any later command.
+Each pid is recorded with the identity of its process, so a later command never signals a stranger that
+was handed the same pid after a crash or reboot.
 """
 
 from __future__ import annotations
@@ -12,16 +14,32 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from longitudinal.stack.config import StackConfig, port_open
-from longitudinal.stack.process import StackError, http_ok, is_alive, start_detached, stop_group, wait_healthy
+from longitudinal.stack.process import (
+    DetachedProcess,
+    ProcessIdentity,
+    StackError,
+    check_process,
+    group_members,
+    http_ok,
+    start_detached,
+    stop_by_hand,
+    stop_group,
+    wait_healthy,
+)
 
 
 @dataclass(frozen=True)
 class Service:
-    """One started process: its pid (also its process-group id), where it listens and logs."""
+    """One started process: its pid (also its process-group id), where it listens and logs.
+
+    ``identity`` is what the pid belonged to when it was started; None in state files written before it
+    was recorded, and such a service is never signalled.
+    """
 
     name: str
     pid: int
@@ -29,6 +47,21 @@ class Service:
     url: str
     health_url: str
     log: str
+    identity: ProcessIdentity | None = None
+
+    @classmethod
+    def started(
+        cls, name: str, proc: DetachedProcess, port: int, url: str, health_url: str, log: Path
+    ) -> Service:
+        """The record of a process ``start_detached`` just started."""
+        return cls(name, proc.pid, port, url, health_url, str(log), proc.identity)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Service:
+        """A service from its JSON form; one without ``identity`` (older state files) gets None."""
+        identity = raw.get("identity")
+        fields = {k: v for k, v in raw.items() if k != "identity"}
+        return cls(**fields, identity=ProcessIdentity.from_dict(identity) if identity else None)
 
 
 @dataclass(frozen=True)
@@ -53,13 +86,16 @@ class StackState:
     @classmethod
     def from_json(cls, text: str) -> StackState:
         raw = json.loads(text)
-        raw["services"] = {k: Service(**v) for k, v in raw["services"].items()}
+        raw["services"] = {k: Service.from_dict(v) for k, v in raw["services"].items()}
         return cls(**raw)
 
 
 @dataclass(frozen=True)
 class ServiceStatus:
-    """``status`` row: is the process there, does it answer, is its port open."""
+    """``status`` row: is the recorded process there, does it answer, is its port open.
+
+    ``note`` says why ``alive`` cannot be trusted or is False although the pid exists (empty otherwise).
+    """
 
     name: str
     pid: int
@@ -67,6 +103,22 @@ class ServiceStatus:
     healthy: bool
     port_open: bool
     url: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DownReport:
+    """What ``stack_down`` did with each recorded service.
+
+    ``warnings`` are stale records cleared without signalling anything (their pid belongs to another
+    process now, or a leftover could not be verified); ``problems`` are what may still be running although it
+    should be down. Only problems make ``down`` fail.
+    """
+
+    stopped: list[str] = field(default_factory=list)
+    already_gone: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def read_state(stack_dir: Path) -> StackState | None:
@@ -130,10 +182,19 @@ def stack_up(cfg: StackConfig) -> StackState:
     or a service fails to become healthy; in the last case everything started so far is stopped again.
     """
     existing = read_state(cfg.stack_dir)
-    if existing and any(is_alive(s.pid) for s in existing.services.values()):
-        raise StackError(
-            f"a stack is already running ({cfg.state_file}); run `longitudinal stack down` first"
-        )
+    if existing:
+        # Records whose pid now belongs to someone else are stale and get overwritten; unverifiable ones may
+        # be a live stack, which `down` reports on.
+        checks = [check_process(s.pid, s.identity).state for s in existing.services.values()]
+        if "running" in checks:
+            raise StackError(
+                f"a stack is already running ({cfg.state_file}); run `longitudinal stack down` first"
+            )
+        if "unverifiable" in checks:
+            raise StackError(
+                f"a stack is recorded ({cfg.state_file}) whose processes cannot be verified; "
+                "run `longitudinal stack down` first"
+            )
     problems = cfg.validate()
     if problems:
         raise StackError("cannot start the stack:\n- " + "\n- ".join(problems))
@@ -154,13 +215,13 @@ def stack_up(cfg: StackConfig) -> StackState:
             "--ui" if cfg.prefect_ui else "--no-ui",
         )  # fmt: skip
         log = logs / "prefect-server.log"
-        started["prefect-server"] = Service(
+        started["prefect-server"] = Service.started(
             "prefect-server",
             start_detached(server_argv, env=server_env, log_path=log, cwd=cfg.stack_dir),
             cfg.prefect_port,
             cfg.prefect_api_url,
             f"{cfg.prefect_api_url}/health",
-            str(log),
+            log,
         )
         mlflow_argv = [
             sys.executable, "-m", "mlflow", "server",
@@ -169,13 +230,13 @@ def stack_up(cfg: StackConfig) -> StackState:
             "--host", cfg.host, "--port", str(cfg.mlflow_port), "--workers", "1",
         ]  # fmt: skip
         log = logs / "mlflow-server.log"
-        started["mlflow-server"] = Service(
+        started["mlflow-server"] = Service.started(
             "mlflow-server",
             start_detached(mlflow_argv, env=env, log_path=log, cwd=cfg.stack_dir),
             cfg.mlflow_port,
             cfg.mlflow_url,
             f"{cfg.mlflow_url}/health",
-            str(log),
+            log,
         )
         for svc in list(started.values()):
             wait_healthy(svc.health_url, svc.pid, timeout_s=cfg.startup_timeout_s, log_path=Path(svc.log))
@@ -194,20 +255,21 @@ def stack_up(cfg: StackConfig) -> StackState:
                 "--install-policy", "never",
             )  # fmt: skip
             log = logs / f"{name}.log"
-            started[name] = Service(
+            started[name] = Service.started(
                 name,
                 start_detached(worker_argv, env=worker_env, log_path=log, cwd=cfg.code_dir),
                 cfg.worker_health_ports[pool],
                 f"pool {pool}",
                 cfg.worker_health_url(pool),
-                str(log),
+                log,
             )
         for pool in cfg.worker_pools:
             svc = started[f"worker-{pool}"]
             wait_healthy(svc.health_url, svc.pid, timeout_s=cfg.startup_timeout_s, log_path=Path(svc.log))
     except BaseException:
         for svc in reversed(list(started.values())):
-            stop_group(svc.pid)
+            if svc.identity is not None:
+                stop_group(svc.pid, svc.identity)
         raise
 
     state = StackState(
@@ -227,41 +289,81 @@ def stack_status(stack_dir: Path) -> list[ServiceStatus]:
     state = read_state(stack_dir)
     if state is None:
         return []
-    return [
-        ServiceStatus(
-            name=svc.name,
-            pid=svc.pid,
-            alive=is_alive(svc.pid),
-            healthy=http_ok(svc.health_url),
-            port_open=port_open(state.host, svc.port),
-            url=svc.url,
+    rows = []
+    for svc in state.services.values():
+        check = check_process(svc.pid, svc.identity)
+        rows.append(
+            ServiceStatus(
+                name=svc.name,
+                pid=svc.pid,
+                alive=check.state in ("running", "unverifiable"),
+                healthy=http_ok(svc.health_url),
+                port_open=port_open(state.host, svc.port),
+                url=svc.url,
+                note=check.detail,
+            )
         )
-        for svc in state.services.values()
-    ]
+    return rows
 
 
-def stack_down(stack_dir: Path, *, port_timeout_s: float = 20.0) -> list[str]:
-    """Stop every recorded process group (worker first) and wait until their ports close.
+def stack_down(stack_dir: Path, *, port_timeout_s: float = 20.0) -> DownReport | None:
+    """Stop every recorded process group (worker first) that is still the process recorded, and wait until
+    their ports close. None when no stack is recorded.
 
-    Returns the names of the services stopped; raises StackError listing any pid that survived or port
-    left open. The state file is removed only when everything is down.
+    A pid that now belongs to another process is left alone and its record cleared (a warning). A pid that
+    cannot be verified (a state file without identities) is not signalled either: a problem, since it may be
+    a live server, reported with how to stop it by hand, and its record cleared because no later ``down``
+    could verify it. What was signalled but survived, or left its port open, stays recorded for a retry;
+    the state file goes once nothing is left in it.
     """
     state = read_state(stack_dir)
     if state is None:
-        return []
-    services = list(reversed(state.services.values()))
-    problems: list[str] = []
-    for svc in services:
-        survivors = stop_group(svc.pid)
-        if survivors:
-            problems.append(f"{svc.name}: pids {survivors} still alive after SIGKILL")
+        return None
+    report = DownReport()
+    signalled: list[Service] = []
+    failed: dict[str, Service] = {}
+    for svc in reversed(state.services.values()):
+        check = check_process(svc.pid, svc.identity)
+        if check.state == "running" and svc.identity is not None:
+            survivors = stop_group(svc.pid, svc.identity)
+            if survivors:
+                report.problems.append(f"{svc.name}: pids {survivors} still alive after SIGKILL")
+                failed[svc.name] = svc
+            else:
+                signalled.append(svc)
+        elif check.state == "gone":
+            report.already_gone.append(svc.name)
+            leftovers = group_members(svc.pid)
+            if leftovers:
+                # A dead leader cannot vouch for its group: the pid may have been freed and reused meanwhile.
+                report.warnings.append(
+                    f"{svc.name}: pid {svc.pid} had exited, but pids {leftovers} are in process group "
+                    f"{svc.pid} and were not signalled; {stop_by_hand(svc.pid)}"
+                )
+            elif port_open(state.host, svc.port):
+                report.warnings.append(
+                    f"{svc.name}: pid {svc.pid} had exited, but port {state.host}:{svc.port} is open, held by "
+                    "a process the stack cannot verify (not signalled)"
+                )
+        elif check.state == "replaced":
+            report.warnings.append(f"{svc.name}: {check.detail}; left it alone and cleared the record")
+        else:
+            report.problems.append(f"{svc.name}: not signalled: {check.detail}; {stop_by_hand(svc.pid)}")
+
     deadline = time.monotonic() + port_timeout_s
-    while time.monotonic() < deadline and any(port_open(state.host, s.port) for s in services):
+    while time.monotonic() < deadline and any(port_open(state.host, s.port) for s in signalled):
         time.sleep(0.2)
-    problems += [
-        f"{s.name}: port {state.host}:{s.port} still open" for s in services if port_open(state.host, s.port)
-    ]
-    if problems:
-        raise StackError("stack did not stop cleanly:\n- " + "\n- ".join(problems))
-    (stack_dir / "state.json").unlink()
-    return [s.name for s in services]
+    for svc in signalled:
+        if port_open(state.host, svc.port):
+            report.problems.append(f"{svc.name}: port {state.host}:{svc.port} still open")
+            failed[svc.name] = svc
+        else:
+            report.stopped.append(svc.name)
+
+    path = stack_dir / "state.json"
+    if failed:
+        kept = {name: svc for name, svc in state.services.items() if name in failed}
+        path.write_text(replace(state, services=kept).to_json())
+    else:
+        path.unlink()
+    return report

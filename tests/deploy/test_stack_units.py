@@ -12,7 +12,7 @@ from stackhelpers import pid_gone
 
 from longitudinal.settings import Settings
 from longitudinal.stack.config import StackSettings, free_port, port_open, redact_url, resolve_config
-from longitudinal.stack.local import Service, StackState, read_state, stack_down, stack_up
+from longitudinal.stack.local import DownReport, Service, StackState, read_state, stack_down, stack_up
 from longitudinal.stack.process import StackError, descendants, http_ok, start_detached, stop_group
 
 
@@ -86,13 +86,15 @@ def test_stop_group_ends_a_process_tree_including_a_new_session(tmp_path: Path) 
         "time.sleep(300)\n"
     )
     log = tmp_path / "tree.log"
-    pid = start_detached([sys.executable, "-c", script], env={"PATH": "/usr/bin:/bin"}, log_path=log)
+    proc = start_detached([sys.executable, "-c", script], env={"PATH": "/usr/bin:/bin"}, log_path=log)
+    pid = proc.pid
+    assert proc.identity is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not log.read_text().strip():
         time.sleep(0.1)
     kids = [int(x) for x in log.read_text().split()]
     assert sorted(descendants(pid)) == sorted(kids)
-    assert stop_group(pid, grace_s=5) == []
+    assert stop_group(pid, proc.identity, grace_s=5) == []
     for p in [pid, *kids]:
         assert pid_gone(p)
 
@@ -100,22 +102,23 @@ def test_stop_group_ends_a_process_tree_including_a_new_session(tmp_path: Path) 
 def test_down_stops_recorded_services_and_frees_their_ports(tmp_path: Path) -> None:
     port = free_port()
     server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    pid = start_detached(server, env={"PATH": "/usr/bin:/bin"}, log_path=tmp_path / "http.log", cwd=tmp_path)
+    log = tmp_path / "http.log"
+    proc = start_detached(server, env={"PATH": "/usr/bin:/bin"}, log_path=log, cwd=tmp_path)
+    pid = proc.pid
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not http_ok(f"http://127.0.0.1:{port}/"):
         time.sleep(0.2)
-    svc = Service(
-        "web", pid, port, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/", str(tmp_path / "http.log")
-    )
+    svc = Service.started("web", proc, port, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/", log)
+    assert svc.identity is not None and svc.identity.cmdline == tuple(server)
     state = StackState("http://x/api", "http://y", "127.0.0.1", ["cpu"], {"web": svc}, 0.0)
     (tmp_path / "stack").mkdir()
     (tmp_path / "stack" / "state.json").write_text(state.to_json())
     assert read_state(tmp_path / "stack") == state
     assert state.exports() == "export PREFECT_API_URL=http://x/api MLFLOW_TRACKING_URI=http://y"
-    assert stack_down(tmp_path / "stack") == ["web"]
+    assert stack_down(tmp_path / "stack") == DownReport(stopped=["web"])
     assert pid_gone(pid) and not port_open("127.0.0.1", port)
     assert read_state(tmp_path / "stack") is None
-    assert stack_down(tmp_path / "stack") == []  # idempotent
+    assert stack_down(tmp_path / "stack") is None  # idempotent
 
 
 def test_a_process_that_dies_at_start_fails_fast_with_its_log(tmp_path: Path) -> None:
@@ -124,7 +127,7 @@ def test_a_process_that_dies_at_start_fails_fast_with_its_log(tmp_path: Path) ->
     log = tmp_path / "bad.log"
     pid = start_detached(
         [sys.executable, "-c", "print('boom: bad config'); raise SystemExit(3)"], env={}, log_path=log
-    )
+    ).pid
     with pytest.raises(StackError) as err:
         wait_healthy(f"http://127.0.0.1:{free_port()}/health", pid, timeout_s=120, log_path=log)
     # "exited before" (not "not healthy after"): the death was noticed, not waited out.
