@@ -61,9 +61,9 @@ def main() -> None:
 
     import longitudinal.models  # noqa: F401  (registers every model kind)
     from longitudinal.evaluation.harness import HORIZON_BINS, evaluate_models
-    from longitudinal.training.checkpoint import load_model_checkpoint
+    from longitudinal.models.checkpoint import Checkpoint
     from longitudinal.training.config import TrainConfig
-    from longitudinal.training.fit import calibration_eval_config
+    from longitudinal.training.validation import calibration_eval_config
     from storage.store import CohortStore
 
     console = Console(width=180)
@@ -100,7 +100,7 @@ def main() -> None:
         cached = json.loads(path.read_text()) if path.exists() else {}
         if cached.get("key") != key:
             console.print(f"{kind}: forecasting G ({len(g_ids)} patients, {test_cfg.n_samples} samples)")
-            model, _ = load_model_checkpoint(run / "checkpoints" / "best.pt")
+            model = Checkpoint.load(run / "checkpoints" / "best.pt").build()
             model.volume_calibration = None  # raw records; calibrations are fitted below
             rep = evaluate_models({kind: model}, g_store, g_ids, test_cfg, baselines=False,
                                   progress=_every(50, f"{kind} G", console))

@@ -51,7 +51,7 @@ def main() -> None:
     import longitudinal.models  # noqa: F401  (registers every model kind)
     from longitudinal.evaluation.harness import HORIZON_BINS
     from longitudinal.training.config import TrainConfig
-    from longitudinal.training.fit import calibration_eval_config
+    from longitudinal.training.validation import calibration_eval_config
 
     console = Console(width=170)
     work, fresh = args.work.resolve(), args.fresh.resolve()

@@ -41,9 +41,9 @@ def main() -> None:
     import longitudinal.models  # noqa: F401  (registers every model kind)
     from longitudinal.evaluation.harness import HORIZON_BINS, evaluate_models
     from longitudinal.models.calibration import FORMS
-    from longitudinal.training.checkpoint import load_model_checkpoint
+    from longitudinal.models.checkpoint import Checkpoint
     from longitudinal.training.config import TrainConfig
-    from longitudinal.training.fit import calibration_eval_config
+    from longitudinal.training.validation import calibration_eval_config
 
     console = Console(width=150)
     work = args.work.resolve()
@@ -54,7 +54,7 @@ def main() -> None:
         run = work / "runs" / kind
         cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
         split = json.loads((run / "split.json").read_text())
-        model, _ = load_model_checkpoint(run / "checkpoints" / "best.pt")
+        model = Checkpoint.load(run / "checkpoints" / "best.pt").build()
         model.volume_calibration = None  # raw records; the forms are fitted below
         records = {}
         val_cfg = calibration_eval_config(cfg, "cpu")  # exactly as the end-of-training calibration

@@ -92,18 +92,18 @@ def cold_cli(home: Path, store: str, tracking_uri: str, n_samples: int, repeats:
 
 
 def warm_api(settings, store: str, checkpoint: Path, n_samples: int, repeats: int) -> tuple[float, float]:  # noqa: ANN001
-    from longitudinal.forecast import forecast_patient, load_model
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient, load_model
 
     model = load_model(settings, str(checkpoint))
     out = settings.home_dir / "api-out"
-    forecast_patient(settings, "P000", store, query_days=[90], model_ref=model, n_samples=n_samples, out_dir=out)
+    forecast_patient(settings, ForecastRequest("P000", Queries(in_days=(90,)), store_url=store, model_ref=model, n_samples=n_samples, out_dir=out))
     full, compute = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        forecast_patient(settings, "P000", store, query_days=[90], model_ref=model, n_samples=n_samples, out_dir=out)
+        forecast_patient(settings, ForecastRequest("P000", Queries(in_days=(90,)), store_url=store, model_ref=model, n_samples=n_samples, out_dir=out))
         full.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        forecast_patient(settings, "P000", store, query_days=[90], model_ref=model, n_samples=n_samples, write=False)
+        forecast_patient(settings, ForecastRequest("P000", Queries(in_days=(90,)), store_url=store, model_ref=model, n_samples=n_samples, write=False))
         compute.append(time.perf_counter() - t0)
     return _median(full), _median(compute)
 

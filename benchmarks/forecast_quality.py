@@ -57,9 +57,9 @@ def main() -> None:
     from longitudinal.evaluation.harness import EvalConfig, evaluate_models
     from longitudinal.ingest import ingest_cohort
     from longitudinal.models.base import MODEL_KINDS
+    from longitudinal.models.checkpoint import Checkpoint
     from longitudinal.settings import Settings
     from longitudinal.synth import generate_cohort
-    from longitudinal.training.checkpoint import load_model_checkpoint
     from longitudinal.training.config import load_train_config
     from longitudinal.training.fit import fit
     from longitudinal.training.logger import JsonlLogger
@@ -113,7 +113,7 @@ def main() -> None:
         if split is not None and res.split.split_id != split.split_id:
             raise SystemExit(f"{kind} was trained on another split ({res.split.split_id} != {split.split_id})")
         split = res.split
-        model, _ = load_model_checkpoint(res.checkpoint)
+        model = Checkpoint.load(res.checkpoint).build()
         trained[kind] = model
         console.print(f"{kind}: {res.steps} steps in {res.wall_s:.0f} s, best val Dice "
                       f"{res.best_metric if res.best_metric is None else round(res.best_metric, 3)}; "

@@ -105,7 +105,7 @@ class NativeTruth:
                 raise RuntimeError(f"{path}: shape/affine {img.shape} differ from the forecast grid {shape_xyz}")
             self.used.add("source label files")
             return np.asarray(img.dataobj) > 0
-        from longitudinal.forecast.native import NativeResampler
+        from longitudinal.predict.native import NativeResampler
 
         grid = tuple(int(n) for n in arr.label.shape[-3:])
         res = NativeResampler(arr.affine, grid, affine, shape_xyz, np.asarray(session.transform_to_reference))
@@ -133,7 +133,7 @@ def native_space(store: str, ckpts: dict[str, Path], test: list[str], samples: i
     and how the truth was obtained."""
     import nibabel as nib
 
-    from longitudinal.forecast import forecast_patient, load_model, open_store
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient, load_model, open_store
     from longitudinal.settings import Settings
 
     truth = NativeTruth(source)
@@ -154,9 +154,7 @@ def native_space(store: str, ckpts: dict[str, Path], test: list[str], samples: i
                     if not arr.sessions[j].has_label:
                         continue
                     out = root / "out" / name / pid / str(j)
-                    r = forecast_patient(settings, pid, store, days_since_baseline=[float(arr.days[j])],
-                                         model_ref=model, n_samples=samples, out_dir=out,
-                                         native_session=arr.sessions[j].session, allow_raw_id=False)
+                    r = forecast_patient(settings, ForecastRequest(pid, Queries(days_since_baseline=(float(arr.days[j]),)), store_url=store, model_ref=model, n_samples=samples, out_dir=out, native_session=arr.sessions[j].session, allow_raw_id=False))
                     img = nib.load(r.queries[0].files["prob_whole"])
                     pred = np.asarray(img.dataobj) > 0.5
                     if (pid, j) not in masks:

@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--device", help="cpu | cuda | auto (default: the config's)")
     args = ap.parse_args()
 
-    from longitudinal.data.dataset import InMemoryReader
     from longitudinal.data.phantoms import make_phantom_store
+    from longitudinal.data.reader import InMemoryReader
     from longitudinal.training.config import load_train_config
     from longitudinal.training.fit import fit
 

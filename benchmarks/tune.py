@@ -38,7 +38,7 @@ def main() -> None:
     import longitudinal.models  # noqa: F401
     from longitudinal.commands.train import print_evaluation_table
     from longitudinal.evaluation.harness import EvalConfig, evaluate_models
-    from longitudinal.training.checkpoint import load_model_checkpoint
+    from longitudinal.models.checkpoint import Checkpoint
     from longitudinal.training.config import load_train_config
     from longitudinal.training.fit import fit
     from longitudinal.training.logger import JsonlLogger
@@ -56,13 +56,13 @@ def main() -> None:
         t = time.perf_counter()
         res = fit(cfg, store_url, run, JsonlLogger(run), progress=lambda m, n=name: console.print(f"  [{n}] {m}"))
         console.print(f"{name}: {res.steps} steps in {res.wall_s:.0f} s ({time.perf_counter() - t:.0f} s wall)")
-        model, _ = load_model_checkpoint(res.checkpoint)
+        model = Checkpoint.load(res.checkpoint).build()
         samplers = [s.split(":") for s in args.samplers.split(",") if s] if cfg.model == "tfm" else []
         models = {}
         for solver, steps in samplers or [(None, None)]:
             m = model
             if solver:
-                m, _ = load_model_checkpoint(res.checkpoint)
+                m = Checkpoint.load(res.checkpoint).build()
                 m.config = dataclasses.replace(m.config, solver=solver, steps=int(steps))
             models[f"{name}" + (f"/{solver}:{steps}" if solver else "")] = m
         ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, normalize=cfg.normalize,

@@ -25,16 +25,16 @@ TABLE_KEY = "forecast-volumes"
 
 
 @task(name="forecast", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-def forecast_task(patient_id: str, store: str | None, query_days: list[float], dates: list[str],
+def forecast_task(patient_id: str, store: str | None, in_days: list[float], at: list[str],
                   days_since_baseline: list[float], model_ref: str | None, n_samples: int, out_dir: str | None,
                   seed: int) -> dict[str, Any]:
-    from longitudinal.forecast import forecast_patient
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
     from longitudinal.settings import Settings
 
-    result = forecast_patient(
-        Settings(), patient_id, store, query_days=query_days, model_ref=model_ref, n_samples=n_samples,
-        out_dir=out_dir, dates=dates, days_since_baseline=days_since_baseline, seed=seed, allow_raw_id=False,
-    )
+    request = ForecastRequest(patient_id, Queries.of(in_days, at, days_since_baseline), store_url=store,
+                              model_ref=model_ref, n_samples=n_samples, out_dir=out_dir, seed=seed,
+                              allow_raw_id=False)
+    result = forecast_patient(Settings(), request)
     body = result.to_json()
     body["out_dir"] = str(result.out_dir)
     body["summary_path"] = str(result.summary_path)
@@ -45,18 +45,18 @@ def forecast_task(patient_id: str, store: str | None, query_days: list[float], d
 def forecast_patient(
     patient_id: str,
     store: str | None = None,
-    query_days: list[float] | None = None,
-    dates: list[str] | None = None,
+    in_days: list[float] | None = None,
+    at: list[str] | None = None,
     days_since_baseline: list[float] | None = None,
     model_ref: str | None = None,
     n_samples: int = 32,
     out_dir: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """patient_id: pseudonym in the store. store: URL (default Settings().store_url). query_days: days after the
-    latest scan; dates: YYYY-MM-DD in the store's shifted calendar; days_since_baseline: days since the baseline
-    scan. model_ref: default <registered name>@champion. out_dir: default forecasts/<patient>."""
-    body = forecast_task(patient_id, store, list(query_days or []), list(dates or []),
+    """patient_id: pseudonym in the store. store: URL (default Settings().store_url). in_days: days after the
+    latest scan; at: dates YYYY-MM-DD in the store's shifted calendar; days_since_baseline: days since the
+    baseline scan. model_ref: default <registered name>@champion. out_dir: default forecasts/<patient>."""
+    body = forecast_task(patient_id, store, list(in_days or []), list(at or []),
                          list(days_since_baseline or []), model_ref, n_samples, out_dir, seed)
     rows = []
     for q in body["queries"]:

@@ -1,6 +1,6 @@
 """Flow ``train-forecaster``: split, train (on the GPU when present), evaluate, log, register, promote.
 
-Thin: one task calls ``longitudinal.tracking.training.run_training``, the same function as the CLI twin
+Thin: one task calls ``longitudinal.tracking.run.run_training``, the same function as the CLI twin
 ``longitudinal train --track``. Resumable because run_training is: a rerun continues from the run folder's
 checkpoint, reuses the MLflow run and never registers a second version for it.
 """
@@ -25,7 +25,7 @@ def train_task(store: str | None, train_config: dict[str, Any] | str | None, reg
                flow_run_id: str | None, home: str | None = None) -> dict[str, Any]:
     """Runs on whatever device fit selects (CUDA when present). No retries: a failed fit is not I/O."""
     from longitudinal.settings import get_settings
-    from longitudinal.tracking.training import default_train_config, run_training
+    from longitudinal.tracking.run import default_train_config, run_training
 
     settings = get_settings(home=home)
     outcome = run_training(settings, store or settings.store_url,

@@ -87,7 +87,7 @@ def run_ingest(settings: Settings, source: Path) -> None:
 
 
 def run_train(settings: Settings):  # noqa: ANN201 (TrainOutcome; imported lazily)
-    from longitudinal.tracking.training import run_training
+    from longitudinal.tracking.run import run_training
     from longitudinal.training.config import load_train_config
 
     # The tuned default configuration, with only the wall-clock budget cut down for the demo.
@@ -107,7 +107,7 @@ def run_train(settings: Settings):  # noqa: ANN201 (TrainOutcome; imported lazil
 
 
 def run_forecast(settings: Settings, outcome) -> object:  # noqa: ANN001
-    from longitudinal.forecast import forecast_patient
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
 
     split = json.loads((outcome.run_dir / "split.json").read_text())
     patient = sorted(split["test"])[0]
@@ -115,8 +115,9 @@ def run_forecast(settings: Settings, outcome) -> object:  # noqa: ANN001
     console.print(f"forecasting held-out patient {patient} with {model_ref} at +90, +180 and +365 days")
     from longitudinal.commands.forecast import print_forecast_table
 
-    result = forecast_patient(settings, patient, settings.store_url, query_days=[90.0, 180.0, 365.0],
+    request = ForecastRequest(patient, Queries(in_days=(90.0, 180.0, 365.0)), store_url=settings.store_url,
                               model_ref=model_ref, n_samples=32)
+    result = forecast_patient(settings, request)
     print_forecast_table(result)
     return result
 

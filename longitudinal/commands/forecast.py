@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
         at: list[str] = typer.Option([], "--at", help="Query date YYYY-MM-DD (repeatable). With a pseudonym: the "
                                                       "store's shifted calendar; with a raw id or --scan: real."),
         in_days: list[float] = typer.Option([], "--in", help="Query DAYS after the latest scan (repeatable)."),
-        day: list[float] = typer.Option([], "--day", help="Query day since the baseline scan (repeatable)."),
+        day: list[float] = typer.Option([], "--days-since-baseline", "--day",
+                                        help="Query DAYS since the baseline scan (repeatable)."),
         model: str | None = typer.Option(None, "--model", help="NAME@ALIAS, NAME/VERSION, models:/..., runs:/... "
                                                                "or a checkpoint (default <registered>@champion)."),
         samples: int = typer.Option(32, "--samples", help="Samples per query (intervals need several)."),
@@ -74,15 +75,16 @@ def register(app: typer.Typer) -> None:
         80%/95% intervals (JSON), a plot, and a table here."""
         from rich.markup import escape
 
-        from longitudinal.forecast import ForecastError, forecast_patient
+        from longitudinal.forecast import ForecastError, ForecastRequest, Queries, forecast_patient
 
         settings = with_store(settings_of(ctx), store)
         print_locations(settings, ("store", "forecasts", "mlflow"))
         try:
-            result = forecast_patient(
-                settings, patient, store, query_days=in_days, model_ref=model, n_samples=samples, out_dir=out,
-                dates=at, days_since_baseline=day, scans=scan, scans_csv=scans_csv, seed=seed,
+            request = ForecastRequest(
+                patient, Queries.of(in_days, at, day), store_url=store, model_ref=model, n_samples=samples,
+                out_dir=out, scans=tuple(scan), scans_csv=scans_csv, seed=seed,
             )
+            result = forecast_patient(settings, request)
         except ForecastError as exc:
             fail(escape(str(exc)), exc.exit_code)
         print_forecast_table(result)

@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
         """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear)."""
         from rich.markup import escape
 
-        from longitudinal.tracking.training import evaluate_model_ref
+        from longitudinal.tracking.run import evaluate_model_ref
 
         settings = with_store(settings_of(ctx), store)
         store_url = settings.store_url
@@ -163,7 +163,7 @@ def _train_tracked(settings: Any, store_url: str, cfg: Any, register_as: str | N
     the MLflow run, the registry version, its aliases and the gate's decision."""
     from rich.markup import escape
 
-    from longitudinal.tracking.training import run_training
+    from longitudinal.tracking.run import run_training
 
     print_locations(settings, ("store", "runs", "mlflow"))
     try:

@@ -10,6 +10,7 @@ evaluation's horizon bins (small bins merged; see ``VolumeCalibration.fit``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,12 @@ import numpy as np
 from longitudinal.evaluation.harness import HORIZON_BINS, EvalConfig, evaluate_models
 from longitudinal.models.base import ForecastModel
 from longitudinal.models.calibration import DEFAULT_DIFFICULTY_ML, DEFAULT_FORM, VolumeCalibration
+from longitudinal.models.checkpoint import Checkpoint
+from longitudinal.predict import Predictor
 
 
 def fit_volume_calibration(
-    model: ForecastModel,
+    model: ForecastModel | Predictor | Checkpoint,
     store_url: str,
     patient_ids: Sequence[str],
     config: EvalConfig,
@@ -33,7 +36,11 @@ def fit_volume_calibration(
     """{"whole", "enhancing"} calibrations of a sampled ``model`` from ``patient_ids`` of ``store_url``, in
     ``form`` (``longitudinal.models.calibration``; ``difficulty_ml``: the scaled form's c, ml).
 
+    ``model``: a Predictor, a checkpoint (applied with its own settings) or a bare model (applied with
+    ``config``'s). Its current calibration is ignored: the scores come from its raw samples' medians.
     Raises ValueError when the model is not sampled or the patients give no target."""
+    if isinstance(model, Checkpoint):
+        model = Predictor.from_checkpoint(replace(model, calibration={}), config.device)
     if not model.stochastic:
         raise ValueError(f"{model.kind}: only sampled models get a volume calibration")
     report = evaluate_models({"model": model}, store_url, list(patient_ids), config, progress,

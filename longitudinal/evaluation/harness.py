@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from longitudinal.data.dataset import DataConfig, EvalBatch, EvalDataset, collate_eval, enumerate_targets
+from longitudinal.data.context import PatientSeries
+from longitudinal.data.crops import read_crop
+from longitudinal.data.dataset import EvalItem, enumerate_targets
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model
-from longitudinal.models.baselines import linear_volume_counts
 from longitudinal.models.calibration import VolumeCalibration
-from longitudinal.runtime import tune_cpu_allocator
+from longitudinal.models.checkpoint import Checkpoint, DataSettings
+from longitudinal.predict import Predictor, QueryPrediction
 
 HORIZON_BINS: tuple[tuple[float, float], ...] = ((0, 90), (90, 180), (180, 365), (365, math.inf))
 BASELINES = ("lci", "linear")
@@ -52,16 +53,14 @@ _MEAN_KEYS = ("dice_whole", "dice_enhancing", "hd95_mm", "volume_error_ml", "vol
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """crop_size / max_context / normalize must match what the model was trained with (training writes them
-    into the checkpoint). n_samples: draws for sampled models (deterministic models use 1). device: "auto"
-    picks CUDA when present."""
+    """crop_size / max_context / normalize: how bare models (not Predictors, which carry their checkpoint's
+    settings) are applied. n_samples: draws for sampled models (deterministic models use 1). seed: the sampling
+    seed (see ``longitudinal.predict.predictor``). device: "auto" picks CUDA when present."""
 
     crop_size: tuple[int, int, int] = (32, 32, 32)
     max_context: int = 3
     normalize: str = "none"
     n_samples: int = 8
-    batch_size: int = 4
-    num_workers: int = 0
     seed: int = 0
     device: str = "auto"
     pairs: str = "all"
@@ -95,13 +94,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evenly_spaced(items: Sequence[Any], n: int) -> list[Any]:
     """At most ``n`` of ``items``, evenly spaced over the (deterministic) list, first and last included."""
     if len(items) <= n:
@@ -113,31 +105,28 @@ def bin_label(lo: float, hi: float) -> str:
     return f">{lo:g}" if math.isinf(hi) else f"{lo:g}-{hi:g}"
 
 
-def score_target(
-    images: torch.Tensor, probs: torch.Tensor, target_image: torch.Tensor, target_label: torch.Tensor,
-    brain: torch.Tensor, spacing_mm: Sequence[float], voxel_volume_ml: float, stochastic: bool,
-    horizon_days: float = 0.0, calibration: Mapping[str, VolumeCalibration] | None = None,
-    reference_ml: tuple[float, float] | None = None,
-) -> dict[str, float]:
-    """Metrics for one target from one model's samples.
+def score_target(pred: QueryPrediction, target_image: torch.Tensor, target_label: torch.Tensor,
+                 brain: torch.Tensor, spacing_mm: Sequence[float], stochastic: bool,
+                 calibration: Mapping[str, VolumeCalibration] | None = None) -> dict[str, float]:
+    """Metrics for one target from one model's prediction of it (kept samples, see ``Predictor.predict``).
 
-    images [S, C, D, H, W], probs [S, 3, D, H, W]; target_image [C, D, H, W], target_label [D, H, W] (int),
-    brain [D, H, W] bool; horizon_days: gap from the last context scan to the target. Returns the per-target
-    metric dict (volumes in ml, HD95 in mm).
+    target_image [C, D, H, W] (normalised like the model's inputs), target_label [D, H, W] (int), brain
+    [D, H, W] bool, all on the prediction's crop. Returns the per-target metric dict (volumes in ml, HD95 in mm).
 
-    Interval metrics of a sampled model: ``coverage80`` / ``coverage95`` / ``crps_ml`` use the model's
-    calibrated volume distribution when it has a ``calibration["whole"]`` (see
-    ``longitudinal.models.calibration``), else its raw samples; ``*_raw`` always use the raw samples.
-    reference_ml: the ``linear`` baseline's (whole, enhancing) volume forecast of the target (ml), which a
-    difficulty-scaled calibration needs; kept in the record (``volume_linear_ml``, ``volume_enh_linear_ml``)
-    so calibrations can be fitted from records."""
-    mean_probs = probs.float().mean(0)
-    lab = mean_probs.argmax(0)
+    Interval metrics of a sampled model: ``coverage80`` / ``coverage95`` use the prediction's intervals (the
+    model's calibration when it has one, else its raw samples' quantiles) and ``crps_ml`` the calibrated
+    distribution (or the raw samples); ``*_raw`` always use the raw samples. The linear baseline's volume
+    forecast is kept (``volume_linear_ml``, ``volume_enh_linear_ml``) so calibrations can be fitted from records.
+    """
+    assert pred.images is not None and pred.probs is not None, "predict(..., keep_samples=True)"
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    probs, images = pred.probs, pred.images
+    lab = probs.mean(0).argmax(0)
     whole, enh = lab > 0, lab == 2
     t_whole, t_enh = target_label > 0, target_label == 2
-    v_true = M.volume_ml(t_whole, voxel_volume_ml)
-    v_pred = M.volume_ml(whole, voxel_volume_ml)
-    mean_img = images.float().mean(0)
+    v_true = M.volume_ml(t_whole, voxel_ml)
+    v_pred = M.volume_ml(whole, voxel_ml)
+    mean_img = images.mean(0)
     rec = {
         "dice_whole": M.dice(whole, t_whole),
         "dice_enhancing": M.dice(enh, t_enh),
@@ -145,36 +134,29 @@ def score_target(
         "volume_true_ml": v_true,
         "volume_pred_ml": v_pred,
         "volume_error_ml": abs(v_pred - v_true),
-        "volume_error_enh_ml": abs(M.volume_ml(enh, voxel_volume_ml) - M.volume_ml(t_enh, voxel_volume_ml)),
+        "volume_error_enh_ml": abs(M.volume_ml(enh, voxel_ml) - M.volume_ml(t_enh, voxel_ml)),
         "mse": M.masked_mse(mean_img, target_image, brain),
         "ssim": M.masked_ssim(mean_img, target_image, brain),
+        # The volume intervals exactly as a forecast of this query serves them (ml).
+        **{f"interval_{k}_ml": getattr(pred.whole, k) for k in ("median", "lo80", "hi80", "lo95", "hi95")},
+        **{f"interval_enh_{k}_ml": getattr(pred.enhancing, k) for k in ("median", "lo80", "hi80", "lo95", "hi95")},
     }
     if stochastic:
-        sample_lab = probs.float().argmax(1)  # [S, D, H, W]
-        sample_whole = sample_lab > 0
-        vols = sample_whole.flatten(1).sum(1).double() * voxel_volume_ml
-        enh_vols = (sample_lab == 2).flatten(1).sum(1).double() * voxel_volume_ml
-        rec["volume_median_ml"] = float(vols.quantile(0.5))
-        rec["volume_enh_median_ml"] = float(enh_vols.quantile(0.5))
-        rec["volume_enh_true_ml"] = M.volume_ml(t_enh, voxel_volume_ml)
+        vols = torch.from_numpy(pred.volumes_ml[:, 0])
+        rec["volume_enh_median_ml"] = float(np.median(pred.volumes_ml[:, 1]))
+        rec["volume_median_ml"] = float(np.median(pred.volumes_ml[:, 0]))
+        rec["volume_enh_true_ml"] = M.volume_ml(t_enh, voxel_ml)
         rec["coverage80_raw"] = float(M.interval_covers(vols, v_true, 0.8))
         rec["coverage95_raw"] = float(M.interval_covers(vols, v_true, 0.95))
         rec["crps_raw_ml"] = M.crps_samples(vols, v_true)
-        ref = None
-        if reference_ml is not None:
-            ref = rec["volume_linear_ml"] = float(reference_ml[0])
-            rec["volume_enh_linear_ml"] = float(reference_ml[1])
+        rec["volume_linear_ml"] = float(pred.linear_ml[0])
+        rec["volume_enh_linear_ml"] = float(pred.linear_ml[1])
+        rec["coverage80"] = float(pred.whole.lo80 <= v_true <= pred.whole.hi80)
+        rec["coverage95"] = float(pred.whole.lo95 <= v_true <= pred.whole.hi95)
         cal = (calibration or {}).get("whole")
-        if cal is None:
-            rec["coverage80"], rec["coverage95"] = rec["coverage80_raw"], rec["coverage95_raw"]
-            rec["crps_ml"] = rec["crps_raw_ml"]
-        else:
-            q = cal.quantiles(rec["volume_median_ml"], horizon_days, ref)
-            rec["coverage80"] = float(q["lo80"] <= v_true <= q["hi80"])
-            rec["coverage95"] = float(q["lo95"] <= v_true <= q["hi95"])
-            rec["crps_ml"] = M.crps_samples(
-                torch.from_numpy(cal.samples(rec["volume_median_ml"], horizon_days, ref)), v_true)
-        rec["ged"] = M.generalized_energy_distance(sample_whole, t_whole)
+        rec["crps_ml"] = rec["crps_raw_ml"] if cal is None else M.crps_samples(
+            torch.from_numpy(cal.samples(rec["volume_median_ml"], pred.gap_days, rec["volume_linear_ml"])), v_true)
+        rec["ged"] = M.generalized_energy_distance(probs.argmax(1) > 0, t_whole)
     return rec
 
 
@@ -211,9 +193,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], models: Sequence[str],
     return rows
 
 
-@torch.no_grad()
 def evaluate_models(
-    models: Mapping[str, ForecastModel],
+    models: Mapping[str, ForecastModel | Predictor],
     store_url: str,
     patient_ids: Sequence[str] | None = None,
     config: EvalConfig | None = None,
@@ -221,70 +202,94 @@ def evaluate_models(
     max_targets: int | None = None,
     baselines: bool = True,
 ) -> EvaluationReport:
-    """Score ``models`` (name -> model) and the ``lci`` / ``linear`` baselines on every later scan of
-    ``patient_ids`` (default: every patient of the store). Baselines are added when absent, so LCI is in every
-    table and skill is always defined against it; ``baselines=False`` (calibration fitting only) leaves them
-    out. ``max_targets`` keeps that many targets evenly spaced over the deterministic target list."""
+    """Score ``models`` (name -> Predictor, or a bare model applied with ``config``'s crop, context size and
+    normalisation) and the ``lci`` / ``linear`` baselines on every later scan of ``patient_ids`` (default: every
+    patient of the store). Baselines are added when absent, so LCI is in every table and skill is always defined
+    against it; ``baselines=False`` (calibration fitting only) leaves them out. ``max_targets`` keeps that many
+    targets evenly spaced over the deterministic target list."""
     cfg = config or EvalConfig()
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    all_models: dict[str, ForecastModel] = {}
-    for kind in BASELINES if baselines else ():
-        all_models[kind] = models[kind] if kind in models else build_model(kind)
-    all_models.update({k: v for k, v in models.items() if k not in all_models})
-    for m in all_models.values():
-        m.to(device).eval()
-    items = enumerate_targets(store_url, patient_ids, cfg.max_context, cfg.pairs)  # type: ignore[arg-type]
+    predictors = predictors_for(models, cfg, baselines)
+    k = max(p.data.max_context for p in predictors.values())
+    items = enumerate_targets(store_url, patient_ids, k, cfg.pairs)  # type: ignore[arg-type]
     if max_targets is not None:
         items = evenly_spaced(items, max_targets)
-    dcfg = DataConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, n_queries=1, crop_jitter=0,
-                      normalize=cfg.normalize, augment=None)  # type: ignore[arg-type]
-    loader = DataLoader(EvalDataset(store_url, items, dcfg), batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers, collate_fn=collate_eval)
+    from storage.store import CohortStore
+
+    store = CohortStore.open(store_url)
+    series = {pid: PatientSeries(store.arrays(pid)) for pid in sorted({it.patient_id for it in items})}
+    return evaluate_items(predictors, series, items, cfg, progress)
+
+
+def predictors_for(models: Mapping[str, ForecastModel | Predictor], cfg: EvalConfig, baselines: bool = True
+                   ) -> dict[str, Predictor]:
+    """Name -> Predictor: the given ones, bare models wrapped with ``cfg``'s settings, and (``baselines``) the
+    ``lci`` and ``linear`` baselines first, with the settings of the first model given."""
+    data = DataSettings(max_context=cfg.max_context, normalize=cfg.normalize)
+    wrapped = {name: m if isinstance(m, Predictor) else Predictor(m, cfg.crop_size, data, device=cfg.device)
+               for name, m in models.items()}
+    first = next(iter(wrapped.values()), None)
+    out: dict[str, Predictor] = {}
+    for kind in BASELINES if baselines else ():
+        out[kind] = wrapped[kind] if kind in wrapped else (
+            first.like(build_model(kind)) if first is not None else Predictor.baseline(kind, cfg.crop_size, data,
+                                                                                        cfg.device))
+    out.update({k: v for k, v in wrapped.items() if k not in out})
+    return out
+
+
+def evaluate_items(predictors: Mapping[str, Predictor], series: Mapping[str, PatientSeries],
+                   items: Sequence[EvalItem], cfg: EvalConfig, progress: Callable[[str], None] | None = None
+                   ) -> EvaluationReport:
+    """Score every predictor on ``items`` (targets of the patients in ``series``). Targets that share a patient
+    and a cut are forecast in one ``predict`` call, as a user's query with several dates is."""
     records: list[dict[str, Any]] = []
+    groups: dict[tuple[str, int], list[EvalItem]] = {}
+    for it in items:
+        groups.setdefault((it.patient_id, it.context_idx[-1] + 1), []).append(it)
     done = 0
-    for eb in loader:
-        records.extend(_score_batch(all_models, eb, cfg, device, done))
-        done += len(eb.samples)
+    for (pid, cut), its in groups.items():
+        for name, pred in predictors.items():
+            records.extend(_score_group(name, pred, series[pid], cut, its, cfg))
+        done += len(its)
         if progress:
             progress(f"evaluated {done}/{len(items)} targets")
-    names = list(all_models)
+    names = list(predictors)
     return EvaluationReport(rows=aggregate(records, names, cfg.bins), records=records, models=names,
                             n_targets=len(items), patients=sorted({it.patient_id for it in items}))
 
 
-def _score_batch(models: Mapping[str, ForecastModel], eb: EvalBatch, cfg: EvalConfig, device: torch.device,
-                 offset: int) -> list[dict[str, Any]]:
-    b = eb.batch.to(device)
-    # The linear baseline's volume counts of every target: a difficulty-scaled calibration scales by them.
-    lin_counts = linear_volume_counts(b.context_labels, b.context_times, b.context_mask, b.query_times).cpu()
+def _score_group(name: str, predictor: Predictor, series: PatientSeries, cut: int, items: Sequence[EvalItem],
+                 cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Forecast the targets ``items`` of one patient from its scans before ``cut`` and score each."""
+    days = series.days
+    prediction = predictor.predict(series.upto(cut), [float(days[it.target_idx]) for it in items],
+                                   n_samples=cfg.n_samples, seed=cfg.seed, keep_samples=True)
+    arr = series.arrays
     out = []
-    for name, model in models.items():
-        s = cfg.n_samples if model.stochastic else 1
-        # One generator per (batch, model) seeded from the position: results do not depend on model order.
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + offset)
-        fc = model.sample(b.context_images, b.context_labels, b.context_times, b.context_mask, b.query_times,
-                          n_samples=s, generator=gen)
-        images, probs = fc.images.float().cpu(), fc.probs.float().cpu()
-        for i, smp in enumerate(eb.samples):
-            horizon = float(smp.query_times[0] - smp.context_times[len(smp.context_idx) - 1])
-            rec = score_target(images[i, 0], probs[i, 0], smp.target_images[0], smp.target_labels[0],
-                               smp.brain_mask[0], smp.spacing_mm, smp.voxel_volume_ml, model.stochastic,
-                               horizon, getattr(model, "volume_calibration", None),
-                               tuple(float(c) * smp.voxel_volume_ml for c in lin_counts[i, 0]))
-            last = max(smp.context_idx)
-            out.append({"model": name, "patient_id": smp.patient_id, "target_idx": smp.target_idx[0],
-                        "last_context_idx": last, "n_context": len(smp.context_idx),
-                        "horizon_days": horizon, **rec})
+    for it, q in zip(items, prediction.queries, strict=True):
+        ch = _channel_index(predictor, arr.channels)
+        raw = torch.from_numpy(read_crop(arr.image, (it.target_idx, slice(None)), q.crop.start, q.crop.size)
+                               .astype(np.float32)[ch])
+        label = torch.from_numpy(read_crop(arr.label, (it.target_idx,), q.crop.start, q.crop.size).astype(np.int64))
+        brain = raw.abs().sum(0) > 0
+        target = raw / torch.from_numpy(q.scale).view(-1, 1, 1, 1)
+        rec = score_target(q, target, label, brain, series.spacing_mm, predictor.stochastic,
+                           predictor.calibration)
+        out.append({"model": name, "patient_id": it.patient_id, "target_idx": it.target_idx,
+                    "last_context_idx": q.last_context, "n_context": q.n_context,
+                    "horizon_days": q.gap_days, **rec})
     return out
 
 
-def load_model_ref(ref: str, device: str = "cpu") -> tuple[str, ForecastModel, dict[str, Any]]:
-    """A model from a reference: a baseline kind name (``lci``, ``linear``) or a checkpoint path written by
-    training. Returns (display name, model in eval mode, checkpoint metadata incl. crop_size / max_context)."""
+def _channel_index(predictor: Predictor, store_channels: Sequence[str]) -> list[int]:
+    chans = list(store_channels)
+    return [chans.index(c) for c in predictor.channels] if predictor.channels is not None else list(range(len(chans)))
+
+
+def load_predictor(ref: str, device: str = "auto") -> tuple[str, Predictor]:
+    """A predictor from a reference: a baseline kind name (``lci``, ``linear``) or a checkpoint path written by
+    training. Returns (display name, predictor)."""
     from longitudinal.models.base import MODEL_KINDS
-    from longitudinal.training.checkpoint import load_model_checkpoint
 
     if not Path(ref).exists():
         import longitudinal.models  # noqa: F401  (populates MODEL_KINDS)
@@ -293,22 +298,18 @@ def load_model_ref(ref: str, device: str = "cpu") -> tuple[str, ForecastModel, d
             model = build_model(ref)
             if model.trainable:
                 raise ValueError(f"model kind {ref!r} needs trained weights: pass a checkpoint path")
-            return ref, model.eval(), {}
+            return ref, Predictor(model, EvalConfig().crop_size, device=device)
         raise ValueError(f"model reference {ref!r} is neither a checkpoint file nor a baseline kind "
                          f"(baselines: {list(BASELINES)})")
-    model, meta = load_model_checkpoint(Path(ref), device=device)
-    return meta.get("kind", model.kind), model.eval(), meta
+    ckpt = Checkpoint.load(Path(ref))
+    return ckpt.kind, Predictor.from_checkpoint(ckpt, device)
 
 
 def evaluate_ref(ref: str, store_url: str, patient_ids: Sequence[str] | None = None,
                  config: EvalConfig | None = None, progress: Callable[[str], None] | None = None,
                  n_samples: int = 8) -> EvaluationReport:
-    """`evaluate_models` for one model reference (see `load_model_ref`); crop size, K and normalisation come
-    from the checkpoint unless ``config`` is given (``n_samples`` applies only then)."""
-    name, model, meta = load_model_ref(ref)
-    if config is None:
-        data = meta.get("data", {})
-        config = EvalConfig(crop_size=tuple(meta.get("crop_size") or (32, 32, 32)),  # type: ignore[arg-type]
-                            max_context=int(data.get("max_context", 3)),
-                            normalize=str(data.get("normalize", "none")), n_samples=n_samples)
-    return evaluate_models({name: model}, store_url, patient_ids, config, progress)
+    """`evaluate_models` for one model reference (see `load_predictor`): its crop size, context size and
+    normalisation come from the checkpoint; ``config`` sets the rest (``n_samples`` applies when it is None)."""
+    name, predictor = load_predictor(ref, (config or EvalConfig()).device)
+    return evaluate_models({name: predictor}, store_url, patient_ids, config or EvalConfig(n_samples=n_samples),
+                           progress)

@@ -3,16 +3,24 @@ space, volume intervals, a JSON summary and a plot.
 
 Public API::
 
-    from longitudinal.forecast import forecast_patient
-    result = forecast_patient(settings, "p-0123456789ab", store_url, query_days=[90, 180], n_samples=32)
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
+    request = ForecastRequest("p-0123456789ab", Queries(in_days=(90, 180)), store_url=store_url, n_samples=32)
+    result = forecast_patient(settings, request)
     result.out_dir, result.summary_path, result.plot_path, result.queries[0].volume_whole_ml.median
 
-``query_days`` are days after the latest scan; ``dates=["2027-03-01"]`` and ``days_since_baseline=[...]`` are
-the other query forms (calendars: ``longitudinal.forecast.queries``). Errors: ``longitudinal.forecast.errors``.
+``Queries(in_days=...)`` are days after the latest scan; ``at=("2027-03-01",)`` and ``days_since_baseline=(...)``
+are the other query forms (calendars: ``longitudinal.predict.queries``). Errors: ``longitudinal.predict.errors``.
 """
 
-from longitudinal.forecast.api import LoadedModel, forecast_patient, load_model, open_store, resolve_patient
-from longitudinal.forecast.errors import (
+from longitudinal.forecast.api import (
+    ForecastRequest,
+    LoadedModel,
+    forecast_patient,
+    load_model,
+    open_store,
+    resolve_patient,
+)
+from longitudinal.predict.errors import (
     DateBeforeBaselineError,
     ForecastError,
     InvalidQueryError,
@@ -22,7 +30,8 @@ from longitudinal.forecast.errors import (
     StoreUnreadableError,
     UnknownPatientError,
 )
-from longitudinal.forecast.result import (
+from longitudinal.predict.queries import Queries
+from longitudinal.predict.result import (
     QUANTILE_LEVELS,
     ForecastResult,
     NativeSpace,
@@ -30,12 +39,13 @@ from longitudinal.forecast.result import (
     QueryForecast,
     VolumeInterval,
 )
-from longitudinal.forecast.scans import ScanInput, parse_scans
+from longitudinal.predict.scans import ScanInput, parse_scans
 
 __all__ = [
     "QUANTILE_LEVELS",
     "DateBeforeBaselineError",
     "ForecastError",
+    "ForecastRequest",
     "ForecastResult",
     "InvalidQueryError",
     "LoadedModel",
@@ -43,6 +53,7 @@ __all__ = [
     "ModelNotFoundError",
     "NativeSpace",
     "ObservedScan",
+    "Queries",
     "QueryForecast",
     "ScanInput",
     "ScanInputError",

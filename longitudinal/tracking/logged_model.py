@@ -8,36 +8,35 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from longitudinal.tracking.inference import QUANTILES, VOLUME_KINDS
+from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.tracking.registry import CONFIG_FILE, WEIGHTS_FILE
+from longitudinal.tracking.served import OUTPUT_COLUMNS
 
 MODEL_NAME = "forecaster"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-# Fields of a checkpoint the pyfunc needs; optimizer/EMA/RNG state of a training checkpoint stays behind.
-MODEL_FIELDS = ("kind", "config", "state_dict", "channels", "spacing_mm", "crop_size", "meta")
 
 
 def signature(channels: tuple[str, ...] | list[str]) -> ModelSignature:
-    """Input one row per prior scan; output one row per (patient, query day); params query_days/n_samples/out_dir."""
+    """Input one row per prior scan; output one row per (patient, query); params as ``tracking.served``."""
     inputs = Schema(
-        [ColSpec("string", "patient_id"), ColSpec("double", "days")]
+        [ColSpec("string", "patient_id"), ColSpec("string", "date", required=False),
+         ColSpec("double", "days", required=False)]
         + [ColSpec("string", c) for c in channels]
         + [ColSpec("string", "label", required=False)]
     )
-    outputs = Schema(
-        [ColSpec("string", "patient_id"), ColSpec("double", "query_day"), ColSpec("long", "n_context"),
-         ColSpec("long", "n_samples")]
-        + [ColSpec("double", f"volume_{k}_ml_{q}") for k in VOLUME_KINDS for q in QUANTILES]
-        + [ColSpec("string", "forecast_path", required=False), ColSpec("string", "tumour_prob_path", required=False)]
-    )
+    types = {"patient_id": "string", "pseudonym": "string", "date": "string", "summary_path": "string",
+             "n_context": "long", "n_samples": "long"}
+    outputs = Schema([ColSpec(types.get(c, "double"), c, required=c not in ("date", "summary_path"))
+                      for c in OUTPUT_COLUMNS])
     params = ParamSchema(
         [
-            ParamSpec("query_days", "double", [90.0], (-1,)),
+            ParamSpec("in_days", "double", [], (-1,)),
+            ParamSpec("at", "string", [], (-1,)),
+            ParamSpec("days_since_baseline", "double", [], (-1,)),
             ParamSpec("n_samples", "long", 8),
             ParamSpec("out_dir", "string", ""),
             ParamSpec("seed", "long", 0),
@@ -46,18 +45,12 @@ def signature(channels: tuple[str, ...] | list[str]) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def slim_checkpoint(checkpoint: Path | str, dest: Path, use_ema: bool = True) -> dict[str, Any]:
-    """Write the model-only checkpoint (EMA weights when the training checkpoint has them) to ``dest``;
-    returns the config dict written beside it."""
-    ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
-    slim = {k: ckpt[k] for k in MODEL_FIELDS if k in ckpt}
-    if use_ema and isinstance(ckpt.get("ema_state_dict"), dict):
-        slim["state_dict"] = ckpt["ema_state_dict"]
-    missing = [k for k in ("kind", "config", "state_dict") if k not in slim]
-    if missing:
-        raise ValueError(f"{checkpoint} is not a forecaster checkpoint: missing {missing}")
-    torch.save(slim, dest)
-    return {k: v for k, v in slim.items() if k != "state_dict"}
+def slim_checkpoint(checkpoint: Path | str, dest: Path) -> dict[str, Any]:
+    """Write the model checkpoint the pyfunc serves to ``dest``; returns its description (everything but the
+    weights), written beside it as the config artifact."""
+    ckpt = Checkpoint.load(Path(checkpoint))
+    ckpt.save(dest)
+    return ckpt.describe()
 
 
 def find_logged_model(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> str | None:

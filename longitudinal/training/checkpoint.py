@@ -1,11 +1,7 @@
 """Checkpoint files.
 
-Model checkpoint (docs/ARCHITECTURE.md; what evaluation, tracking and forecast load)::
-
-    {"kind", "config", "state_dict", "channels", "spacing_mm", "crop_size", "meta"}
-
-``state_dict`` holds the EMA weights; ``meta`` carries the data settings needed to cut inputs the same way
-(``meta["data"]``: max_context, normalize), the training step and the split id.
+Model checkpoint: ``longitudinal.models.checkpoint.Checkpoint`` (its weights are the EMA weights; its
+provenance holds the training step and the split id).
 
 Training state (``latest.pt``, for resume only): model, EMA, optimizer, scaler, step, RNG states, best metric,
 elapsed seconds, config and split id. Both load with ``torch.load(weights_only=True)``: only tensors and plain
@@ -14,7 +10,6 @@ containers are stored (numpy RNG state is converted to lists). Writes are atomic
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,17 +19,7 @@ import numpy as np
 import torch
 
 from longitudinal.models.base import ForecastModel
-from longitudinal.models.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
-
-
-def atomic_save(obj: Any, path: Path) -> Path:
-    """torch.save to ``path`` via a temporary file in the same folder, then rename (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+from longitudinal.models.checkpoint import Checkpoint, DataSettings, atomic_torch_save, read_torch_file
 
 
 def save_model_checkpoint(
@@ -43,20 +28,13 @@ def save_model_checkpoint(
     channels: Sequence[str],
     spacing_mm: Sequence[float],
     crop_size: Sequence[int],
-    meta: dict[str, Any] | None = None,
+    data: DataSettings,
+    provenance: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a model checkpoint atomically; ``state_dict`` overrides the model's own weights (e.g. the EMA)."""
-    return atomic_save(checkpoint_dict(model, channels, spacing_mm, crop_size, meta, state_dict), path)
-
-
-def load_model_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[ForecastModel, dict[str, Any]]:
-    """Rebuild the model of a checkpoint with its weights. Returns (model, meta merged with every top-level
-    key but the weights: kind, config, channels, spacing_mm, crop_size)."""
-    ckpt = load_checkpoint(Path(path))
-    model = model_from_checkpoint(ckpt).to(device)
-    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "meta")}
-    return model, {**dict(ckpt.get("meta") or {}), **info}
+    Checkpoint.of_model(model, channels, spacing_mm, crop_size, data, provenance, state_dict).save(path)
+    return Path(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,5 +69,11 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def save_train_state(state: dict[str, Any], path: Path) -> Path:
+    """Write the training state (resume only) atomically."""
+    return atomic_torch_save(state, path)
+
+
 def load_train_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(path), map_location=device, weights_only=True)
+    """Read what ``save_train_state`` wrote (tensors and plain containers only)."""
+    return read_torch_file(Path(path), map_location=device)

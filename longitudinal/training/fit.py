@@ -33,32 +33,39 @@ import torch
 from torch.utils.data import DataLoader
 
 from longitudinal.data.dataset import (
-    EvalDataset,
     ForecastDataset,
     StoreReader,
     StreamSampler,
     collate_batch,
-    collate_eval,
-    enumerate_targets,
     reset_worker_reader,
 )
 from longitudinal.data.splits import Split, make_split
-from longitudinal.models.base import ForecastModel, build_model
-from longitudinal.models.calibration import VolumeCalibration, calibrations_from_meta, calibrations_to_meta
-from longitudinal.models.checkpoint import load_checkpoint, model_from_checkpoint
+from longitudinal.models.base import build_model
+from longitudinal.models.checkpoint import DataSettings
+from longitudinal.predict import resolve_device
 from longitudinal.runtime import tune_cpu_allocator
 from longitudinal.training.checkpoint import (
-    atomic_save,
     load_train_state,
     rng_state,
     save_model_checkpoint,
+    save_train_state,
     set_rng_state,
 )
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.logger import MetricLogger, NullLogger
+from longitudinal.training.steps import (
+    EMA,
+    DistContext,
+    LossModule,
+    all_true,
+    lr_at,
+    seed_everything,
+    select_precision,
+)
+from longitudinal.training.validation import ValidationSet, calibrate_checkpoint, validate, validation_set
 
 if TYPE_CHECKING:
-    from longitudinal.evaluation.harness import EvalConfig
+    pass
 
 # Config fields that may change when resuming (how long to train); anything else must match the saved run.
 _RESUMABLE_CHANGES = {"steps", "epochs", "budget_s", "eval_every", "ckpt_every", "log_every", "num_workers",
@@ -84,107 +91,6 @@ class FitResult:
     final_val: dict[str, float] = field(default_factory=dict)
 
 
-class EMA:
-    """Exponential moving average of a model's state (floating tensors averaged, others copied). The effective
-    decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the init."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = float(decay)
-        self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if s.dtype.is_floating_point:
-                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
-            else:
-                s.copy_(v)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay = float(state["decay"])
-        self.updates = int(state["updates"])
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """torch.distributed settings from the torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
-
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> DistContext:
-        import os
-
-        return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class _LossModule(torch.nn.Module):
-    """DDP synchronises gradients through ``forward``; models expose ``loss``, so forward calls it."""
-
-    def __init__(self, model: ForecastModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.model.loss(batch)
-
-
-def _all_true(flag: bool, dist_ctx: DistContext, device: torch.device) -> bool:
-    """Whether ``flag`` holds on every rank (collective; plain ``flag`` without distribution)."""
-    if not dist_ctx.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
-def select_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed). CPU always trains in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None, False
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for (0-based) ``step``: linear warm-up, then constant or cosine to 10% of ``lr``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine" and cfg.steps:
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-    return cfg.lr
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _resolve_split(cfg: TrainConfig, store_url: str, run_dir: Path, resume: bool) -> tuple[Split, Path]:
     from storage.store import CohortStore
 
@@ -202,35 +108,6 @@ def _store_geometry(store_url: str, pid: str) -> tuple[tuple[str, ...], tuple[fl
 
     arr = CohortStore.open(store_url).arrays(pid)
     return tuple(arr.channels), tuple(float(s) for s in arr.spacing_mm)  # type: ignore[return-value]
-
-
-def _val_batches(cfg: TrainConfig, store_url: str, split: Split) -> list[Any]:
-    """Deterministic validation targets (at most cfg.val_targets, evenly spaced), cut once and kept."""
-    if not split.val or cfg.val_targets == 0:
-        return []
-    from longitudinal.evaluation.harness import evenly_spaced
-
-    items = evenly_spaced(enumerate_targets(store_url, split.val, cfg.max_context, pairs="all"), cfg.val_targets)
-    ds = EvalDataset(store_url, items, cfg.data_config(train=False))
-    return list(DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_eval))
-
-
-def validate(models: dict[str, ForecastModel], batches: list[Any], cfg: TrainConfig, device: torch.device
-             ) -> dict[str, dict[str, float]]:
-    """Pooled validation metrics per model name: dice_whole, dice_enhancing, volume_error_ml, hd95_mm, mse."""
-    from longitudinal.evaluation.harness import EvalConfig, _score_batch, aggregate
-
-    ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context,  # type: ignore[arg-type]
-                      normalize=cfg.normalize, n_samples=cfg.val_samples, seed=cfg.seed)
-    records: list[dict[str, Any]] = []
-    offset = 0
-    with torch.no_grad():
-        for eb in batches:
-            records.extend(_score_batch(models, eb, ecfg, device, offset))
-            offset += len(eb.samples)
-    rows = [r for r in aggregate(records, list(models)) if r["horizon"] == "all"]
-    keys = ("dice_whole", "dice_enhancing", "volume_error_ml", "hd95_mm", "mse")
-    return {r["model"]: {k: float(r[k]) for k in keys if k in r} for r in rows}
 
 
 def fit(
@@ -284,7 +161,7 @@ def _fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     latest_path, best_path, final_path = ckpt_dir / "latest.pt", ckpt_dir / "best.pt", run_dir / "model.pt"
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     if device.type == "cpu":
         tune_cpu_allocator()
     if dist_ctx.active and device.type == "cuda":
@@ -315,8 +192,8 @@ def _fit(
     model = build_model(config.model, dict(config.model_options), in_channels=len(channels)).to(device)
     ema = EMA(model, config.ema_decay)
     ema_model = copy.deepcopy(model).eval()
-    meta_base = {"data": {"max_context": config.max_context, "normalize": config.normalize},
-                 "split_id": split.split_id, "store_url": store_url, "train_config": config.to_dict()}
+    data = DataSettings(max_context=config.max_context, normalize=config.normalize)
+    meta_base = {"split_id": split.split_id, "store_url": store_url, "train_config": config.to_dict()}
 
     if state is None:
         logger.log_params(config.flat_params())
@@ -324,7 +201,7 @@ def _fit(
         logger.log_artifact(split_path)
         logger.log_artifact(run_dir / "config.json")
 
-    val_batches = _val_batches(config, store_url, split) if main else []
+    val_batches = validation_set(config, store_url, split) if main else ValidationSet({}, [])
     if state is None and val_batches:
         base = validate({k: build_model(k) for k in ("lci", "linear")}, val_batches, config, device)
         logger.log_metrics({f"val_{m}_{k}": v for m, d in base.items() for k, v in d.items()}, step=0)
@@ -335,7 +212,7 @@ def _fit(
         val = validate({config.model: model}, val_batches, config, device).get(config.model, {}) \
             if val_batches else {}
         if main:
-            save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
+            save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
                                   {**meta_base, "step": 0})
         return FitResult(checkpoint=final_path, final_checkpoint=final_path, best_metric=val.get("dice_whole"),
                          best_step=0 if val else None, steps=0, wall_s=0.0, split=split, split_path=split_path,
@@ -379,14 +256,14 @@ def _fit(
         from torch.nn.parallel import DistributedDataParallel
 
         # Same init on every rank is broadcast by DDP; the noise of the flow paths differs per rank.
-        ddp = DistributedDataParallel(_LossModule(model), device_ids=[device.index] if device.type == "cuda"
+        ddp = DistributedDataParallel(LossModule(model), device_ids=[device.index] if device.type == "cuda"
                                       else None)
         torch.manual_seed(config.seed + 7919 * dist_ctx.rank + step)
 
     def save_state(until: float | None = None) -> None:
         if not main:
             return
-        atomic_save({
+        save_train_state({
             "format": "train_state", "step": step,
             "elapsed_s": elapsed_before + ((until or time.perf_counter()) - t0),
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -407,7 +284,7 @@ def _fit(
         logger.log_metrics({f"val_{k}": v for k, v in val.items()}, step=step)
         if best is None or val["dice_whole"] > best:
             best, best_step = val["dice_whole"], step
-            save_model_checkpoint(best_path, model, channels, spacing, config.crop_size,
+            save_model_checkpoint(best_path, model, channels, spacing, config.crop_size, data,
                                   {**meta_base, "step": step, "val": val}, state_dict=ema.shadow)
         say(f"step {step}: val dice {val['dice_whole']:.3f} vol.err {val['volume_error_ml']:.2f} ml "
             f"(best {best:.3f} at {best_step})")
@@ -434,7 +311,7 @@ def _fit(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = ddp(batch) if ddp is not None else model.loss(batch)
         opt.zero_grad(set_to_none=True)
-        if not _all_true(bool(torch.isfinite(loss)), dist_ctx, device):
+        if not all_true(bool(torch.isfinite(loss)), dist_ctx, device):
             n_bad += 1
             if n_bad >= 10:
                 raise FloatingPointError(f"10 consecutive non-finite losses at step {step}")
@@ -473,7 +350,7 @@ def _fit(
     save_state(until=t_end)  # the budget counts training, not this final validation
     checkpoint = best_path if best_path.exists() else final_path
     if main:
-        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size,
+        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
                               {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
         if model.stochastic and split.val and config.calib_targets > 0:
             for path in dict.fromkeys([checkpoint, final_path]):
@@ -489,52 +366,6 @@ def _fit(
     return FitResult(checkpoint=checkpoint, final_checkpoint=final_path, best_metric=best, best_step=best_step,
                      steps=step, wall_s=wall, split=split, split_path=split_path, run_dir=run_dir,
                      samples_per_s=samples_seen / max(train_s, 1e-9), final_val=final_val)
-
-
-def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], config: TrainConfig,
-                         device: torch.device, say: Callable[[str], None] = lambda _m: None,
-                         ) -> dict[str, VolumeCalibration]:
-    """Fit the volume-interval calibration of the model checkpoint at ``path`` on ``patient_ids`` (the
-    validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically). A
-    checkpoint already calibrated at its step with the same settings is left as it is."""
-    from longitudinal.evaluation.calibration import fit_volume_calibration
-
-    ckpt = load_checkpoint(path)
-    meta = dict(ckpt["meta"])
-    # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
-    form = (f"per-horizon-scaled-c{config.calib_difficulty_ml:g}" if config.calib_form == "scaled"
-            else "per-horizon-symmetric-v2")
-    key = {"step": meta.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
-           "patients": sorted(patient_ids), "form": form}
-    if meta.get("volume_calibration") and meta.get("volume_calibration_fit") == key:
-        return calibrations_from_meta(meta)
-    t = time.perf_counter()
-    cals = fit_volume_calibration(model_from_checkpoint(ckpt).to(device), store_url, patient_ids,
-                                  calibration_eval_config(config, device), max_targets=config.calib_targets,
-                                  form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
-    meta["volume_calibration"] = calibrations_to_meta(cals)
-    meta["volume_calibration_fit"] = key
-    atomic_save({**ckpt, "meta": meta}, path)
-    w = cals["whole"]
-    say(f"calibrated volume intervals of {path.name} on {w.summary()}, "
-        f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
-    return cals
-
-
-def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> EvalConfig:
-    """How the end-of-training calibration forecasts the validation targets (``calib_samples`` samples, seed + 1;
-    at most ``calib_targets`` targets, passed to the harness separately)."""
-    from longitudinal.evaluation.harness import EvalConfig
-
-    return EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
-                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
-                      device=str(device))
-
-
-def _resolve_device(device: str) -> torch.device:
-    from longitudinal.evaluation.harness import resolve_device
-
-    return resolve_device(device)
 
 
 def _max_steps(cfg: TrainConfig, n_items: int) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from longitudinal.data.splits import Split
 from longitudinal.models.calibration import VolumeCalibration
 from longitudinal.training.config import TrainConfig
-from longitudinal.training.fit import calibrate_checkpoint
+from longitudinal.training.validation import calibrate_checkpoint
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def recalibrate_run(run_dir: Path, store_url: str, patient_ids: Sequence[str], m
     any forecast: no checkpoint, config or split; empty, duplicated, unknown, training or test patients; no
     target cap; an unknown form. A model that is not sampled is refused by ``fit_volume_calibration`` before
     anything is written."""
-    from longitudinal.evaluation.harness import resolve_device
+    from longitudinal.predict import resolve_device
     from storage.store import CohortStore
 
     run_dir = Path(run_dir)

@@ -135,7 +135,7 @@ def test_nightly_ingest_then_weekly_retrain_then_forecast(pipeline) -> None:
     params = {
         "patient_id": patient,
         "store": store,
-        "query_days": [90.0],
+        "in_days": [90.0],
         "n_samples": 4,
         "out_dir": str(out_dir),
     }

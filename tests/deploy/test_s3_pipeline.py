@@ -82,9 +82,9 @@ def _settings(workspace: dict[str, Path], store: str):
 def test_ingest_train_forecast_on_s3(s3, workspace) -> None:
     import mlflow
 
-    from longitudinal.forecast import forecast_patient
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
     from longitudinal.ingest import ingest_cohort
-    from longitudinal.tracking.training import run_training
+    from longitudinal.tracking.run import run_training
     from storage.store import CohortStore
 
     url = s3["url"]
@@ -131,9 +131,7 @@ def test_ingest_train_forecast_on_s3(s3, workspace) -> None:
     # Forecast from the bucket with the registered version (resolved through the sqlite registry).
     patient = store.patient_ids()[-1]
     out_dir = workspace["root"] / "forecast"
-    result = forecast_patient(settings, patient, url, query_days=[90.0],
-                              model_ref=f"{outcome.registered_name}/{outcome.version}", n_samples=2,
-                              out_dir=out_dir, seed=0)
+    result = forecast_patient(settings, ForecastRequest(patient, Queries(in_days=(90.0,)), store_url=url, model_ref=f"{outcome.registered_name}/{outcome.version}", n_samples=2, out_dir=out_dir, seed=0))
     arr = store.arrays(patient)
     assert result.patient == patient and str(result.version) == str(outcome.version)
     assert len(result.queries) == 1

@@ -14,7 +14,7 @@ from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.evaluation.harness import EvalConfig, evaluate_models, evaluate_ref
 from longitudinal.models.base import build_model
 
-CFG = EvalConfig(crop_size=(16, 16, 16), max_context=2, n_samples=3, batch_size=4, device="cpu")
+CFG = EvalConfig(crop_size=(16, 16, 16), max_context=2, n_samples=3, device="cpu")
 TINY_TFM = {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16, "steps": 2}
 
 

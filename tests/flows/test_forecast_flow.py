@@ -44,20 +44,20 @@ def test_forecast_flow_writes_the_same_outputs_as_the_library(env: Path) -> None
     from prefect.artifacts import Artifact
 
     from flows.forecast import SUMMARY_KEY, TABLE_KEY, forecast_patient
-    from longitudinal.forecast import UnknownPatientError
+    from longitudinal.forecast import ForecastRequest, Queries, UnknownPatientError
     from longitudinal.forecast import forecast_patient as library_forecast
     from longitudinal.settings import Settings
 
     cohort = make_phantom_store(str(env / "cohort.zarr"), n_patients=2, seed=3)
     ckpt = _checkpoint(env / "linear.pt")
     out = env / "flow-out"
-    body = forecast_patient(patient_id="P001", store=cohort.url, query_days=[60.0, 120.0], model_ref=str(ckpt),
+    body = forecast_patient(patient_id="P001", store=cohort.url, in_days=[60.0, 120.0], model_ref=str(ckpt),
                             n_samples=2, out_dir=str(out))
     assert body["patient"] == "P001" and Path(body["summary_path"]) == out / "P001_forecast.json"
     on_disk = json.loads((out / "P001_forecast.json").read_text())
     assert on_disk["queries"] == body["queries"]
-    twin = library_forecast(Settings(), "P001", cohort.url, query_days=[60.0, 120.0], model_ref=str(ckpt),
-                            n_samples=2, write=False)
+    twin = library_forecast(Settings(), ForecastRequest("P001", Queries(in_days=(60.0, 120.0)), store_url=cohort.url,
+                                                        model_ref=str(ckpt), n_samples=2, write=False))
     assert [q.to_dict()["volume_whole_ml"] for q in twin.queries] == [q["volume_whole_ml"] for q in body["queries"]]
     medians = [q["volume_whole_ml"]["median"] for q in body["queries"]]
     assert cohort.patients["P001"].whole_ml[-1] < medians[0] < medians[1]
@@ -66,7 +66,7 @@ def test_forecast_flow_writes_the_same_outputs_as_the_library(env: Path) -> None
     np.testing.assert_array_equal(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
     assert Artifact.get(TABLE_KEY) is not None and Artifact.get(SUMMARY_KEY) is not None
 
-    state = forecast_patient(patient_id="P01", store=cohort.url, query_days=[60.0], model_ref=str(ckpt),
+    state = forecast_patient(patient_id="P01", store=cohort.url, in_days=[60.0], model_ref=str(ckpt),
                              return_state=True)
     assert state.is_failed()
     with pytest.raises(UnknownPatientError, match="closest: P001"):

@@ -12,15 +12,14 @@ import pytest
 import torch
 from forecasthelpers import Cohort, world_centroid
 
-from longitudinal.forecast import QUANTILE_LEVELS, VolumeInterval, forecast_patient
-from longitudinal.forecast.api import sample_volumes_ml
+from longitudinal.forecast import QUANTILE_LEVELS, ForecastRequest, Queries, VolumeInterval, forecast_patient
 from longitudinal.models.base import Forecast
+from longitudinal.predict import sample_volumes_ml
 
 
 @pytest.fixture(scope="module")
 def result(cohort: Cohort):  # noqa: ANN201
-    return forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 180, 365],
-                            n_samples=8)
+    return forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(30, 180, 365)), store_url=cohort.store, n_samples=8))
 
 
 def test_outputs_are_in_the_native_space_of_the_latest_scan(cohort: Cohort, result) -> None:  # noqa: ANN001
@@ -84,8 +83,7 @@ def test_linear_champion_known_answers_and_growth(cohort: Cohort, result) -> Non
 def test_dates_map_through_the_patient_calendar(cohort: Cohort) -> None:
     s = cohort.settings
     # Raw id (the site holds the key): --at is a real date; 2024-11-15 is 100 days after the latest real scan.
-    r = forecast_patient(s, "sub-01", cohort.store, dates=["2024-11-15"], model_ref=str(cohort.checkpoint),
-                         n_samples=1, write=False)
+    r = forecast_patient(s, ForecastRequest("sub-01", Queries(at=("2024-11-15",)), store_url=cohort.store, model_ref=str(cohort.checkpoint), n_samples=1, write=False))
     q = r.queries[0]
     assert r.patient == cohort.pids["sub-01"]
     assert (q.days_after_last_scan, q.date, q.calendar) == (100.0, "2024-11-15", "real")
@@ -96,8 +94,7 @@ def test_dates_map_through_the_patient_calendar(cohort: Cohort) -> None:
 
     last = dt.datetime.fromisoformat(CohortStore.open(cohort.store).sessions(cohort.pids["sub-01"])[-1].shifted_date)
     shifted = (last.date() + dt.timedelta(days=100)).isoformat()
-    r2 = forecast_patient(s, cohort.pids["sub-01"], cohort.store, dates=[shifted], model_ref=str(cohort.checkpoint),
-                          n_samples=1, write=False)
+    r2 = forecast_patient(s, ForecastRequest(cohort.pids["sub-01"], Queries(at=(shifted,)), store_url=cohort.store, model_ref=str(cohort.checkpoint), n_samples=1, write=False))
     assert (r2.queries[0].days_after_last_scan, r2.queries[0].date, r2.queries[0].calendar) == (100.0, shifted,
                                                                                                  "shifted")
     assert shifted != "2024-11-15"
@@ -106,8 +103,7 @@ def test_dates_map_through_the_patient_calendar(cohort: Cohort) -> None:
 
 def test_retrospective_query_uses_only_earlier_scans(cohort: Cohort) -> None:
     days = cohort.patients["sub-01"].days
-    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, days_since_baseline=[days[1]],
-                         model_ref=str(cohort.checkpoint), n_samples=2, write=False)
+    r = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(days_since_baseline=(days[1],)), store_url=cohort.store, model_ref=str(cohort.checkpoint), n_samples=2, write=False))
     q = r.queries[0]
     # one context scan -> linear is LCI: the baseline's volume, whatever came later
     assert q.n_context == 1 and q.days_after_last_scan == days[1] - days[2]
@@ -144,13 +140,11 @@ def test_sampled_model_intervals_are_ordered_through_the_api(cohort: Cohort, tmp
 
     # An untrained neural process is a sampled model (its latent differs per sample); 16^3 crops keep it fast.
     ckpt = baseline_checkpoint(tmp_path / "np.pt", kind="np", crop=16)
-    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 365],
-                         model_ref=str(ckpt), n_samples=6, write=False, seed=1)
+    r = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(30, 365)), store_url=cohort.store, model_ref=str(ckpt), n_samples=6, write=False, seed=1))
     assert r.model_kind == "np" and len(r.queries) == 2
     for q in r.queries:
         assert q.volume_whole_ml.ordered() and q.volume_enhancing_ml.ordered()
-    again = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[30, 365],
-                             model_ref=str(ckpt), n_samples=6, write=False, seed=1)
+    again = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(30, 365)), store_url=cohort.store, model_ref=str(ckpt), n_samples=6, write=False, seed=1))
     assert [q.volume_whole_ml for q in again.queries] == [q.volume_whole_ml for q in r.queries]  # seeded
 
 
@@ -160,8 +154,7 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
     from longitudinal.models.calibration import VolumeCalibration, calibrations_to_meta
 
     ckpt = baseline_checkpoint(tmp_path / "np.pt", kind="np", crop=16)
-    raw = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
-                           model_ref=str(ckpt), n_samples=4, write=False, seed=1)
+    raw = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(365.25,)), store_url=cohort.store, model_ref=str(ckpt), n_samples=4, write=False, seed=1))
     assert raw.intervals["whole"]["calibrated"] is False and "uncalibrated" in raw.intervals["whole"]["note"]
     assert raw.to_json()["intervals"] == raw.intervals
 
@@ -173,8 +166,7 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
     data = torch.load(ckpt, weights_only=False)
     data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
     torch.save(data, tmp_path / "np_cal.pt")
-    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
-                         model_ref=str(tmp_path / "np_cal.pt"), n_samples=4, write=False, seed=1)
+    r = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(365.25,)), store_url=cohort.store, model_ref=str(tmp_path / "np_cal.pt"), n_samples=4, write=False, seed=1))
     basis = r.intervals["whole"]
     assert basis["calibrated"] is True and basis["calibration_patients"] == 7 and basis["calibration_targets"] == 30
     assert r.intervals["enhancing"]["calibrated"] is False  # only the whole tumour was calibrated here
@@ -184,15 +176,12 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
 
     # Difficulty-scaled: every score 0.4 per year with c = 10 ml, so at a one-year gap the half-width is
     # 1.25 * (10 + |median - linear forecast|) * 0.4 ml; the linear forecast is that of the linear baseline.
-    lin = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
-                           model_ref=str(baseline_checkpoint(tmp_path / "lin.pt", crop=16)), n_samples=1,
-                           write=False).queries[0].volume_whole_ml.median
+    lin = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(365.25,)), store_url=cohort.store, model_ref=str(baseline_checkpoint(tmp_path / "lin.pt", crop=16)), n_samples=1, write=False)).queries[0].volume_whole_ml.median
     cal = VolumeCalibration.fit("whole", np.full(30, 50.0) + 0.4 * 10.0 * (0.25 + gaps / 365.25), np.full(30, 50.0),
                                 gaps, n_patients=7, form="scaled", reference_ml=np.full(30, 50.0), difficulty_ml=10.0)
     data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
     torch.save(data, tmp_path / "np_scaled.pt")
-    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
-                         model_ref=str(tmp_path / "np_scaled.pt"), n_samples=4, write=False, seed=1)
+    r = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(365.25,)), store_url=cohort.store, model_ref=str(tmp_path / "np_scaled.pt"), n_samples=4, write=False, seed=1))
     assert "difficulty-scaled scores, c = 10 ml" in r.intervals["whole"]["method"]
     v = r.queries[0].volume_whole_ml
     assert v.median == raw.queries[0].volume_whole_ml.median
@@ -203,8 +192,7 @@ def test_the_result_says_what_its_intervals_rest_on(cohort: Cohort, tmp_path) ->
                                 reference_ml=np.full(30, 50.0))
     data["meta"]["volume_calibration"] = calibrations_to_meta({"whole": cal})
     torch.save(data, tmp_path / "np_huge.pt")
-    r = forecast_patient(cohort.settings, cohort.pids["sub-01"], cohort.store, query_days=[365.25],
-                         model_ref=str(tmp_path / "np_huge.pt"), n_samples=4, write=False, seed=1)
+    r = forecast_patient(cohort.settings, ForecastRequest(cohort.pids["sub-01"], Queries(in_days=(365.25,)), store_url=cohort.store, model_ref=str(tmp_path / "np_huge.pt"), n_samples=4, write=False, seed=1))
     v = r.queries[0].volume_whole_ml
     crop_ml = 16**3 * SPACING**3 / 1000.0  # the store's voxels
     assert v.hi95 == v.hi80 == pytest.approx(crop_ml) and v.median == raw.queries[0].volume_whole_ml.median
@@ -223,8 +211,7 @@ def test_missing_native_geometry_falls_back_to_the_store_grid(tmp_path) -> None:
     rec.sessions[-1] = dataclasses.replace(rec.sessions[-1], native_shape=[], native_affine=[])
     url = str(tmp_path / "c.zarr")
     CohortStore.open(url, create=True).write_patient(rec)
-    r = forecast_patient(Settings(home=tmp_path / "home"), "P9", url, query_days=[50], n_samples=1,
-                         model_ref=str(baseline_checkpoint(tmp_path / "l.pt")), out_dir=tmp_path / "out")
+    r = forecast_patient(Settings(home=tmp_path / "home"), ForecastRequest("P9", Queries(in_days=(50,)), store_url=url, n_samples=1, model_ref=str(baseline_checkpoint(tmp_path / "l.pt")), out_dir=tmp_path / "out"))
     assert r.native.grid == "reference" and r.native.shape == (30, 32, 32)
     img = nib.load(r.queries[0].files["prob_whole"])
     assert img.shape == (30, 32, 32)
@@ -255,8 +242,7 @@ def test_native_session_puts_a_retrospective_forecast_on_that_visits_own_grid(co
     p = cohort.patients["sub-01"]
     pid = cohort.pids["sub-01"]
     sessions = [s.session for s in open_store(cohort.store).arrays(pid).sessions]
-    r = forecast_patient(cohort.settings, pid, cohort.store, days_since_baseline=[p.days[1]],
-                         model_ref=str(cohort.checkpoint), n_samples=1, out_dir=tmp_path, native_session=sessions[1])
+    r = forecast_patient(cohort.settings, ForecastRequest(pid, Queries(days_since_baseline=(p.days[1],)), store_url=cohort.store, model_ref=str(cohort.checkpoint), n_samples=1, out_dir=tmp_path, native_session=sessions[1]))
     visit = nib.load(str(p.files[1]["label"]))  # scan 1 as acquired: moved 4 mm in x
     assert r.native.session == sessions[1] and r.queries[0].n_context == 1
     prob = nib.load(r.queries[0].files["prob_whole"])
@@ -270,8 +256,7 @@ def test_native_session_puts_a_retrospective_forecast_on_that_visits_own_grid(co
     assert 0.5 < dice < 0.75, dice
     assert pred.sum() * 8e-3 == pytest.approx(r.observed[0].volume_whole_ml, rel=0.15)
     with pytest.raises(InvalidQueryError, match="not a session") as err:
-        forecast_patient(cohort.settings, pid, cohort.store, days_since_baseline=[p.days[1]],
-                         model_ref=str(cohort.checkpoint), n_samples=1, write=False, native_session="ses-nope")
+        forecast_patient(cohort.settings, ForecastRequest(pid, Queries(days_since_baseline=(p.days[1],)), store_url=cohort.store, model_ref=str(cohort.checkpoint), n_samples=1, write=False, native_session="ses-nope"))
     assert sessions[0] in str(err.value)
 
 
@@ -288,8 +273,7 @@ def test_a_query_at_a_scans_own_fractional_day_does_not_see_that_scan(tmp_path) 
     url = str(tmp_path / "c.zarr")
     CohortStore.open(url, create=True).write_patient(rec)
     lci = baseline_checkpoint(tmp_path / "lci.pt", kind="lci")
-    r = forecast_patient(Settings(home=tmp_path / "home"), "P8", url, days_since_baseline=[days[1], days[2]],
-                         model_ref=str(lci), n_samples=1, write=False)
+    r = forecast_patient(Settings(home=tmp_path / "home"), ForecastRequest("P8", Queries(days_since_baseline=(days[1], days[2])), store_url=url, model_ref=str(lci), n_samples=1, write=False))
     assert [q.n_context for q in r.queries] == [1, 2]
     # LCI at visit j is visit j-1's volume, never visit j's own
     for q, prev in zip(r.queries, r.observed[:2], strict=True):

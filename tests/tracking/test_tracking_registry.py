@@ -113,7 +113,7 @@ def test_registry_challenger_champion_and_refs(backend_settings: Settings, tmp_p
 def test_evaluate_accepts_registry_references(tmp_path: Path, empty_cwd: Path) -> None:
     """`evaluate --model NAME@ALIAS` scores the registered checkpoint exactly like its local file."""
     from longitudinal.data.phantoms import make_phantom_store
-    from longitudinal.tracking.training import evaluate_model_ref
+    from longitudinal.tracking.run import evaluate_model_ref
 
     s = Settings(home=tmp_path / "home")
     store = str(tmp_path / "store.zarr")

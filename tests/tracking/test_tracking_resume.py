@@ -18,7 +18,7 @@ from trackinghelpers import ENV_QUIET, TINY_TRAIN
 from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.settings import Settings
 from longitudinal.tracking.registry import list_versions
-from longitudinal.tracking.training import STATE_FILE, config_dict, run_key, run_training, store_hash
+from longitudinal.tracking.run import STATE_FILE, config_dict, run_key, run_training, store_hash
 from longitudinal.training.config import DEFAULT_TRAIN_CONFIG, TrainConfig
 
 TFM = {**TINY_TRAIN, "model": "tfm", "steps": 12, "ckpt_every": 3, "eval_every": 1000, "val_targets": 2,
@@ -27,7 +27,7 @@ TFM = {**TINY_TRAIN, "model": "tfm", "steps": 12, "ckpt_every": 3, "eval_every":
 SCRIPT = """
 import json, sys
 from longitudinal.settings import Settings
-from longitudinal.tracking.training import run_training
+from longitudinal.tracking.run import run_training
 run_training(Settings(home=sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), eval_samples=2)
 """
 

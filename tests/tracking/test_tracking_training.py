@@ -14,7 +14,7 @@ from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.settings import Settings
 from longitudinal.tracking import uri
 from longitudinal.tracking.registry import alias_version, list_versions
-from longitudinal.tracking.training import TrainOutcome, run_training
+from longitudinal.tracking.run import TrainOutcome, run_training
 
 NAME = "tumor-growth-forecaster"
 

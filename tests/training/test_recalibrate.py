@@ -11,7 +11,7 @@ from longitudinal.cli import app
 from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.phantoms import make_phantom_store, phantom_record
 from longitudinal.data.splits import Split
-from longitudinal.training.checkpoint import load_model_checkpoint
+from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.fit import fit
 from longitudinal.training.recalibrate import recalibrate_run
@@ -38,8 +38,8 @@ def trained(tmp_path_factory) -> tuple[str, Path]:
 
 
 def _calibration(path: Path):  # noqa: ANN202
-    model, meta = load_model_checkpoint(path)
-    return model.volume_calibration["whole"], meta["volume_calibration_fit"]
+    ckpt = Checkpoint.load(path)
+    return ckpt.calibration["whole"], ckpt.provenance["volume_calibration_fit"]
 
 
 def test_recalibration_refits_both_checkpoints_on_the_given_patients(trained) -> None:  # noqa: ANN001

@@ -12,10 +12,12 @@ import torch
 from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.data.splits import Split
-from longitudinal.training.checkpoint import load_model_checkpoint, load_train_state
+from longitudinal.models.checkpoint import Checkpoint, DataSettings
+from longitudinal.training.checkpoint import load_train_state
 from longitudinal.training.config import DEFAULT_TRAIN_CONFIG, TrainConfig, load_train_config
-from longitudinal.training.fit import EMA, fit
+from longitudinal.training.fit import fit
 from longitudinal.training.logger import JsonlLogger
+from longitudinal.training.steps import EMA
 
 TINY_TFM = {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16, "steps": 2}
 
@@ -53,18 +55,19 @@ def test_training_decreases_loss_and_writes_a_run(store, tmp_path):
     assert {"val_lci_dice_whole", "val_linear_dice_whole"} <= set(_metrics(run)[0]["metrics"])
     assert (run / "checkpoints" / "latest.pt").exists() and res.final_checkpoint == run / "model.pt"
     assert res.checkpoint == run / "checkpoints" / "best.pt" and res.best_metric is not None
-    model, meta = load_model_checkpoint(res.checkpoint)
-    assert meta["kind"] == "tfm" and meta["crop_size"] == [16, 16, 16] and meta["split_id"] == split.split_id
-    assert meta["data"] == {"max_context": 3, "normalize": "none"}
+    ckpt = Checkpoint.load(res.checkpoint)
+    model = ckpt.build()
+    assert ckpt.kind == "tfm" and ckpt.crop_size == (16, 16, 16) and ckpt.provenance["split_id"] == split.split_id
+    assert ckpt.data == DataSettings(max_context=3, normalize="none")
     assert model.config_dict()["in_channels"] == 2
     # A sampled model leaves training with volume intervals calibrated on the validation patients.
     n_val_targets = len(enumerate_targets(store, split.val, 3, "all"))
     for path in (res.checkpoint, res.final_checkpoint):
-        loaded, meta = load_model_checkpoint(path)
-        cal = loaded.volume_calibration["whole"]
-        assert set(loaded.volume_calibration) == {"whole", "enhancing"}
+        loaded = Checkpoint.load(path)
+        cal = loaded.calibration["whole"]
+        assert set(loaded.build().volume_calibration) == {"whole", "enhancing"}
         assert cal.n == n_val_targets > 0 and cal.n_patients == len(split.val)
-        assert meta["volume_calibration_fit"]["step"] == meta["step"]
+        assert loaded.provenance["volume_calibration_fit"]["step"] == loaded.provenance["step"]
 
 
 def test_resume_continues_to_the_same_state(store, tmp_path):
@@ -114,8 +117,7 @@ def test_ema_follows_its_decay_schedule():
 def test_baselines_fit_without_training(store, tmp_path):
     res = fit(tiny(model="lci", model_options={}, steps=5), store, tmp_path / "lci", progress=None)
     assert res.steps == 0 and res.checkpoint.exists()
-    model, meta = load_model_checkpoint(res.checkpoint)
-    assert model.kind == "lci" and 0 < res.best_metric <= 1
+    assert Checkpoint.load(res.checkpoint).build().kind == "lci" and 0 < res.best_metric <= 1
 
 
 def test_config_validation_reports_every_problem(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longitudinal.forecast.result import ForecastResult
+from longitudinal.predict.result import ForecastResult
 
 
 def plot_volumes(result: ForecastResult, path: Path) -> Path:

@@ -20,8 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from longitudinal.forecast.errors import DateBeforeBaselineError, InvalidQueryError
-from longitudinal.forecast.result import Calendar
+from longitudinal.predict.errors import DateBeforeBaselineError, InvalidQueryError
+from longitudinal.predict.result import Calendar
 
 _DAY_S = 86400.0
 
@@ -55,6 +55,34 @@ def patient_calendar(shifted_baseline: str | None, raw_id: str | None, secret: b
 
         return PatientCalendar(base - dt.timedelta(days=date_shift_days(raw_id, secret)), "real")
     return PatientCalendar(base, "shifted")
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The query times of one forecast, in the three forms every surface names the same way (the CLI's options
+    ``--in``, ``--at`` and ``--days-since-baseline``; the Python API, the forecast flow's and the MLflow model's
+    parameters ``in_days``, ``at`` and ``days_since_baseline``).
+
+    in_days: days after the latest scan (> 0). at: calendar dates ``YYYY-MM-DD`` (calendars: module docstring).
+    days_since_baseline: days since the baseline scan (> 0; before the latest scan it is a retrospective
+    forecast from the scans before it).
+    """
+
+    in_days: tuple[float, ...] = ()
+    at: tuple[str, ...] = ()
+    days_since_baseline: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, in_days: Sequence[float] = (), at: Sequence[str | dt.date] = (),
+           days_since_baseline: Sequence[float] = ()) -> Queries:
+        return cls(tuple(in_days), tuple(str(a) for a in at), tuple(days_since_baseline))
+
+    def __bool__(self) -> bool:
+        return bool(self.in_days or self.at or self.days_since_baseline)
+
+    def resolve(self, calendar: PatientCalendar, last_scan_days: float) -> list[ResolvedQuery]:
+        """Sorted, de-duplicated queries in days since baseline (``resolve_queries``)."""
+        return resolve_queries(calendar, last_scan_days, self.in_days, self.at, self.days_since_baseline)
 
 
 @dataclass(frozen=True)

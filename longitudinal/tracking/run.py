@@ -19,17 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 
-from longitudinal.models.base import ForecastModel
-from longitudinal.models.baselines import linear_volumes_ml
-from longitudinal.models.calibration import volume_quantiles
+from longitudinal.data.context import PatientSeries
+from longitudinal.models.checkpoint import Checkpoint
+from longitudinal.predict import Predictor
+from longitudinal.predict.patient import trajectory
 from longitudinal.settings import Settings
 from longitudinal.tracking import figures
 from longitudinal.tracking import uri as uri_mod
-from longitudinal.tracking.inference import load_checkpoint
 from longitudinal.tracking.logged_model import log_forecaster, slim_checkpoint
 from longitudinal.tracking.logger import MlflowLogger, flatten
 from longitudinal.tracking.registry import (
@@ -171,13 +169,10 @@ def _train_config(train_config: Any) -> Any:
     return TrainConfig(**{**DEFAULT_TRAIN_CONFIG.to_dict(), **dict(train_config)})
 
 
-def _eval_config(meta: dict[str, Any], n_samples: int = 8) -> Any:
+def _eval_config(n_samples: int = 8) -> Any:
     from longitudinal.evaluation.harness import EvalConfig
 
-    data = meta.get("data") or (meta.get("meta") or {}).get("data") or {}
-    cs = meta.get("crop_size") or data.get("crop_size") or (32, 32, 32)
-    return EvalConfig(crop_size=tuple(int(c) for c in cs), max_context=int(data.get("max_context", 3)),
-                      normalize=str(data.get("normalize", "none")), n_samples=int(n_samples))
+    return EvalConfig(n_samples=int(n_samples))
 
 
 def run_training(
@@ -240,10 +235,9 @@ def run_training(
 
         model_ckpt = run_dir / "logged_model.pt"  # fit owns run_dir/model.pt
         slim_checkpoint(Path(result.checkpoint), model_ckpt)
-        candidate, meta = load_checkpoint(model_ckpt)
-        eval_cfg = _eval_config(meta, eval_samples)
-        outcome = _evaluate_register_promote(settings, name, run_id, tracking_uri, logger, candidate, meta,
-                                             model_ckpt, eval_cfg, store_url, split)
+        candidate = Predictor.from_checkpoint(Checkpoint.load(model_ckpt))
+        outcome = _evaluate_register_promote(settings, name, run_id, tracking_uri, logger, candidate,
+                                             model_ckpt, _eval_config(eval_samples), store_url, split)
         ok = True
     finally:
         _stop_monitor(monitor, logger)
@@ -284,8 +278,8 @@ def _finished(settings: Settings, name: str, run_id: str, run_dir: Path, experim
 
 
 def _evaluate_register_promote(
-    settings: Settings, name: str, run_id: str, tracking_uri: str, logger: MlflowLogger, candidate: Any,
-    meta: dict[str, Any], model_ckpt: Path, eval_cfg: Any, store_url: str, split: Any,
+    settings: Settings, name: str, run_id: str, tracking_uri: str, logger: MlflowLogger, candidate: Predictor,
+    model_ckpt: Path, eval_cfg: Any, store_url: str, split: Any,
 ) -> tuple[str, str, bool, list[str], GateDecision | None, list[dict[str, Any]], list[dict[str, Any]]]:
     from longitudinal.evaluation.harness import evaluate_models
 
@@ -300,8 +294,8 @@ def _evaluate_register_promote(
     val_models = {CANDIDATE: candidate}
     champ = None if gated_before else alias_version(client, name, CHAMPION)
     if champ is not None:
-        champ_model, _ = load_checkpoint(resolve_model_ref(f"{name}/{champ.version}", settings).checkpoint)
-        val_models[CHAMPION_NAME] = champ_model
+        champ_ckpt = Checkpoint.load(resolve_model_ref(f"{name}/{champ.version}", settings).checkpoint)
+        val_models[CHAMPION_NAME] = Predictor.from_checkpoint(champ_ckpt)
     tick = time.perf_counter()
     val = evaluate_models(val_models, store_url, val_ids, eval_cfg)
     test = evaluate_models({CANDIDATE: candidate}, store_url, list(split.test), eval_cfg)
@@ -309,8 +303,7 @@ def _evaluate_register_promote(
     tick = time.perf_counter()
     logger.log_table(val.rows, "validation", prefix="val")
     logger.log_table(test.rows, "test", prefix="test")
-    _log_figures(logger, candidate, meta, store_url, list(split.test) or val_ids, test.rows, eval_cfg,
-                 n_samples=eval_cfg.n_samples)
+    _log_figures(logger, candidate, store_url, list(split.test) or val_ids, test.rows, n_samples=eval_cfg.n_samples)
     timing["timing/tables_figures_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
 
@@ -319,7 +312,7 @@ def _evaluate_register_promote(
     logger.log_metrics(timing)
     model_id = model_uri.removeprefix("models:/")
     mv, created = register_version(client, name, model_uri, run_id, model_id,
-                                   {"model_kind": str(meta.get("kind")), "split_id": split.split_id,
+                                   {"model_kind": candidate.kind, "split_id": split.split_id,
                                     "intervals": intervals_tag(candidate)})
     decision = None
     if not gated_before:
@@ -335,27 +328,29 @@ def _evaluate_register_promote(
     return model_uri, str(mv.version), created, aliases, decision, val.rows, test.rows
 
 
-def intervals_tag(model: ForecastModel) -> str:
+def intervals_tag(predictor: Predictor) -> str:
     """The registry version tag ``intervals``: what a consumer's volume intervals will rest on."""
-    cal = (model.volume_calibration or {}).get("whole")
+    cal = predictor.calibration.get("whole")
     if cal is not None:
         return f"calibrated: {cal.summary()} ({cal.form} scores)"
-    return "uncalibrated samples" if model.stochastic else "point forecast"
+    return "uncalibrated samples" if predictor.stochastic else "point forecast"
 
 
 # --- figures -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _log_figures(logger: MlflowLogger, model: Any, meta: dict[str, Any], store_url: str, patient_ids: list[str],
-                 rows: list[dict[str, Any]], eval_cfg: Any, n_samples: int = 8, max_patients: int = 2) -> None:
+def _log_figures(logger: MlflowLogger, predictor: Predictor, store_url: str, patient_ids: list[str],
+                 rows: list[dict[str, Any]], n_samples: int = 8, max_patients: int = 2) -> None:
     """Skill per horizon (from ``rows``), a forecast montage and volume trajectories for a few patients.
 
     A figure that cannot be drawn is recorded as the tag ``figures.error``: it never costs the trained model.
     """
     try:
+        from storage.store import CohortStore
+
+        store = CohortStore.open(store_url)
         logger.log_figure(figures.skill_per_horizon(rows), "skill_vs_lci.png")
         trajs = []
         for i, pid in enumerate(patient_ids[:max_patients]):
-            tr, montage = _patient_forecast(model, store_url, pid, eval_cfg, n_samples)
+            tr, montage = _patient_forecast(predictor, PatientSeries(store.arrays(pid)), n_samples)
             if tr is None:
                 continue
             trajs.append(tr)
@@ -369,55 +364,16 @@ def _log_figures(logger: MlflowLogger, model: Any, meta: dict[str, Any], store_u
         logger.set_tags({"figures.error": f"{type(exc).__name__}: {exc}"[:500]})
 
 
-def _patient_forecast(model: Any, store_url: str, pid: str, eval_cfg: Any, n_samples: int
+def _patient_forecast(predictor: Predictor, series: PatientSeries, n_samples: int
                       ) -> tuple[dict[str, Any] | None, tuple]:
-    """Forecast one stored patient from all but its last scan over a grid of days; the montage at the last."""
-    from longitudinal.data.crops import context_crop_centre, crop_start, read_crop, tumour_bbox
-    from storage.store import CohortStore
-
-    arr = CohortStore.open(store_url).arrays(pid)
-    days = np.asarray(arr.days, float)
-    if len(days) < 2:
+    """The volume trajectory and forecast montage of one stored patient (``predict.patient.trajectory``)."""
+    tr = trajectory(predictor, series, n_samples)
+    if tr is None:
         return None, ()
-    k = min(int(eval_cfg.max_context), len(days) - 1)
-    ctx = list(range(len(days) - 1 - k, len(days) - 1))
-    labels_all = np.asarray(arr.label[:])
-    size = tuple(int(s) for s in eval_cfg.crop_size)
-    centre = context_crop_centre([tumour_bbox(labels_all[t]) for t in ctx], labels_all.shape[-3:])
-    start = crop_start(centre, size)
-    imgs = read_crop(arr.image, (ctx, slice(None)), start, size)  # (K, C, D, H, W)
-    labs = read_crop(labels_all, (ctx,), start, size)
-    truth_img = read_crop(arr.image, (len(days) - 1, slice(None)), start, size)  # (C, D, H, W)
-    if eval_cfg.normalize == "context_mean":
-        scale = np.array([imgs[:, c][imgs[:, c] > 0].mean() if (imgs[:, c] > 0).any() else 1.0
-                          for c in range(imgs.shape[1])], np.float32)
-        imgs = imgs / scale[None, :, None, None, None]
-        truth_img = truth_img / scale[:, None, None, None]
-    last = float(days[-1])
-    grid = np.unique(np.concatenate([np.linspace(days[ctx[-1]] + 1, last + 180.0, 8), [last]]))
-    dev = next(iter(model.parameters()), torch.zeros(())).device
-    fc = model.sample(
-        torch.from_numpy(imgs).float()[None].to(dev), torch.from_numpy(labs.astype(np.int64))[None].to(dev),
-        torch.tensor(days[ctx], dtype=torch.float32)[None].to(dev), torch.ones(1, k, dtype=torch.bool, device=dev),
-        torch.tensor(grid, dtype=torch.float32)[None].to(dev), n_samples=n_samples,
-        generator=torch.Generator(device=dev).manual_seed(0),
-    )
-    spacing = np.asarray(arr.spacing_mm, float)
-    vols = fc.volumes_ml(float(np.prod(spacing)) / 1000.0)[0, :, :, 0].cpu().numpy()  # [Q, S]
-    cal = (model.volume_calibration or {}).get("whole")
-    ref = linear_volumes_ml(torch.from_numpy(labs.astype(np.int64))[None], torch.tensor(days[ctx])[None],
-                            torch.ones(1, k, dtype=torch.bool), torch.tensor(grid)[None],
-                            float(np.prod(spacing)) / 1000.0)[0, :, 0].numpy()  # [Q]
-    crop_ml = float(np.prod(size) * np.prod(spacing)) / 1000.0
-    qs = [volume_quantiles(vols[i], float(grid[i] - days[ctx[-1]]), cal, float(ref[i]), crop_ml)
-          for i in range(len(grid))]
-    observed = [float((labels_all[t] > 0).sum() * np.prod(spacing) / 1000.0) for t in range(len(days))]
-    tr = {"patient_id": pid, "observed_days": days.tolist(), "observed_ml": observed, "query_days": grid.tolist(),
-          **{k: [q[k] for q in qs] for k in ("median", "lo80", "hi80", "lo95", "hi95")}, "target_day": last}
-    qi = int(np.argmin(np.abs(grid - last)))
-    montage = (imgs[-1, 0], truth_img[0], fc.images[0, qi].mean(0)[0].cpu().numpy(),
-               fc.whole_prob[0, qi].mean(0).cpu().numpy())
-    return tr, montage
+    data = {"patient_id": tr.patient_id, "observed_days": tr.observed_days, "observed_ml": tr.observed_ml,
+            "query_days": tr.query_days, "target_day": tr.target_day,
+            **{k: [getattr(iv, k) for iv in tr.intervals] for k in ("median", "lo80", "hi80", "lo95", "hi95")}}
+    return data, (tr.context_image, tr.truth_image, tr.forecast_image, tr.forecast_prob)
 
 
 def default_train_config() -> Any:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from longitudinal.forecast.errors import ScanInputError
+from longitudinal.predict.errors import ScanInputError
 from longitudinal.settings import Settings
 
 LABEL = "label"

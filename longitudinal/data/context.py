@@ -1,0 +1,118 @@
+"""The one context rule: which scans a forecast sees, where its crop lies and how its intensities are scaled.
+
+Training samples (``dataset.build_sample``) and every prediction (``longitudinal.predict``) use these functions,
+so a model is applied exactly as it was trained:
+
+- context: the (up to K) most recent scans strictly before the query day (:func:`context_indices`);
+- crop: a box of the model's crop size centred on the union of the CONTEXT tumours' bounding boxes, or on the
+  grid centre when no context scan shows tumour; targets never enter (:func:`crop_box`);
+- normalisation: "none" keeps store intensities; "context_mean" divides each channel by the mean of the non-zero
+  voxels of the context crops, and targets get the same factor (:func:`normalisation_scale`).
+
+All coordinates are voxels of the store grid in (z, y, x) order; days are days since the patient's baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from longitudinal.data.crops import BBox, context_crop_centre, crop_start, tumour_bbox
+
+# Query days are rounded to 1e-6 (query resolution), which can lift a query at a scan's own day just past it:
+# a scan counts as "before" a query only when it is earlier by more than that rounding.
+SAME_DAY_DAYS = 1e-6
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """start: (z, y, x) voxel of the store grid at crop index (0, 0, 0) (may be negative: zero padding);
+    size: (D, H, W) voxels."""
+
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+    def volume_ml(self, spacing_mm: Sequence[float]) -> float:
+        """The crop's volume in ml: the largest tumour a forecast on it can show."""
+        return float(np.prod(self.size)) * float(np.prod(spacing_mm)) / 1000.0
+
+
+@dataclass
+class PatientSeries:
+    """One patient's registered scans as a model sees them: the first ``n`` time points of ``arrays``.
+
+    arrays: ``storage.store.PatientArrays``-like (``image`` (T, C, Z, Y, X) and ``label`` (T, Z, Y, X) sliceable
+    lazily, ``days`` (T,) float64 days since baseline, ``spacing_mm`` (z, y, x), ``channels``). ``upto(i)`` is the
+    series as of a cut before scan i (what evaluation forecasts from); it shares the tumour-box cache.
+    """
+
+    arrays: Any
+    n: int | None = None
+    _boxes: dict[int, BBox | None] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        total = len(self.arrays.days)
+        self.n = total if self.n is None else int(self.n)
+        if not 1 <= self.n <= total:
+            raise ValueError(f"a series needs 1..{total} scans, got {self.n}")
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.arrays.patient_id)
+
+    @property
+    def days(self) -> np.ndarray:
+        """(n,) float64 days since baseline."""
+        return np.asarray(self.arrays.days, dtype=np.float64)[: self.n]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.arrays.label.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self.arrays.spacing_mm)  # type: ignore[return-value]
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def upto(self, n: int) -> PatientSeries:
+        """The first ``n`` scans only."""
+        return replace(self, n=int(n), _boxes=self._boxes)
+
+    def box(self, t: int) -> BBox | None:
+        """Tumour bounding box of scan ``t`` (None when its label is empty), read once."""
+        if t not in self._boxes:
+            self._boxes[t] = tumour_bbox(np.asarray(self.arrays.label[int(t)]))
+        return self._boxes[t]
+
+
+def context_indices(days: Sequence[float], query_day: float, max_context: int) -> tuple[int, ...]:
+    """Indices of the (up to ``max_context``) most recent scans strictly before ``query_day`` (empty when none)."""
+    before = [t for t, d in enumerate(days) if float(d) < float(query_day) - SAME_DAY_DAYS]
+    return tuple(before[-int(max_context):])
+
+
+def crop_box(context_boxes: Sequence[BBox | None], grid: Sequence[int], size: Sequence[int],
+             shift: Sequence[int] = (0, 0, 0)) -> CropBox:
+    """The crop of ``size`` centred on the context tumours (module docstring); ``shift`` is training's jitter."""
+    size3 = tuple(int(s) for s in size)
+    start = crop_start(context_crop_centre(list(context_boxes), tuple(grid)), size3, tuple(shift))
+    return CropBox(start, size3)  # type: ignore[arg-type]
+
+
+def normalisation_scale(context_images: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Per-channel divisor [C] of the context crops ``context_images`` [K, C, D, H, W] (ones for "none")."""
+    c = context_images.shape[1]
+    if normalize == "none":
+        return torch.ones(c, dtype=torch.float32)
+    if normalize != "context_mean":
+        raise ValueError(f"normalize must be 'none' or 'context_mean', got {normalize!r}")
+    nz = context_images.abs() > 0
+    denom = (context_images * nz).sum((0, 2, 3, 4)) / nz.sum((0, 2, 3, 4)).clamp_min(1)
+    return torch.where(denom > 0, denom, torch.ones_like(denom)).float()

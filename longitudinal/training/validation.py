@@ -1,0 +1,106 @@
+"""Validation during training and the end-of-training volume calibration, both through the evaluation harness
+(and so through the one Predictor)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from longitudinal.data.dataset import enumerate_targets
+from longitudinal.data.splits import Split
+from longitudinal.models.base import ForecastModel
+from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.models.checkpoint import Checkpoint
+from longitudinal.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from longitudinal.evaluation.harness import EvalConfig
+
+
+@dataclass
+class ValidationSet:
+    """Validation targets (at most ``val_targets``, evenly spaced) with their patients read into memory once."""
+
+    series: dict[str, Any]
+    items: list[Any]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def validation_set(cfg: TrainConfig, store_url: str, split: Split) -> ValidationSet:
+    """The deterministic validation targets, their patients' arrays kept in memory for every evaluation."""
+    if not split.val or cfg.val_targets == 0:
+        return ValidationSet({}, [])
+    from dataclasses import replace
+
+    from longitudinal.data.context import PatientSeries
+    from longitudinal.evaluation.harness import evenly_spaced
+    from storage.store import CohortStore
+
+    items = evenly_spaced(enumerate_targets(store_url, split.val, cfg.max_context, pairs="all"), cfg.val_targets)
+    store = CohortStore.open(store_url)
+    series = {}
+    for pid in sorted({it.patient_id for it in items}):
+        arr = store.arrays(pid)
+        series[pid] = PatientSeries(replace(arr, image=np.asarray(arr.image[:]), label=np.asarray(arr.label[:])))
+    return ValidationSet(series, items)
+
+
+def validate(models: dict[str, ForecastModel], val: ValidationSet, cfg: TrainConfig, device: torch.device
+             ) -> dict[str, dict[str, float]]:
+    """Pooled validation metrics per model name: dice_whole, dice_enhancing, volume_error_ml, hd95_mm, mse
+    (the evaluation harness on the validation targets, through the one Predictor)."""
+    from longitudinal.evaluation.harness import EvalConfig, aggregate, evaluate_items, predictors_for
+
+    ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context,  # type: ignore[arg-type]
+                      normalize=cfg.normalize, n_samples=cfg.val_samples, seed=cfg.seed, device=str(device))
+    report = evaluate_items(predictors_for(models, ecfg, baselines=False), val.series, val.items, ecfg)
+    rows = [r for r in aggregate(report.records, list(models)) if r["horizon"] == "all"]
+    keys = ("dice_whole", "dice_enhancing", "volume_error_ml", "hd95_mm", "mse")
+    return {r["model"]: {k: float(r[k]) for k in keys if k in r} for r in rows}
+
+
+def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], config: TrainConfig,
+                         device: torch.device, say: Callable[[str], None] = lambda _m: None,
+                         ) -> dict[str, VolumeCalibration]:
+    """Fit the volume-interval calibration of the model checkpoint at ``path`` on ``patient_ids`` (the
+    validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically). A
+    checkpoint already calibrated at its step with the same settings is left as it is."""
+    from longitudinal.evaluation.calibration import fit_volume_calibration
+
+    ckpt = Checkpoint.load(path)
+    # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
+    form = (f"per-horizon-scaled-c{config.calib_difficulty_ml:g}" if config.calib_form == "scaled"
+            else "per-horizon-symmetric-v2")
+    key = {"step": ckpt.provenance.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
+           "patients": sorted(patient_ids), "form": form}
+    if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
+        return dict(ckpt.calibration)
+    t = time.perf_counter()
+    cals = fit_volume_calibration(ckpt, store_url, patient_ids,
+                                  calibration_eval_config(config, device), max_targets=config.calib_targets,
+                                  form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
+    ckpt.with_calibration(cals, volume_calibration_fit=key).save(path)
+    w = cals["whole"]
+    say(f"calibrated volume intervals of {path.name} on {w.summary()}, "
+        f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
+    return cals
+
+
+def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> EvalConfig:
+    """How the end-of-training calibration forecasts the validation targets (``calib_samples`` samples, seed + 1;
+    at most ``calib_targets`` targets, passed to the harness separately)."""
+    from longitudinal.evaluation.harness import EvalConfig
+
+    return EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
+                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
+                      device=str(device))
+
+
