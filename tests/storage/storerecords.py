@@ -5,6 +5,7 @@ A plain module (not conftest) so crash-test subprocesses can import it too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.schema import PatientRecord, SessionRecord
-from storage.store import PAUSE_ENV, PAUSE_SIGNAL_ENV, CohortStore
+from storage.store import PAUSE_ENV, PAUSE_RESUME_ENV, PAUSE_SIGNAL_ENV, CohortStore
 
 GRID = (12, 14, 10)  # (z, y, x) voxels: small, and deliberately not a multiple of any chunk size
 
@@ -63,6 +64,27 @@ def make_record(
     )
 
 
+def appended(current: PatientRecord | None, pid: str, days: tuple[float, ...], seed: int) -> PatientRecord:
+    """``current`` (None: no patient yet) plus the sessions of ``make_record(pid, days, seed)``, in day order.
+
+    Added sessions are named ``ses-s<seed>-<i>``, so the appends of different seeds never collide."""
+    new = make_record(pid, days=days, seed=seed)
+    sessions = [dataclasses.replace(s, session=f"ses-s{seed}-{i}") for i, s in enumerate(new.sessions)]
+    if current is None:
+        return dataclasses.replace(new, sessions=sessions)
+    image = np.concatenate([current.image, new.image])
+    label = np.concatenate([current.label, new.label])
+    sessions = list(current.sessions) + sessions
+    order = np.argsort([s.days for s in sessions], kind="stable")
+    return dataclasses.replace(
+        current,
+        image=image[order],
+        label=label[order],
+        days=np.asarray([sessions[i].days for i in order], dtype=np.float64),
+        sessions=[sessions[i] for i in order],
+    )
+
+
 # --- crash-test helpers: a writer subprocess that pauses at a commit stage -------------------------
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -76,6 +98,20 @@ args = json.loads(sys.argv[1])
 store = CohortStore.open(args["url"], storage_options=args.get("options"))
 store.write_patient(make_record(args["pid"], days=tuple(args["days"]), seed=args["seed"]))
 print("done")
+"""
+
+UPDATER = """
+import json, os, sys, time
+sys.path[:0] = [{repo!r}, {here!r}]
+from storerecords import appended
+from storage.store import CohortStore
+args = json.loads(sys.argv[1])
+store = CohortStore.open(args["url"], storage_options=args.get("options"), recover=False)
+days, seed = tuple(args["days"]), args["seed"]
+while args["go"] and not os.path.exists(args["go"]):
+    time.sleep(0.02)
+update = store.update_patient(args["pid"], lambda current: appended(current, args["pid"], days, seed))
+print(update.generation)
 """
 
 OLD = {"days": (0.0, 45.5, 120.0), "seed": 0}
@@ -92,6 +128,36 @@ def start_writer(url: str, pid: str, spec: dict, stage: str | None, signal_file:
     args = {"url": url, "pid": pid, "days": list(spec["days"]), "seed": spec["seed"], "options": options}
     code = WRITER.format(repo=str(REPO), here=str(HERE))
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE)
+
+
+def start_updater(
+    url: str, pid: str, spec: dict, pause: dict[str, str] | None = None, options=None, go: Path | None = None
+):
+    """Start a subprocess appending ``spec``'s sessions to ``pid`` with ``update_patient``.
+
+    ``pause``: extra environment, e.g. {PAUSE_ENV: "staged:60", PAUSE_SIGNAL_ENV: ..., PAUSE_RESUME_ENV: ...}.
+    ``go``: the update starts once this file exists (the process is started, and imports, before).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in (PAUSE_ENV, PAUSE_SIGNAL_ENV, PAUSE_RESUME_ENV)}
+    env.update(pause or {})
+    args = {"url": url, "pid": pid, "days": list(spec["days"]), "seed": spec["seed"], "options": options,
+            "go": str(go) if go else None}
+    code = UPDATER.format(repo=str(REPO), here=str(HERE))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 90.0, until_exit: bool = False) -> None:
+    """Wait until ``path`` exists (a writer reached its pause); with ``until_exit`` the writer's exit ends the
+    wait as well (a writer that never needs to pause there)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            assert until_exit, f"writer exited before reaching its pause: {proc.communicate()}"
+            return
+        assert time.monotonic() < deadline, "writer never reached its pause"
+        time.sleep(0.02)
 
 
 def kill_when_paused(proc: subprocess.Popen, signal_file: Path, timeout_s: float = 90.0) -> None:

@@ -3,47 +3,19 @@ reads, the copy-then-flip commit and its crash recovery."""
 
 from __future__ import annotations
 
-import logging
-import uuid
-
 import numpy as np
 import pandas as pd
 import pytest
 import s3fs
 import xarray as xr
-from moto.server import ThreadedMotoServer
 from storerecords import NEW, OLD, assert_patient_is, kill_when_paused, make_record, start_writer
 
 from storage.store import CohortStore
 
 
-@pytest.fixture(scope="module")
-def s3_options():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with pytest.MonkeyPatch.context() as mp:
-        # Dummy credentials only; the region keeps botocore from looking anywhere else.
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield {
-                "key": "testing",
-                "secret": "testing",
-                "anon": False,
-                "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
-            }
-        finally:
-            server.stop()
-
-
 @pytest.fixture
-def url(s3_options):
-    bucket = f"cohort-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(**s3_options).mkdir(bucket)
-    return f"s3://{bucket}/c.zarr"
+def url(s3_url):
+    return s3_url
 
 
 def test_s3_round_trip_and_plain_readers(url, s3_options):

@@ -1,0 +1,111 @@
+"""How one patient is encoded as a Zarr v3 group (arrays, chunking, codecs, attributes, commit marker).
+
+:mod:`storage._commit` writes it under ``.staging/`` (step 1 of the commit) before swapping it into place.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from storage._records import CHECKSUM_DEFINITION, data_checksum, json_safe, reference_nifti
+from storage.schema import (
+    IMAGE_CHUNKS,
+    IMAGE_DIMS,
+    LABEL_CHUNKS,
+    LABEL_DIMS,
+    LABEL_VALUES,
+    SCHEMA_VERSION,
+    TIME_DIMS,
+    PatientRecord,
+)
+
+ZSTD_LEVEL = 3
+
+
+def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str:
+    """Write ``record`` as a complete patient group into ``zarr_store`` (replacing what is there); returns
+    the data checksum (see CHECKSUM_DEFINITION).
+
+    Chunks: one time point and channel per chunk, spatial chunks of at most IMAGE_CHUNKS voxels, zstd. The
+    group attribute ``commit`` (generation ``uid``, checksum, staging time in Unix seconds) is written last.
+    """
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    image = np.asarray(record.image, dtype=np.float32)
+    label = np.asarray(record.label, dtype=np.uint8)
+    days = np.asarray(record.days, dtype=np.float64)
+    t, c, z, y, x = image.shape
+    group = zarr.open_group(zarr_store, mode="w", zarr_format=3)
+    img = group.create_array(
+        "image",
+        shape=image.shape,
+        dtype="float32",
+        # Never larger than the grid: a 64^3 chunk on a 32^3 grid would only store padding.
+        chunks=(1, 1, *(min(a, b) for a, b in zip(IMAGE_CHUNKS[2:], (z, y, x), strict=True))),
+        compressors=ZstdCodec(level=ZSTD_LEVEL),
+        fill_value=0.0,
+        dimension_names=IMAGE_DIMS,
+        attributes={
+            "long_name": "image intensity (normalised per channel)",
+            "channels": list(record.channels),
+        },
+    )
+    lab = group.create_array(
+        "label",
+        shape=label.shape,
+        dtype="uint8",
+        chunks=(1, *(min(a, b) for a, b in zip(LABEL_CHUNKS[1:], (z, y, x), strict=True))),
+        compressors=ZstdCodec(level=ZSTD_LEVEL),
+        fill_value=0,
+        dimension_names=LABEL_DIMS,
+        attributes={
+            "long_name": "tumour label",
+            "flag_values": {str(k): v for k, v in LABEL_VALUES.items()},
+        },
+    )
+    tim = group.create_array(
+        "time",
+        shape=days.shape,
+        dtype="float64",
+        chunks=(max(t, 1),),
+        compressors=None,
+        fill_value=0.0,
+        dimension_names=TIME_DIMS,
+        # No CF "units" on purpose: xarray would decode "days" into timedelta64.
+        attributes={"long_name": "days since the patient's baseline scan", "unit_name": "day"},
+    )
+    for i in range(t):
+        img[i] = image[i]
+        lab[i] = label[i]
+    tim[:] = days
+    checksum = data_checksum(image, label, days)
+    sessions = list(record.sessions)
+    # One metadata write for all attributes (attrs.update would rewrite zarr.json once per key).
+    group.update_attributes(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "patient_id": record.patient_id,
+            "channels": list(record.channels),
+            "spacing_mm": [float(v) for v in record.spacing_mm],
+            "reference_affine": np.asarray(record.reference_affine, dtype=float).tolist(),
+            "reference_nifti": reference_nifti(record.reference_affine, (z, y, x), record.spacing_mm),
+            "days": [float(d) for d in days],
+            "acquisition_dates": [s.shifted_date for s in sessions],
+            "sessions": [json_safe(s.to_dict()) for s in sessions],
+            # Written last: the staged group is complete once this attribute exists.
+            "commit": {
+                "generation": uid,
+                "data_sha256": checksum,
+                "checksum_definition": CHECKSUM_DEFINITION,
+                "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                # Orders generations when recovery finds an abandoned commit (see _finish_commit).
+                "staged_unix": time.time(),
+            },
+        }
+    )
+    return checksum
