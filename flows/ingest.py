@@ -32,10 +32,12 @@ QC_TABLE_KEY = "ingest-qc"
 SUMMARY_KEY = "ingest-summary"
 
 
-def _settings(home: str | None, reports_dir: str | None, target_spacing_mm: float | None):
+def _settings(home: str | None, reports_dir: str | None, target_spacing_mm: float | None,
+              allowed_root: str | None = None):
     from longitudinal.settings import get_settings
 
-    return get_settings(home=home, reports_dir=reports_dir, target_spacing_mm=target_spacing_mm)
+    return get_settings(home=home, reports_dir=reports_dir, target_spacing_mm=target_spacing_mm,
+                        allowed_root=allowed_root)
 
 
 def _config(registration: str):
@@ -49,7 +51,8 @@ def patient_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     """Input hashes + code version + the patient's state in the store (None: do not cache)."""
     from longitudinal.ingest import patient_fingerprint
 
-    settings = _settings(parameters.get("home"), parameters.get("reports_dir"), parameters.get("target_spacing_mm"))
+    settings = _settings(parameters.get("home"), parameters.get("reports_dir"), parameters.get("target_spacing_mm"),
+                         parameters.get("allowed_root"))
     key = patient_fingerprint(parameters["source"], parameters["store"], parameters["patient_id"], settings,
                               _config(parameters.get("registration", "rigid")))
     return None if key is None else f"ingest-patient-{key}"
@@ -72,11 +75,12 @@ def ingest_patient_task(
     reports_dir: str | None = None,
     target_spacing_mm: float | None = None,
     registration: str = "rigid",
+    allowed_root: str | None = None,
 ):
     """One patient (by pseudonym) -> PatientOutcome (redacted)."""
     from longitudinal.ingest import ingest_patient
 
-    settings = _settings(home, reports_dir, target_spacing_mm)
+    settings = _settings(home, reports_dir, target_spacing_mm, allowed_root)
     return ingest_patient(source, store, patient_id, settings, _config(registration))
 
 
@@ -100,18 +104,20 @@ def ingest_cohort_flow(
     reports_dir: str | None = None,
     target_spacing_mm: float | None = None,
     registration: str = "rigid",
+    allowed_root: str | None = None,
 ) -> dict[str, Any]:
     """source: BIDS folder, manifest CSV or DICOM folder. store: cohort store URL (default: the workspace's).
+    allowed_root: read only files inside this folder (``Settings.allowed_root``).
     Returns the run summary (counts and the report path)."""
     from longitudinal.ingest import PatientOutcome, finish, plan
 
     t0 = time.perf_counter()
-    settings = _settings(home, reports_dir, target_spacing_mm)
+    settings = _settings(home, reports_dir, target_spacing_mm, allowed_root)
     store = store or settings.store_url
     the_plan = plan(source, store, settings)
     futures = ingest_patient_task.map(
         source, store, the_plan.patient_ids, home=home, reports_dir=reports_dir,
-        target_spacing_mm=target_spacing_mm, registration=registration,
+        target_spacing_mm=target_spacing_mm, registration=registration, allowed_root=allowed_root,
     )
     outcomes = []
     for pid, fut in zip(the_plan.patient_ids, futures, strict=True):

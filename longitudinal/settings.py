@@ -7,6 +7,7 @@ written wherever a command happens to run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 from functools import cached_property
@@ -26,6 +27,16 @@ DEFAULT_BIDS_CHANNEL_MAP: dict[str, dict[str, str]] = {
     "T1c": {"suffix": "T1w", "ce": "gd"},
     "FLAIR": {"suffix": "FLAIR"},
 }
+
+# Ingest limits: what a source file may be before ingest reads or decodes it (hostile or careless input must
+# neither block nor exhaust the machine). 64 Mi voxels is a 512 x 512 x 256 volume, several times a clinical
+# 3D brain MRI (256 x 256 x 176 at 1 mm: 11.5 M); 1 GiB on disk and 2 GiB decoded are far above such a scan.
+DEFAULT_MAX_VOXELS = 1 << 26
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+DEFAULT_MAX_IMAGE_BYTES = 2 << 30
+# Earliest plausible scan date; the latest defaults to today + LATEST_DATE_MARGIN_DAYS.
+DEFAULT_EARLIEST_DATE = dt.date(1900, 1, 1)
+LATEST_DATE_MARGIN_DAYS = 366
 
 # DICOM SeriesDescription (case-insensitive substring) -> project channel.
 DEFAULT_DICOM_CHANNEL_MAP: dict[str, str] = {
@@ -110,6 +121,17 @@ class Settings(BaseSettings):
     dicom_channel_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DICOM_CHANNEL_MAP))
     registered_model_name: str = "tumor-growth-forecaster"
     tune_malloc: bool = Field(default=True, description="Keep freed large blocks in glibc's heap (runtime.py).")
+    max_voxels: int = Field(default=DEFAULT_MAX_VOXELS, gt=0,
+                            description="Most voxels in one source image, from its header, before decoding.")
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, gt=0,
+                                description="Largest source file ingest reads (bytes on disk, by stat).")
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, gt=0,
+                                 description="Largest decoded source image (bytes: voxels x bytes per voxel).")
+    earliest_date: dt.date = Field(default=DEFAULT_EARLIEST_DATE, description="Earliest plausible scan date.")
+    latest_date: dt.date | None = Field(default=None, description="Latest plausible scan date (default: today + "
+                                        f"{LATEST_DATE_MARGIN_DAYS} days).")
+    allowed_root: Path | None = Field(default=None, description="When set, ingest reads only files that resolve "
+                                      "(symlinks followed) inside this folder.")
 
     # --- resolved locations -------------------------------------------------------------------------
     @property
@@ -177,6 +199,11 @@ class Settings(BaseSettings):
     def pseudonym_key_path(self) -> Path:
         """Where the workspace's generated pseudonym key lives (used when no key is set explicitly)."""
         return self.home_dir / "secrets" / "pseudonym.key"
+
+    def date_window(self) -> tuple[dt.date, dt.date]:
+        """(earliest, latest) plausible scan date, both included; a session dated outside is quarantined."""
+        latest = self.latest_date or dt.date.today() + dt.timedelta(days=LATEST_DATE_MARGIN_DAYS)
+        return self.earliest_date, latest
 
     def locations(self) -> dict[str, str]:
         """Every location this settings object resolves to, for commands to print."""

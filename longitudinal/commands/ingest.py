@@ -1,5 +1,5 @@
 """CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N | --dask-address
-tcp://HOST:PORT]``.
+tcp://HOST:PORT] [--allowed-root DIR]``.
 
 The CLI twin of the ``ingest-cohort`` flow: both call ``longitudinal.ingest`` (this one through
 ``ingest_cohort``). Exit status: 0 when the run completed, even with quarantined sessions (their number is
@@ -31,6 +31,11 @@ def register(app: typer.Typer) -> None:
             help="Run patients on an existing Dask cluster (tcp://HOST:PORT of its scheduler) instead of threads; "
                  "the source (and a local store) must be at the same path on every worker.",
         ),
+        allowed_root: Path | None = typer.Option(
+            None, "--allowed-root",
+            help="Read only files that resolve (symlinks followed) inside this folder; a manifest line naming "
+                 "any other file is quarantined.",
+        ),
     ) -> None:
         """Discover, de-identify, validate, register and store a cohort (idempotent; appends new sessions)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,6 +51,10 @@ def register(app: typer.Typer) -> None:
         print_locations(settings, ("store", "reports"))
         if not source.exists():
             fail(f"source {source} does not exist")
+        if allowed_root is not None:
+            if not allowed_root.is_dir():
+                fail(f"--allowed-root {allowed_root} is not a folder")
+            settings = settings.model_copy(update={"allowed_root": allowed_root.resolve()})
         if dask_address and workers > 1:
             fail("--workers sets local threads; with --dask-address the cluster's workers set the parallelism")
         if dask_address and "://" not in dask_address:
@@ -82,4 +91,7 @@ def register(app: typer.Typer) -> None:
         if code == 1:
             fail("nothing could be ingested (every session was quarantined or the source is empty)", code=1)
         if code == 2:
+            for p in report.patients:
+                if p.error:  # e.g. "StoreFullError: disk full (no space left on the store's device) ..."
+                    console.print(f"[red]store write failed[/red] {p.patient_id}: {p.error}")
             fail(f"the store could not be written for {len(report.failed_patients)} patient(s)", code=2)

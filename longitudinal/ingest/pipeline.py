@@ -14,7 +14,8 @@ Per patient (``process_patient``):
    every channel is resampled from its native grid straight onto the reference grid (linear; labels nearest),
    then normalised (``preprocess.normalise``). QC: ``registration_qc`` (1 - NCC after the bias-removing
    high-pass) of the registration channel against the reference inside the head; above ``RegistrationConfig.qc_max_metric`` the session is quarantined.
-5. Stored and new sessions are merged in date order and written with one ``CohortStore.write_patient``.
+5. Stored and new sessions are merged in date order and committed with one ``CohortStore.update_patient``, which
+   holds the patient's lock from reading what is stored to the commit, so concurrent ingests keep every session.
 
 Dates: the real date never leaves this module. Days are exact differences of acquisition date-times (in days,
 float); the stored ``shifted_date`` is the date-time shifted by a keyed per-patient offset
@@ -44,6 +45,7 @@ import SimpleITK as sitk
 
 from longitudinal import __version__
 from longitudinal.ingest.deid import public_text, session_label, shift_date
+from longitudinal.ingest.files import FileLimits
 from longitudinal.ingest.preprocess import normalise, to_ras
 from longitudinal.ingest.sources import CohortSource, PatientSource, discover, discover_cached
 from longitudinal.ingest.validate import (
@@ -257,6 +259,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
         outcome.report_path = _write_quarantine(settings, pid, quarantine)
         return outcome
 
+    limits = FileLimits.of(settings)
     existing: list[SessionRecord] = store.sessions(pid) if store.has_patient(pid) else []
     by_hash = {s.content_sha256: s for s in existing}
     stored_dates = {dt.datetime.fromisoformat(s.shifted_date).date(): s.session for s in existing if s.shifted_date}
@@ -265,7 +268,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
     seen: dict[str, str] = {}  # content hash -> origin of its first session in this source
     same_content: dict[int, list[str]] = {}
     for k, ses in enumerate(patient.sessions):
-        hashes = session_sha256(ses)
+        hashes = session_sha256(ses, limits)
         content = SessionRecord("", 0.0, None, hashes, [], 0.0, [], []).content_sha256 if hashes else None
         hit = by_hash.get(content) if content else None
         if content and content in seen and hit is None:
@@ -283,15 +286,24 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
         outcome.report_path = _write_quarantine(settings, pid, quarantine)
         return outcome
 
-    shifted = {k: shift_date(patient.sessions[k].date, patient.raw_id, secret) if patient.sessions[k].date else None
-               for k in candidates}
+    shifted: dict[int, dt.datetime | None] = {}
+    unshiftable: dict[int, list[str]] = {}
+    for k in candidates:
+        ses = patient.sessions[k]
+        try:
+            shifted[k] = shift_date(ses.date, patient.raw_id, secret) if ses.date else None
+        except OverflowError:
+            # Discovery refuses dates outside Settings.date_window(); this guards a window configured so wide
+            # that a date cannot be shifted: that session is refused, never its patient.
+            shifted[k] = None
+            unshiftable[k] = [f"date out of range in {ses.origin}: it cannot be shifted"]
     origins = {k: patient.sessions[k].origin for k in candidates}
     duplicates = duplicate_date_problems(shifted, origins, stored_dates)
 
     valid: dict[int, SessionScans] = {}
     for k in candidates:
-        scans = validate_session(patient.sessions[k], config.channels, config.registration_channel)
-        scans.problems.extend(duplicates.get(k, []) + same_content.get(k, []))
+        scans = validate_session(patient.sessions[k], config.channels, config.registration_channel, limits)
+        scans.problems.extend(duplicates.get(k, []) + same_content.get(k, []) + unshiftable.get(k, []))
         if scans.problems:
             refuse(origins[k], scans.problems)
         else:
@@ -304,8 +316,16 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
         )
 
     if entries:
-        record = _merge(pid, store, existing, entries, config, affine, spacing)
-        store.write_patient(record)
+        # The merge runs under the patient's lock on what is committed then, so a concurrent ingest of the
+        # same patient is merged with, never overwritten.
+        update = store.update_patient(
+            pid, lambda current: _merge(pid, current, existing, entries, config, affine, spacing)
+        )
+        if update.record is None:
+            # Another writer changed the patient in a way these entries were not prepared for: redo it from
+            # the new state (each redo follows someone else's commit, so this ends).
+            return process_patient(patient, store, settings, config)
+        record = update.record
         outcome.wrote = True
         for e in entries:
             days = next(s.days for s in record.sessions if s.session == e.record.session)
@@ -404,22 +424,47 @@ def _register_sessions(
 
 def _merge(
     pid: str,
-    store,
+    current: PatientRecord | None,
     existing: list[SessionRecord],
     entries: list[_Entry],
     config: IngestConfig,
     affine: np.ndarray,
     spacing: tuple[float, float, float],
-) -> PatientRecord:
-    """Stored sessions + new entries in date order, days re-based on the earliest date."""
+) -> PatientRecord | None:
+    """Committed sessions (``current``, read under the patient's lock) + new entries in date order, days
+    re-based on the earliest date.
+
+    ``existing``: the stored sessions the entries were checked and registered against. Sessions another
+    writer committed since are kept. Returns None when the entries no longer fit what is committed (the
+    patient appeared or vanished, changed grid or channels, lost a session, or gained one with an entry's
+    content or calendar day): the caller redoes the patient from the new state.
+    """
+    stored = current.sessions if current is not None else []
+    if (current is None) != (not existing):
+        return None
+    known = {s.content_sha256 for s in stored}
+    prepared = {s.content_sha256 for s in existing}
+    if not prepared <= known:
+        return None
     items: list[tuple[dt.datetime, SessionRecord, np.ndarray, np.ndarray]] = []
-    if existing:
-        old = store.read_patient(pid)
-        for t, s in enumerate(old.sessions):
+    if current is not None:
+        grid = tuple(current.image.shape[2:])
+        if (
+            tuple(current.channels) != tuple(config.channels)
+            or any(tuple(e.image.shape[1:]) != grid for e in entries)
+            or not np.allclose(current.reference_affine, affine)
+            or not np.allclose(current.spacing_mm, spacing)
+        ):
+            return None
+        added_days = {dt.datetime.fromisoformat(s.shifted_date).date()
+                      for s in stored if s.content_sha256 not in prepared and s.shifted_date}
+        if any(e.record.content_sha256 in known or e.date.date() in added_days for e in entries):
+            return None
+        for t, s in enumerate(stored):
             date = dt.datetime.fromisoformat(s.shifted_date) if s.shifted_date else None
             if date is None:
                 raise ValueError(f"stored session {s.session} of {pid} has no shifted_date; cannot merge by date")
-            items.append((date, s, old.image[t], old.label[t]))
+            items.append((date, s, current.image[t], current.label[t]))
     for e in entries:
         items.append((e.date, e.record, e.image, e.label))
     items.sort(key=lambda it: it[0])
@@ -667,8 +712,10 @@ def patient_fingerprint(source: str, store_url: str, patient_id: str, settings: 
         h.update(code_version().encode())
         h.update(repr(config or IngestConfig()).encode())
         h.update(f"{settings.target_spacing_mm}|{store_url}|{patient_id}|{settings.reports_path}".encode())
+        limits = FileLimits.of(settings)
+        h.update(repr((limits, settings.date_window())).encode())
         for ses in patient.sessions:
-            h.update(repr(sorted((session_sha256(ses) or {"missing": ses.origin}).items())).encode())
+            h.update(repr(sorted((session_sha256(ses, limits) or {"missing": ses.origin}).items())).encode())
             h.update(repr(ses.date).encode())
             h.update(repr(ses.problems).encode())
         h.update(repr(patient.problems).encode())

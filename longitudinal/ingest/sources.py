@@ -6,12 +6,19 @@ validation can report them together with the problems of the images themselves.
 
 Raw patient ids are kept in ``PatientSource.raw_id`` only (never printed by ``repr``), and are replaced by a keyed
 pseudonym right here (``PatientSource.patient_id``). Files are named in reports by their path relative to the
-source (``ScanFile.display``), never by DICOM tags.
+source (``ScanFile.display``), never by DICOM tags. A DICOM series is named by its session label (from the
+shifted date), series number and channel, never by its folders: DICOM exports often name folders after the
+patient.
+
+Every table discovery reads (manifest, BIDS sessions.tsv) passes ``files.open_text`` (regular files under the
+size cap only; a UTF-8 byte-order mark is dropped). Dates outside ``Settings.date_window()`` are refused per
+session, like unparseable ones.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -22,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from longitudinal.ingest.deid import hostile_id_problems, pseudonym
+from longitudinal.ingest.deid import hostile_id_problems, pseudonym, session_label, shift_date
+from longitudinal.ingest.files import FileLimits, RefusedFile, check_file, open_text
 from longitudinal.settings import CHANNELS, Settings
 
 SourceKind = Literal["bids", "manifest", "dicom"]
@@ -34,13 +42,16 @@ LABEL_KEY = "label"
 class ScanFile:
     """One image to read: a NIfTI file or the ordered files of one DICOM series.
 
-    display: the file named relative to the source root (what reports show).
+    display: the file named relative to the source root (what reports show); a DICOM series by session label,
+        series number and channel.
+    where: where the source lists the file, when that is not its path (a manifest's "m.csv line 5"), else "".
     """
 
     channel: str
     kind: Literal["nifti", "dicom"]
     paths: tuple[Path, ...]
     display: str
+    where: str = ""
 
 
 @dataclass
@@ -102,6 +113,8 @@ def detect_kind(source: str | os.PathLike) -> SourceKind:
             return "manifest"
         raise ValueError(f"{path} is a file but not a manifest (.csv)")
     if not path.is_dir():
+        if path.exists():
+            raise ValueError(f"source {path} is neither a folder nor a regular file")
         raise FileNotFoundError(f"source {path} does not exist")
     if (path / "dataset_description.json").is_file():
         return "bids"
@@ -136,6 +149,8 @@ def discover_cached(source: str, settings: Settings) -> CohortSource:
         settings.pseudonym_secret,
         json.dumps(settings.bids_channel_map, sort_keys=True),
         json.dumps(settings.dicom_channel_map, sort_keys=True),
+        FileLimits.of(settings),
+        settings.date_window(),
     )
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
@@ -158,6 +173,16 @@ def _new_patient(raw_id: str, settings: Settings) -> PatientSource:
         raw_id=raw_id,
         problems=hostile_id_problems(raw_id),
     )
+
+
+def date_problem(when: dt.datetime, settings: Settings, where: str) -> str | None:
+    """Why a parsed date is refused (None when plausible): outside ``settings.date_window()``. Such dates are
+    typing errors or placeholders (0001-01-01, 1850, 2150), and the earliest cannot even be shifted. The date
+    itself is not echoed: it may be real."""
+    earliest, latest = settings.date_window()
+    if earliest <= when.date() <= latest:
+        return None
+    return f"implausible date in {where}: outside {earliest:%Y-%m-%d} to {latest:%Y-%m-%d}"
 
 
 def parse_date(text: str) -> dt.datetime | None:
@@ -213,7 +238,7 @@ def _discover_bids(root: Path, settings: Settings) -> CohortSource:
     for sub_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-")):
         raw_id = sub_dir.name[len("sub-") :]
         patient = _new_patient(raw_id, settings)
-        dates, date_problems = _bids_session_dates(root, sub_dir)
+        dates, date_problems = _bids_session_dates(root, sub_dir, settings)
         for ses_dir in sorted(p for p in sub_dir.iterdir() if p.is_dir() and p.name.startswith("ses-")):
             ses_id = ses_dir.name
             rel = ses_dir.relative_to(root).as_posix()
@@ -244,30 +269,39 @@ def _discover_bids(root: Path, settings: Settings) -> CohortSource:
     return cohort
 
 
-def _bids_session_dates(root: Path, sub_dir: Path) -> tuple[dict[str, dt.datetime], dict[str, str]]:
-    """session_id -> acq_time date, and session_id -> problem, from sub-X/sub-X_sessions.tsv."""
+def _bids_session_dates(
+    root: Path, sub_dir: Path, settings: Settings
+) -> tuple[dict[str, dt.datetime], dict[str, str]]:
+    """session_id -> acq_time date, and session_id -> problem (naming the table and its line), from
+    sub-X/sub-X_sessions.tsv."""
     tsv = sub_dir / f"{sub_dir.name}_sessions.tsv"
     rel = tsv.relative_to(root).as_posix()
     dates: dict[str, dt.datetime] = {}
     problems: dict[str, str] = {}
-    if not tsv.is_file():
+    if not tsv.is_symlink() and not tsv.exists():
         return dates, problems
     try:
-        with tsv.open(newline="") as fh:
+        with open_text(tsv, FileLimits.of(settings)) as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        why = (exc.about(rel) if isinstance(exc, RefusedFile)
+               else f"unreadable sessions table {rel}: {type(exc).__name__}")
         for ses in (p.name for p in sub_dir.glob("ses-*")):
-            problems[ses] = f"unreadable sessions table {rel}: {type(exc).__name__}"
+            problems[ses] = why
         return dates, problems
-    for row in rows:
+    # The header is line 1, so rows start at line 2.
+    for line, row in enumerate(rows, start=2):
         ses = (row.get("session_id") or "").strip()
         if not ses:
             continue
+        where = f"{rel} line {line}"
         date = parse_date(row.get("acq_time") or "")
         if date is None:
             # The raw value is not echoed: it may be a real date.
             kind = "missing" if not (row.get("acq_time") or "").strip() else "unparseable"
-            problems[ses] = f"{kind} date: acq_time of {ses} in {rel}"
+            problems[ses] = f"{kind} date: acq_time of {ses} in {where}"
+        elif (why := date_problem(date, settings, f"acq_time of {ses} in {where}")) is not None:
+            problems[ses] = why
         else:
             dates[ses] = date
     return dates, problems
@@ -292,7 +326,8 @@ def _bids_label(root: Path, sub: str, ses: str) -> Path | None:
 def _discover_manifest(path: Path, settings: Settings) -> CohortSource:
     cohort = CohortSource(kind="manifest", root=path.parent, patients=[])
     try:
-        with path.open(newline="") as fh:
+        # The manifest itself is not confined to the allowed root: the operator names it; the files it lists are.
+        with open_text(path, dataclasses.replace(FileLimits.of(settings), allowed_root=None)) as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
@@ -300,7 +335,8 @@ def _discover_manifest(path: Path, settings: Settings) -> CohortSource:
                 return cohort
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        cohort.problems.append(f"{path.name}: unreadable manifest ({type(exc).__name__})")
+        cohort.problems.append(exc.about(path.name) if isinstance(exc, RefusedFile)
+                               else f"{path.name}: unreadable manifest ({type(exc).__name__})")
         return cohort
 
     # (raw id, raw date text) -> rows; the header is line 1, so data rows start at line 2.
@@ -317,6 +353,9 @@ def _discover_manifest(path: Path, settings: Settings) -> CohortSource:
             if session.date is None:
                 kind = "missing" if not date_text else "unparseable"
                 session.problems.append(f"{kind} date in {origin}")
+            elif (why := date_problem(session.date, settings, origin)) is not None:
+                session.problems.append(why)
+                session.date = None
             for line, row in items:
                 channel = (row["channel"] or "").strip()
                 where = f"{path.name} line {line}"
@@ -346,15 +385,16 @@ def _manifest_file(base: Path, channel: str, text: str, where: str, session: Ses
         session.problems.append(f"missing file: empty path for {channel} at {where}")
     try:
         display = full.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
+    except (ValueError, RuntimeError):  # outside the manifest's folder, or a symlink loop
         display = text
-    return ScanFile(channel, "nifti", (full,), display if text else f"(empty path at {where})")
+    return ScanFile(channel, "nifti", (full,), display if text else f"(empty path at {where})", where)
 
 
 # --- DICOM folders ----------------------------------------------------------------------------------------
 
 
-_DICOM_TAGS = ("PatientID", "AcquisitionDate", "StudyDate", "SeriesDate", "SeriesDescription")
+_DICOM_TAGS = ("PatientID", "AcquisitionDate", "StudyDate", "SeriesDate", "SeriesDescription",
+               "SeriesNumber")
 
 
 def _dicom_channel(description: str, channel_map: dict[str, str]) -> str | None:
@@ -371,13 +411,13 @@ def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
     import SimpleITK as sitk
 
     cohort = CohortSource(kind="dicom", root=root, patients=[])
-    # raw id -> date text -> list of (ScanFile or problem)
-    found: dict[str, dict[str, list[tuple[str | None, ScanFile | None, str | None]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    limits = FileLimits.of(settings)
+    # raw id -> date text -> [(channel, the series' files in order, series number)]
+    found: dict[str, dict[str, list[tuple[str, tuple[Path, ...], str]]]] = defaultdict(lambda: defaultdict(list))
     dirs = sorted({Path(d) for d, _, files in os.walk(root) if files})
     for folder in dirs:
         try:
+            # GDCM's scan reads regular files only: devices and pipes in the folder are skipped, not opened.
             series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
         except RuntimeError:
             series_ids = ()
@@ -385,13 +425,17 @@ def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
             files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))
             if not files:
                 continue
-            rel_dir = folder.relative_to(root).as_posix()
-            display = f"{rel_dir}/{files[0].name}" + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
+            # Folders are never named in problems: exports often name them after the patient. The file name is.
+            what = f"a series of {len(files)} file{'s' if len(files) > 1 else ''} ({files[0].name})"
             try:
+                check_file(files[0], limits)
                 # Only the tags discovery needs are parsed: names, birth dates, institutions never enter memory.
                 ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=list(_DICOM_TAGS))
+            except RefusedFile as exc:
+                cohort.problems.append(exc.about(what))
+                continue
             except Exception as exc:  # noqa: BLE001 - any parse failure is a reportable problem
-                cohort.problems.append(f"unreadable DICOM header {display}: {type(exc).__name__}")
+                cohort.problems.append(f"unreadable DICOM header in {what}: {type(exc).__name__}")
                 continue
             raw_id = str(getattr(ds, "PatientID", "") or "")
             date_text = ""
@@ -403,26 +447,47 @@ def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
             if channel is None:
                 # Localisers and other contrasts are expected in a DICOM export: not a problem, just unused.
                 continue
-            found[raw_id][date_text].append((channel, ScanFile(channel, "dicom", files, display), None))
+            number = str(getattr(ds, "SeriesNumber", "") or "").strip()
+            found[raw_id][date_text].append((channel, files, number))
 
     for raw_id, by_date in found.items():
         patient = _new_patient(raw_id, settings)
         if not raw_id:
             patient.problems.append("missing PatientID")
-        for date_text, items in sorted(by_date.items()):
-            first = next((sf.display for _, sf, _ in items if sf is not None), None)
-            origin = (first.split(" (+")[0].rsplit("/", 1)[0] if first else "dicom series")
-            session = SessionSource(origin=origin, date=parse_date(date_text))
-            if session.date is None:
-                kind = "missing" if not date_text else "unparseable"
-                session.problems.append(f"{kind} study/acquisition date in {origin}")
-            for channel, scan, note in items:
-                if scan is None or channel is None:
-                    session.problems.append(note or "unusable series")
-                elif channel in session.scans:
+        for n, (date_text, items) in enumerate(sorted(by_date.items()), start=1):
+            when, origin, problem = _dicom_session_date(date_text, n, raw_id, settings)
+            session = SessionSource(origin=origin, date=when)
+            if problem:
+                session.problems.append(problem)
+            for k, (channel, files, number) in enumerate(items, start=1):
+                series = f"series {number}" if number else f"unnumbered series {k}"
+                count = f"{len(files)} file{'s' if len(files) > 1 else ''}"
+                scan = ScanFile(channel, "dicom", files, f"{origin} {series} ({channel}, {count})")
+                if channel in session.scans:
                     session.problems.append(f"duplicate channel {channel}: {session.scans[channel].display} and {scan.display}")
                 else:
                     session.scans[channel] = scan
             patient.sessions.append(session)
         cohort.patients.append(patient)
     return cohort
+
+
+def _dicom_session_date(
+    date_text: str, n: int, raw_id: str, settings: Settings
+) -> tuple[dt.datetime | None, str, str | None]:
+    """(date, origin, problem) of the ``n``-th session (1-based, in date order) of a DICOM patient.
+
+    origin: the session label of the shifted date, as stored ("ses-YYYYMMDD"); "undated session n" when the
+    date is missing, unparseable or implausible (then date is None and problem says why).
+    """
+    when = parse_date(date_text)
+    undated = f"undated session {n}"
+    if when is None:
+        kind = "missing" if not date_text else "unparseable"
+        return None, undated, f"{kind} study/acquisition date in {undated}"
+    if (why := date_problem(when, settings, f"{undated} (study/acquisition date)")) is not None:
+        return None, undated, why
+    try:
+        return when, session_label(shift_date(when, raw_id, settings.pseudonym_secret)), None
+    except OverflowError:  # only with a date window configured down to year 1
+        return None, undated, f"date out of range in {undated}: it cannot be shifted"

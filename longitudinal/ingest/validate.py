@@ -1,21 +1,29 @@
 """Validation: collect every problem of every scan of a session before anything of it is written.
 
-Checked per file: missing, unreadable or truncated; dimensionality (3D, or 4D with one volume); empty (no
-voxels, or every voxel equal); non-finite voxels; implausible spacing; label values outside the schema; a label
-grid that does not match its session's image. Per session: a missing or unparseable date (found by discovery),
-a duplicate session date, a channel missing. Per patient: a hostile id. Every problem names the file (relative
-to the source) so a person can find it; none echoes a raw patient id, a raw date or a DICOM tag.
+Checked per file, before any byte is read: missing; outside the allowed root; not a regular file (a device,
+a named pipe); larger on disk than ``FileLimits.max_file_bytes`` (``files.py``). Before any voxel is decoded:
+a header claiming more than ``FileLimits.max_voxels`` voxels or ``max_image_bytes`` decoded bytes (a
+decompression bomb: a tiny gzip stream can claim and expand to gigabytes). Then: unreadable or truncated;
+dimensionality (3D, or 4D with one volume); empty (no voxels, or every voxel equal); non-finite voxels;
+implausible spacing; label values outside the schema; a label grid that does not match its session's image.
+Per session: a missing, unparseable or implausible date (found by discovery), a duplicate session date, a
+channel missing. Per patient: a hostile id. Every problem names the file (relative to the source, with the
+manifest line that lists it) so a person can find it; none echoes a raw patient id, a raw date or a DICOM tag.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from longitudinal.ingest.files import FileLimits, RefusedFile, check_file, iter_blocks, open_checked
 from longitudinal.ingest.sources import LABEL_KEY, ScanFile, SessionSource
 from storage.schema import LABEL_VALUES
 
@@ -42,25 +50,117 @@ class SessionScans:
     problems: list[str] = field(default_factory=list)
 
 
-def file_sha256(scan: ScanFile) -> str:
-    """sha256 of the source bytes: the file, or the files of a DICOM series in series order. Raises OSError."""
+def file_sha256(scan: ScanFile, limits: FileLimits | None = None) -> str:
+    """sha256 of the source bytes: the file, or the files of a DICOM series in series order.
+
+    Only regular files within ``limits`` are opened (``files.open_checked``). Raises OSError: RefusedFile
+    (with its reason) for a file that is not read, FileNotFoundError for a missing one.
+    """
+    limits = limits or FileLimits()
     h = hashlib.sha256()
     for path in scan.paths:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
+        with open_checked(path, limits) as fh:
+            for block in iter_blocks(fh, limits):
                 h.update(block)
     return h.hexdigest()
 
 
-def session_sha256(session: SessionSource) -> dict[str, str] | None:
-    """channel -> sha256 for every file of the session, or None when a file cannot be read."""
+def session_sha256(session: SessionSource, limits: FileLimits | None = None) -> dict[str, str] | None:
+    """channel -> sha256 for every file of the session, or None when a file cannot (or may not) be read."""
     out = {}
     for key, scan in session.files().items():
         try:
-            out[key] = file_sha256(scan)
+            out[key] = file_sha256(scan, limits)
         except OSError:
             return None
     return out
+
+
+def _where(scan: ScanFile) -> str:
+    """The file as problems name it: its display name, and where the source lists it when that differs."""
+    return f"{scan.display} at {scan.where}" if scan.where else scan.display
+
+
+# Image formats stored as two files: the readers open the other half by name (".hdr" -> ".img", ...).
+_PAIRED = {".hdr": ".img", ".img": ".hdr", ".par": ".rec", ".rec": ".par"}
+
+
+def companions(path: Path) -> tuple[Path, ...]:
+    """The files a reader opens beside ``path`` by name: the other half of an Analyze/NIfTI pair (.hdr/.img,
+    gzipped or not) or of a PAR/REC pair, when such a name exists; empty for single-file formats."""
+    name = path.name
+    gz = name.lower().endswith(".gz")
+    stem, ext = os.path.splitext(name[:-3] if gz else name)
+    other = _PAIRED.get(ext.lower())
+    if other is None:
+        return ()
+    other = other.upper() if ext.isupper() else other
+    twin = path.with_name(stem + other + (name[-3:] if gz else ""))
+    return (twin,) if os.path.lexists(twin) else ()
+
+
+def file_problems(scan: ScanFile, limits: FileLimits) -> list[str]:
+    """Why the files of ``scan`` may not be read at all (empty when they may): missing, outside the allowed
+    root, not a regular file, too large on disk; the other half of a two-file image included. Opens nothing
+    (stat only)."""
+    named = [(path, _where(scan)) for path in scan.paths]
+    if scan.kind == "nifti":
+        named += [(twin, f"{twin.name} beside {_where(scan)}") for twin in companions(scan.paths[0])]
+    for path, what in named:
+        try:
+            check_file(path, limits)
+        except FileNotFoundError:
+            return [f"missing file: {what}"]
+        except RefusedFile as exc:
+            return [exc.about(what)]
+        except OSError as exc:
+            return [f"unreadable file: {what} ({type(exc).__name__})"]
+    return []
+
+
+def _size_problem(scan: ScanFile, shape: tuple[int, ...], itemsize: int, limits: FileLimits) -> list[str]:
+    """The voxel and decoded-size caps applied to a header's shape and bytes per voxel."""
+    voxels = math.prod(int(d) for d in shape)
+    nbytes = voxels * int(itemsize)
+    if voxels > limits.max_voxels:
+        return [f"image too large: {_where(scan)} (its header claims {'x'.join(map(str, shape))} = {voxels} voxels "
+                f"> max_voxels {limits.max_voxels})"]
+    if nbytes > limits.max_image_bytes:
+        return [f"image too large: {_where(scan)} (its header claims {nbytes} decoded bytes "
+                f"> max_image_bytes {limits.max_image_bytes})"]
+    return []
+
+
+def header_problems(scan: ScanFile, limits: FileLimits) -> list[str]:
+    """Refuse an image whose header claims more than the caps, before any voxel is decoded.
+
+    NIfTI (and the other formats nibabel opens): ``nibabel.load`` parses the header only (the data stays a
+    proxy). DICOM: Rows x Columns x NumberOfFrames x SamplesPerPixel of the series' first file, times its number
+    of files, at BitsAllocated bits (the reader sizes its buffer from the first file). A header that cannot be
+    parsed is left to the readers, which report it as unreadable.
+    """
+    if scan.kind == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(scan.paths[0], stop_before_pixels=True, specific_tags=[
+                "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"])
+            rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+            bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+        except Exception:  # noqa: BLE001 - the image reader reports an unparseable file
+            return []
+        shape = (cols, rows, frames * len(scan.paths)) + ((samples,) if samples > 1 else ())
+        return _size_problem(scan, shape, max(1, bits // 8), limits)
+    import nibabel as nib
+
+    try:
+        header = nib.load(scan.paths[0]).header
+        shape, itemsize = tuple(header.get_data_shape()), header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - nifti_problems reports it as unreadable
+        return []
+    return _size_problem(scan, shape, itemsize, limits)
 
 
 def read_image(scan: ScanFile) -> sitk.Image:
@@ -79,7 +179,9 @@ def read_image(scan: ScanFile) -> sitk.Image:
 
 def nifti_problems(scan: ScanFile) -> list[str]:
     """Byte-level checks SimpleITK cannot make: a truncated (gzip) stream, and NaN/Inf voxels, which ITK's
-    NIfTI reader silently turns into 0. Reads the whole file with nibabel."""
+    NIfTI reader silently turns into 0. Decodes the whole image with nibabel: call ``header_problems`` first
+    (nibabel reads exactly the bytes the header's shape needs, so a gzip stream longer than that is never
+    inflated past it)."""
     import nibabel as nib
 
     try:
@@ -146,26 +248,36 @@ def grids_match(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
-def validate_session(session: SessionSource, channels: tuple[str, ...], registration_channel: str) -> SessionScans:
+def validate_session(
+    session: SessionSource, channels: tuple[str, ...], registration_channel: str, limits: FileLimits | None = None
+) -> SessionScans:
     """Read and check every file of one session; collect every problem (discovery's included).
 
     channels: the channels every session must have. registration_channel: the channel the label must share
-    its grid with.
+    its grid with. limits: what a file may be before it is read or decoded (default ``FileLimits()``).
     """
+    limits = limits or FileLimits()
     out = SessionScans(problems=list(session.problems))
     for channel in channels:
         if channel not in session.scans:
             out.problems.append(f"channel {channel} missing at {session.origin}")
     for key, scan in session.files().items():
         what = scan.display
-        missing = [p for p in scan.paths if not p.is_file()]
-        if missing:
-            out.problems.append(f"missing file: {what}")
+        refused = file_problems(scan, limits)
+        if refused:
+            out.problems.extend(refused)
             continue
         try:
-            out.sha256[key] = file_sha256(scan)
+            out.sha256[key] = file_sha256(scan, limits)
+        except RefusedFile as exc:  # changed since the check above
+            out.problems.append(exc.about(_where(scan)))
+            continue
         except OSError as exc:
             out.problems.append(f"unreadable file: {what} ({type(exc).__name__})")
+            continue
+        too_large = header_problems(scan, limits)
+        if too_large:
+            out.problems.extend(too_large)
             continue
         pre = nifti_problems(scan) if scan.kind == "nifti" else []
         if any(p.startswith("unreadable") for p in pre):

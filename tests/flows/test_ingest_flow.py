@@ -52,7 +52,13 @@ def test_flow_and_cli_give_the_same_index(tiny_bids: Path, tmp_path: Path, prefe
     )
     assert result.exit_code == 0, result.output
 
-    summary = ingest_cohort_flow(source=str(tiny_bids), store=flow_store, home=str(home), target_spacing_mm=4.0)
+    # Every file lies inside the allowed root: confining the run changes nothing. The tasks confine their reads
+    # through the settings the flow's parameter builds.
+    from flows.ingest import _settings
+
+    assert _settings(None, None, None, str(tiny_bids)).allowed_root == tiny_bids
+    summary = ingest_cohort_flow(source=str(tiny_bids), store=flow_store, home=str(home), target_spacing_mm=4.0,
+                                 allowed_root=str(tiny_bids))
     n_sessions = len(CohortStore.open(cli_store).index())
     assert summary["stored"] == n_sessions and summary["quarantined"] == 0 and summary["failed_patients"] == 0
 
@@ -71,7 +77,7 @@ def test_flow_and_cli_give_the_same_index(tiny_bids: Path, tmp_path: Path, prefe
         # Parameters are the source/store strings and options only: no patient id parameter on the flow.
         (flow_run,) = client.read_flow_runs()
         assert set(flow_run.parameters) <= {"source", "store", "home", "reports_dir", "target_spacing_mm",
-                                            "registration"}
+                                            "registration", "allowed_root"}
 
     # A rerun changes nothing: every session is already stored.
     again = ingest_cohort_flow(source=str(tiny_bids), store=flow_store, home=str(home), target_spacing_mm=4.0)

@@ -52,7 +52,8 @@ def _phantom(shift: tuple[int, int, int] = (0, 0, 0), flair: bool = False) -> np
     return np.roll(img, shift, axis=(0, 1, 2)).astype(np.int16)
 
 
-def _write_series(folder: Path, volume: np.ndarray, description: str, study_date: str, study_uid: str) -> None:
+def _write_series(folder: Path, volume: np.ndarray, description: str, study_date: str, study_uid: str,
+                  number: int = 1) -> None:
     template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     folder.mkdir(parents=True)
     series_uid = generate_uid()
@@ -66,6 +67,7 @@ def _write_series(folder: Path, volume: np.ndarray, description: str, study_date
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.SeriesDescription = description
+        ds.SeriesNumber = number
         ds.InstanceNumber = k + 1
         ds.PixelSpacing = [3.0, 3.0]
         ds.SliceThickness = 3.0
@@ -79,12 +81,14 @@ def _write_series(folder: Path, volume: np.ndarray, description: str, study_date
 
 @pytest.fixture
 def dicom_source(tmp_path: Path) -> Path:
+    # Exports often name a patient's folder after the patient: the name must not travel with the series.
     root = tmp_path / "dicom"
+    patient = root / IDENTITY["PatientName"]
     for s, (date, shift) in enumerate(zip(STUDY_DATES, [(0, 0, 0), (1, 2, -2)], strict=True)):
         study = generate_uid()
-        _write_series(root / f"study{s}" / "series1", _phantom(shift), "AX T1 POST GD", date, study)
-        _write_series(root / f"study{s}" / "series2", _phantom(shift, flair=True), "AX FLAIR", date, study)
-        _write_series(root / f"study{s}" / "series3", _phantom(shift), "LOCALIZER", date, study)
+        _write_series(patient / f"study{s}" / "series1", _phantom(shift), "AX T1 POST GD", date, study)
+        _write_series(patient / f"study{s}" / "series2", _phantom(shift, flair=True), "AX FLAIR", date, study)
+        _write_series(patient / f"study{s}" / "series3", _phantom(shift), "LOCALIZER", date, study)
     return root
 
 
@@ -153,3 +157,50 @@ def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, 
     assert not hits, hits
     # Sanity: the search does find the identity where it is (the source), so an empty result means something.
     assert _search_files(dicom_source)
+
+
+def test_dicom_folder_names_never_reach_reports(tmp_path: Path, monkeypatch):
+    """A study folder named after the patient: reports, the CLI and the artifacts' text (the run report's rows
+    and markdown) name series by session label, series number and channel, never by folder."""
+    root = tmp_path / "dicom"
+    person = root / "DOE^JOHN"
+    good, undated = generate_uid(), generate_uid()
+    _write_series(person / "MRI 2024-03-15" / "s5", _phantom(), "AX T1 POST GD", STUDY_DATES[0], good, number=5)
+    _write_series(person / "MRI 2024-03-15" / "s6", _phantom(flair=True), "AX FLAIR", STUDY_DATES[0], good, number=6)
+    # A second study with a T1c only and an implausible date: quarantined.
+    _write_series(person / "MRI 1850" / "s7", _phantom(), "AX T1 POST GD", "18500101", undated, number=7)
+    monkeypatch.setenv("LONGITUDINAL_PSEUDONYM_KEY", KEY)
+    home, store_url = tmp_path / "home", str(tmp_path / "cohort.zarr")
+    result = CliRunner().invoke(app, ["--home", str(home), "ingest", str(root), "--store", store_url],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    store = CohortStore.open(store_url)
+    assert store.verify() == [] and len(store.index()) == 1
+    pid = pseudonym(IDENTITY["PatientID"], KEY.encode())
+    quarantine = json.loads((home / "reports" / "quarantine" / f"{pid}.json").read_text())
+    (entry,) = quarantine["quarantined"]
+    assert entry["origin"] == "undated session 1"
+    reasons = " ".join(entry["reasons"])
+    assert "implausible date" in reasons and "channel FLAIR missing at undated session 1" in reasons
+    run_report = json.loads(sorted((home / "reports").glob("ingest-*.json"))[-1].read_text())
+    stored = [s for p in run_report["patients"] for s in p["sessions"] if s["status"] == "stored"]
+    assert [s["origin"] for s in stored] == [s["session"] for s in stored] == [store.index().session[0]]
+
+    from longitudinal.ingest import discover
+    from longitudinal.settings import Settings
+
+    cohort = discover(root, Settings(home=home))
+    displays = sorted(scan.display for ses in cohort.patients[0].sessions for scan in ses.scans.values())
+    label = store.index().session[0]
+    assert displays == [f"{label} series 5 (T1c, 24 files)", f"{label} series 6 (FLAIR, 24 files)",
+                        "undated session 1 series 7 (T1c, 24 files)"]
+    from longitudinal.ingest import IngestReport, PatientOutcome, SessionOutcome
+
+    texts = [result.output, json.dumps(quarantine), json.dumps(run_report)]
+    report = IngestReport("dicom", store_url, patients=[PatientOutcome(**{
+        **{k: v for k, v in run_report["patients"][0].items() if k != "sessions"},
+        "sessions": [SessionOutcome(**s) for s in run_report["patients"][0]["sessions"]]})])
+    texts += [report.markdown(), json.dumps(report.rows())]  # what the flow publishes as artifacts
+    for text in texts:
+        for needle in ("DOE", "JOHN", "MRI 2024", "MRI 1850", "s5/", "s7/"):
+            assert needle not in text, (needle, text)

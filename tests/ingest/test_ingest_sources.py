@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -113,7 +114,7 @@ def test_bids_discovery_maps_channels_dates_and_labels(tmp_path: Path):
     assert detect_kind(root) == "bids"
     cohort = discover(root, settings)
     (patient,) = cohort.patients
-    assert patient.patient_id == pseudonym("abc", b"k") and "raw_id" not in repr(patient)
+    assert patient.patient_id == pseudonym("abc", b"sources-test-pseudonym-key") and "raw_id" not in repr(patient)
     s1, s2, s3 = patient.sessions
     assert s1.date == dt.datetime(2020, 1, 1, 8) and set(s1.scans) == {"T1c", "FLAIR"}
     assert s1.scans["T1c"].display == "sub-abc/ses-1/anat/sub-abc_ses-1_ce-gd_T1w.nii.gz"
@@ -165,3 +166,49 @@ def test_public_text_cuts_absolute_paths_and_raw_ids():
 
     text = "missing file: /data/Smith_John/scans/t1.nii.gz; sub-007/ses-01 ok"
     assert public_text(text, "007", "p-a") == "missing file: .../t1.nii.gz; sub-p-a/ses-01 ok"
+
+
+def test_check_file_refuses_devices_pipes_loops_large_files_and_paths_outside_the_root(tmp_path: Path):
+    from longitudinal.ingest.files import FileLimits, RefusedFile, check_file, open_checked
+
+    limits = FileLimits(max_file_bytes=100)
+    ok = tmp_path / "ok.bin"
+    ok.write_bytes(b"x" * 100)
+    assert check_file(ok, limits) == ok.resolve()
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "big.bin").write_bytes(b"x" * 101)
+    for name, reason, detail in [("pipe", "not a regular file", "a named pipe"),
+                                 ("zero", "not a regular file", "a character device"),
+                                 ("loop", "unresolvable path", "symlink loop"),
+                                 ("big.bin", "file too large", "101 bytes on disk > max_file_bytes 100")]:
+        with pytest.raises(RefusedFile) as err:
+            check_file(tmp_path / name, limits)
+        assert (err.value.reason, err.value.detail) == (reason, detail)
+        # Opening goes through the same check: nothing blocks on the pipe or streams from the device.
+        with pytest.raises(RefusedFile), open_checked(tmp_path / name, limits):
+            pass
+    with pytest.raises(FileNotFoundError):
+        check_file(tmp_path / "absent", limits)
+    confined = FileLimits(allowed_root=tmp_path / "inner")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "out").symlink_to(ok)
+    with pytest.raises(RefusedFile, match="outside the allowed root"):
+        check_file(tmp_path / "inner" / "out", confined)
+    with pytest.raises(RefusedFile, match="outside the allowed root"):
+        check_file(tmp_path / "inner" / ".." / "ok.bin", confined)
+
+
+def test_date_window_refuses_implausible_dates_in_sessions_tables(tmp_path: Path):
+    root = _bids(tmp_path / "ds")
+    tsv = root / "sub-abc" / "sub-abc_sessions.tsv"
+    tsv.write_text("session_id\tacq_time\nses-1\t2020-01-01\nses-2\t1850-01-01\nses-3\t0001-01-01\n",
+                   encoding="utf-8-sig")
+    settings = Settings(home=tmp_path / "home", pseudonym_key="sources-test-pseudonym-key",
+                        earliest_date=dt.date(1900, 1, 1), latest_date=dt.date(2030, 1, 1))
+    s1, s2, s3 = discover(root, settings).patients[0].sessions
+    assert s1.date == dt.datetime(2020, 1, 1) and s1.problems == []
+    assert s2.date is None and s2.problems == [
+        "implausible date in acq_time of ses-2 in sub-abc/sub-abc_sessions.tsv line 3: outside 1900-01-01 to 2030-01-01"]
+    assert s3.date is None and "sessions.tsv line 4" in s3.problems[0]
