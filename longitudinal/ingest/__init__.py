@@ -4,20 +4,16 @@ Entry points: ``ingest_cohort`` (a whole source) and ``ingest_patient`` (one pat
 flow maps over). Raw patient ids and real dates never leave this package.
 """
 
+from longitudinal.ingest.patient import IngestConfig, ingest_patient
 from longitudinal.ingest.pipeline import (
-    IngestConfig,
     IngestPlan,
-    IngestReport,
-    PatientOutcome,
-    SessionOutcome,
     finish,
     ingest_cohort,
-    ingest_patient,
     patient_fingerprint,
     plan,
     prepare,
-    write_report,
 )
+from longitudinal.ingest.report import IngestReport, PatientOutcome, SessionOutcome, write_report
 from longitudinal.ingest.sources import CohortSource, detect_kind, discover
 
 __all__ = [
