@@ -80,6 +80,13 @@ def load_model(settings: Settings, model_ref: str | None = None, device: str | N
     from longitudinal.predict import Predictor
 
     ref = model_ref or f"{settings.registered_model_name}@{DEFAULT_ALIAS}"
+    from longitudinal.models.base import closed_form_kinds
+
+    if ref in closed_form_kinds():  # lci, linear, fk: applied with the default crop, nothing to load
+        key = (ref, 0, device or "cpu")
+        if key not in _MODELS:
+            _MODELS[key] = Predictor.baseline(ref, (32, 32, 32), device=device or "cpu")
+        return LoadedModel(ref=ref, name=ref, version=None, kind=ref, predictor=_MODELS[key])
     try:
         resolved = _resolve(ref, settings)
     except ValueError as exc:

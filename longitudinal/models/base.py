@@ -194,3 +194,11 @@ def build_model(kind: str, config: dict[str, Any] | None = None, **common: Any) 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind](**{**(config or {}), **common})
+
+
+def closed_form_kinds() -> list[str]:
+    """Model kinds that need no trained weights (``lci``, ``linear``, ``fk``): usable by name wherever a model
+    reference is asked for."""
+    import longitudinal.models  # noqa: F401  (populates MODEL_KINDS)
+
+    return sorted(k for k, f in MODEL_KINDS.items() if isinstance(f, type) and not f.trainable)

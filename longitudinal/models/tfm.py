@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 from longitudinal.models.base import (
     N_CLASSES,
@@ -332,6 +331,9 @@ class TemporalFlowMatching(ForecastModel):
 
         def func(t: Tensor, x: Tensor) -> Tensor:
             return self.velocity(x, t.expand(x.shape[0]).to(x.dtype), cond, gap, t_last)
+
+        # Imported here: torchdiffeq pulls in scipy.integrate, about a second of every cold start of the other kinds.
+        from torchdiffeq import odeint
 
         span = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
         if solver == "dopri5":
