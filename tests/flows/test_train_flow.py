@@ -31,7 +31,7 @@ def prefect_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     with temporary_settings(updates={PREFECT_HOME: prefect_home,
                                      PREFECT_LOCAL_STORAGE_PATH: prefect_home / "storage"}):
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=180):  # a loaded CI machine starts it slowly
             yield prefect_home
 
 

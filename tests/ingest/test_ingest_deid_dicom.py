@@ -1,6 +1,7 @@
-"""De-identification: DICOM series carrying a patient's identity are ingested by the CLI and by the flow;
-nothing identifying is then found in the store, the workspace (reports), the Prefect home, or the Prefect
-API's records (flow/task runs, parameters, artifacts, logs)."""
+"""De-identification: DICOM series carrying a patient's identity, and a treatments CSV naming the patient by its
+PatientID with real dates, are ingested by the CLI and by the flow; nothing identifying (no raw treatment date
+either) is then found in the store, the workspace (reports), the Prefect home, or the Prefect API's records
+(flow/task runs, parameters, artifacts, logs)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,22 @@ IDENTITY = {
     "OperatorsName": "Penhaligon^Ysolde",
 }
 STUDY_DATES = ("20240315", "20240702")
-# Strings that must appear nowhere: every identifying value, its name parts, and the real study dates.
+# Resection five days after the first scan, then radiotherapy with temozolomide (kind, start, end).
+TREATMENTS = (("surgery", "20240320", None), ("radiotherapy", "20240415", "20240524"),
+              ("chemotherapy", "20240415", "20240524"))
+TREATMENT_DATES = {d for _, start, end in TREATMENTS for d in (start, end) if d}
+# Strings that must appear nowhere: every identifying value, its name parts, and the real study and treatment
+# dates (ISO and DICOM forms).
 NEEDLES = sorted(
     {v for v in IDENTITY.values()}
     | {part for v in IDENTITY.values() for part in v.split("^") if len(part) > 4}
-    | set(STUDY_DATES)
-    | {f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in STUDY_DATES}
+    | set(STUDY_DATES) | TREATMENT_DATES
+    | {f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in (*STUDY_DATES, *TREATMENT_DATES)}
 )
+
+
+def _iso(d: str) -> str:
+    return f"{d[:4]}-{d[4:6]}-{d[6:]}"
 
 
 def _phantom(shift: tuple[int, int, int] = (0, 0, 0), flair: bool = False) -> np.ndarray:
@@ -109,9 +119,14 @@ def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, 
     monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "storage"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    treatments = tmp_path / "clinical" / "treatments.csv"
+    treatments.parent.mkdir()
+    treatments.write_text("patient_id,date,treatment,end_date\n" + "".join(
+        f"{IDENTITY['PatientID']},{_iso(start)},{kind},{_iso(end) if end else ''}\n" for kind, start, end in TREATMENTS))
 
     cli_store = str(tmp_path / "cli.zarr")
-    result = CliRunner().invoke(app, ["--home", str(home), "ingest", str(dicom_source), "--store", cli_store])
+    result = CliRunner().invoke(app, ["--home", str(home), "ingest", str(dicom_source), "--store", cli_store,
+                                      "--treatments", str(treatments)])
     assert result.exit_code == 0, result.output
     for needle in NEEDLES:
         assert needle.lower() not in result.output.lower()
@@ -126,6 +141,9 @@ def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, 
     # The content moved by (1, 2, -2) voxels of 3 mm along (z, y, x): registration finds the shift.
     shift = np.asarray(sessions[1].transform_to_reference)[:3, 3]
     np.testing.assert_allclose(np.abs(shift), [6.0, 6.0, 3.0], atol=0.5)
+    # The events, matched to the patient through its pseudonym: whole days since the first scan (2024-03-15).
+    events = [(e.kind, e.start_days, e.end_days) for e in store.patient_treatments(pid)]
+    assert events == [("surgery", 5.0, None), ("chemotherapy", 31.0, 70.0), ("radiotherapy", 31.0, 70.0)]
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
@@ -135,9 +153,11 @@ def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, 
 
     flow_store = str(tmp_path / "flow.zarr")
     with temporary_settings(updates={PREFECT_HOME: prefect_home, PREFECT_LOCAL_STORAGE_PATH: prefect_home / "storage"}):
-        with prefect_test_harness():
-            summary = ingest_cohort_flow(source=str(dicom_source), store=flow_store, home=str(home))
+        with prefect_test_harness(server_startup_timeout=180):  # a loaded CI machine starts it slowly
+            summary = ingest_cohort_flow(source=str(dicom_source), store=flow_store, home=str(home),
+                                         treatments=str(treatments))
             assert summary["stored"] == 2 and summary["quarantined"] == 0
+            assert summary["treatments_stored"] == 3 and summary["treatments_quarantined"] == 0
             with get_client(sync_client=True) as client:
                 records = {
                     "flow_runs": [r.model_dump(mode="json") for r in client.read_flow_runs()],
@@ -151,12 +171,14 @@ def test_dicom_identity_never_leaves_ingest(dicom_source: Path, tmp_path: Path, 
     assert not leaked, leaked
     assert CohortStore.open(flow_store).index().drop(columns=["registration_metric"]).equals(
         store.index().drop(columns=["registration_metric"]))
+    assert CohortStore.open(flow_store).treatments().equals(store.treatments())
 
     hits = _search_files(tmp_path / "cli.zarr") + _search_files(tmp_path / "flow.zarr")
     hits += _search_files(home) + _search_files(prefect_home)
     assert not hits, hits
     # Sanity: the search does find the identity where it is (the source), so an empty result means something.
     assert _search_files(dicom_source)
+    assert {h.rsplit(": ", 1)[1] for h in _search_files(treatments.parent)} >= {_iso(d) for d in TREATMENT_DATES}
 
 
 def test_dicom_folder_names_never_reach_reports(tmp_path: Path, monkeypatch):
