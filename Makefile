@@ -38,19 +38,10 @@ test: $(STAMP) lint layers
 demo: $(STAMP)
 	$(BIN)/python -m longitudinal.demo
 
-# Each benchmark prints its table; the last ones reuse forecast_quality.py's work folder (trained models).
-BENCH_FQ := workspace/bench/forecast_quality
+# The product benchmarks at sizes that fit in under an hour on 2 cores, each printing its table, then how long each
+# took (benchmarks/README.md lists them with their full-size commands and last figures).
 bench: $(STAMP)
-	for b in synth ingest registration_qc train_throughput tracking_overhead forecast_latency forecast_quality tune; do \
-		$(BIN)/python benchmarks/$$b.py || exit 1; done
-	$(BIN)/python benchmarks/next_visit.py --work $(BENCH_FQ)
-	$(BIN)/python benchmarks/calibration_forms.py --work $(BENCH_FQ)
-	$(BIN)/python benchmarks/forecast_quality.py --work $(BENCH_FQ)_fresh --seed 1 --models "" --train-only
-	$(BIN)/python benchmarks/calibration_heldout.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
-	$(BIN)/python benchmarks/calibration_difficulty.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh
-	$(BIN)/python benchmarks/forecast_quality.py --work $(BENCH_FQ)_confirm --seed 2 --models "" --train-only
-	$(BIN)/python benchmarks/calibration_confirm.py --work $(BENCH_FQ) --fresh $(BENCH_FQ)_fresh \
-		--confirm $(BENCH_FQ)_confirm
+	$(BIN)/python benchmarks/run_all.py --work workspace/bench
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache .ruff_cache

@@ -5,19 +5,19 @@ benchmark can be re-run or extended cheaply. Training uses the tuned default Tra
 wall-clock budget comes from --budget-s. Evaluation forecasts every later scan of the held-out (test split)
 patients from their earlier scans and prints the per-horizon table with lci, linear and every trained model.
 
-Target (issue 4): tfm beats lci on whole-tumour Dice and on volume error in every horizon bin of 90 days or
+Target: tfm beats lci on whole-tumour Dice and on volume error in every horizon bin of 90 days or
 more, and its advantage (the absolute gain over lci: Dice points and ml of volume error) grows with the
-horizon; the relative skill 1 - err/err_lci is printed beside it. Target (issue 5): the calibrated 80% / 95% volume intervals
-cover the truth within 10 points of nominal in every bin with >= 3 targets (calibration is fitted on the
+horizon; the relative skill 1 - err/err_lci is printed beside it. Target: the calibrated 80% / 95% volume
+intervals cover the truth within 10 points of nominal in every bin with >= 3 targets (calibration is fitted on the
 validation split at the end of training, never on these test patients); the raw-sample coverage is printed
 beside it. Coherence: the fraction of sampled trajectories whose volume never shrinks over a grid of gaps.
 
     .venv/bin/python benchmarks/forecast_quality.py                        # 64 patients, 1500 s budget
     .venv/bin/python benchmarks/forecast_quality.py --patients 6 --budget-s 60 --preset tiny   # smoke run
 
-The acceptance runs trained the kinds one after the other on one torch thread each (the second core stayed
-free for other work; side by side, two jobs each ran at about half speed), then scored them together; session 4
-used 128 patients, so that calibration (19 validation patients) and test (26) rest on more patients than the
+The figures in docs/RESULTS.md trained the kinds one after the other on one torch thread each (the second core
+stayed free for other work; side by side, two jobs each ran at about half speed), then scored them together, on
+128 patients, so that calibration (19 validation patients) and test (26) rest on more patients than the
 default 64 give (10 and 13). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
 
     for k in tfm np; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 \
@@ -183,7 +183,7 @@ def _verdict(console: Console, rows: list[dict], kind: str) -> None:
     console.print(f"{kind}: relative skill by bin (not the target): Dice {[round(x, 2) for x in skill_dice]} "
                   f"({'grows' if rising(skill_dice) else 'does not grow'}), volume error "
                   f"{[round(x, 2) for x in skill_vol]} ({'grows' if rising(skill_vol) else 'does not grow'})")
-    # Calibration target (issue 5): 80% / 95% coverage within 10 points of nominal in every bin with >= 3 targets.
+    # Calibration target: 80% / 95% coverage within 10 points of nominal in every bin with >= 3 targets.
     cal_bins = [r for r in rows if r["model"] == kind and r["horizon"] != "all" and r["n"] >= 3
                 and r.get("coverage80") is not None]
     if cal_bins:

@@ -21,7 +21,7 @@ visits before it, at the day of visit j. Two tables:
   interpolation of the tumour indicator, > 0.5), and the table says so.
 
 ``--tfm-steps 4,2,1`` adds tfm rows sampled with those step counts of the model's own solver to the crop-grid
-table (the shipped solver and steps were chosen on validation patients with benchmarks/tune.py); ``--pairs all`` scores every (context, later scan) pair
+table (the shipped solver and steps were chosen on validation patients with benchmarks/tuning/tune.py); ``--pairs all`` scores every (context, later scan) pair
 instead of the next visit only.
 """
 

@@ -3,8 +3,9 @@
 Thin: the body is ``plan`` -> ``ingest_patient`` per patient -> ``finish`` from ``longitudinal.ingest``, the
 same functions the CLI twin ``longitudinal ingest`` runs through ``ingest_cohort``.
 
-De-identification: parameters are the source and store strings plus options; the mapped task receives only a
-patient's pseudonym, never a raw id or a raw path. Secrets (the pseudonym key) come from the environment or the
+De-identification: parameters are the source, treatments-table and store strings plus options; the mapped task
+receives only a patient's pseudonym, never a raw id, a raw path or a treatment date (it reads the treatment rows
+itself). Secrets (the pseudonym key) come from the environment or the
 workspace inside the task, never as parameters. Task results and artifacts carry redacted outcomes.
 
 Retries: only when the task failed with an I/O error (OSError: the store or the source could not be read or
@@ -47,6 +48,11 @@ def _config(registration: str):
     return IngestConfig(registration=RegistrationConfig(kind=registration))
 
 
+def _treatments(treatments: str | None) -> str | None:
+    """The treatments CSV, or None: an empty string (an unset deployment placeholder) means none."""
+    return (treatments.strip() or None) if treatments else None
+
+
 def patient_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Input hashes + code version + the patient's state in the store (None: do not cache)."""
     from longitudinal.ingest import patient_fingerprint
@@ -54,7 +60,8 @@ def patient_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     settings = _settings(parameters.get("home"), parameters.get("reports_dir"), parameters.get("target_spacing_mm"),
                          parameters.get("allowed_root"))
     key = patient_fingerprint(parameters["source"], parameters["store"], parameters["patient_id"], settings,
-                              _config(parameters.get("registration", "rigid")))
+                              _config(parameters.get("registration", "rigid")),
+                              _treatments(parameters.get("treatments")))
     return None if key is None else f"ingest-patient-{key}"
 
 
@@ -76,12 +83,13 @@ def ingest_patient_task(
     target_spacing_mm: float | None = None,
     registration: str = "rigid",
     allowed_root: str | None = None,
+    treatments: str | None = None,
 ):
     """One patient (by pseudonym) -> PatientOutcome (redacted)."""
     from longitudinal.ingest import ingest_patient
 
     settings = _settings(home, reports_dir, target_spacing_mm, allowed_root)
-    return ingest_patient(source, store, patient_id, settings, _config(registration))
+    return ingest_patient(source, store, patient_id, settings, _config(registration), _treatments(treatments))
 
 
 def _task_runner():
@@ -105,19 +113,24 @@ def ingest_cohort_flow(
     target_spacing_mm: float | None = None,
     registration: str = "rigid",
     allowed_root: str | None = None,
+    treatments: str | None = None,
 ) -> dict[str, Any]:
     """source: BIDS folder, manifest CSV or DICOM folder. store: cohort store URL (default: the workspace's).
-    allowed_root: read only files inside this folder (``Settings.allowed_root``).
+    allowed_root: read only files inside this folder (``Settings.allowed_root``). treatments: a CSV of
+    treatment events (``patient_id,date,treatment[,end_date]``; empty: none), as ``longitudinal ingest
+    --treatments``.
     Returns the run summary (counts and the report path)."""
     from longitudinal.ingest import PatientOutcome, finish, plan
 
     t0 = time.perf_counter()
     settings = _settings(home, reports_dir, target_spacing_mm, allowed_root)
     store = store or settings.store_url
-    the_plan = plan(source, store, settings)
+    treatments = _treatments(treatments)
+    the_plan = plan(source, store, settings, treatments)
     futures = ingest_patient_task.map(
         source, store, the_plan.patient_ids, home=home, reports_dir=reports_dir,
         target_spacing_mm=target_spacing_mm, registration=registration, allowed_root=allowed_root,
+        treatments=treatments,
     )
     outcomes = []
     for pid, fut in zip(the_plan.patient_ids, futures, strict=True):

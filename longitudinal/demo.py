@@ -1,46 +1,268 @@
 """`make demo`: the main job end to end on the embedded synthetic cohort, with progress throughout.
 
-synth (Fisher-Kolmogorov cohort as BIDS) -> ingest (validate, de-identify, register, Zarr store) -> train
-(tracked in MLflow, registered, gated) -> forecast a held-out patient -> print where every output is.
+synth (Fisher-Kolmogorov cohort as BIDS) -> ingest (validate, de-identify, register, Zarr store) -> train a fixed
+number of steps (tracked in MLflow, evaluated against the baselines, registered, gated) -> forecast a held-out
+patient -> a verdict in plain words and the commands to try next.
 
-Sizes are chosen to finish in about 10 minutes on 2 CPU cores; override with LONGITUDINAL_DEMO_PATIENTS and
-LONGITUDINAL_DEMO_TRAIN_S. Re-running reuses the cohort and the store (ingest is idempotent) and resumes or
-reuses the training run.
+Training is budgeted in STEPS, so an idle laptop and a busy server train the same model; a busy machine only
+takes longer. A wall-clock safety stop ends training early only if the machine is far slower than expected, and
+the verdict then says so loudly. PyTorch uses one thread when the machine is already busy at the start (two
+threads on two busy cores wait on each other: ten times slower per step), all cores otherwise.
+
+Sizes: LONGITUDINAL_DEMO_PATIENTS (14), LONGITUDINAL_DEMO_STEPS (200), LONGITUDINAL_DEMO_MAX_TRAIN_S (3600, the
+safety stop), LONGITUDINAL_DEMO_THREADS (chosen from the load). Re-running reuses the cohort and the store (ingest
+is idempotent) and resumes or reuses the training run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
+import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
+from longitudinal.commands._common import output_width
 from longitudinal.settings import Settings
 
-console = Console()
+# Bound to the real stdout: the training loop's own lines are captured (``_capture``) and shown through this.
+console = Console(file=sys.stdout, width=output_width())
 
 DEMO_PATIENTS = int(os.environ.get("LONGITUDINAL_DEMO_PATIENTS", "14"))
-DEMO_TRAIN_S = float(os.environ.get("LONGITUDINAL_DEMO_TRAIN_S", "120"))
+DEMO_STEPS = int(os.environ.get("LONGITUDINAL_DEMO_STEPS", "200"))
+DEMO_MAX_TRAIN_S = float(os.environ.get("LONGITUDINAL_DEMO_MAX_TRAIN_S", "3600"))
 # Forecast samples per evaluation target: enough for intervals, few enough to keep the demo short.
 DEMO_EVAL_SAMPLES = 4
 DEMO_SEED = 7
+# Training prints a line every this many steps (the progress bar's resolution).
+DEMO_LOG_EVERY = 5
+N_STEPS = 5
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console,
-    )
+def _step(n: int, title: str) -> float:
+    console.rule(f"[bold cyan]{n}/{N_STEPS}  {title}")
+    return time.perf_counter()
 
 
-def _step(n: int, title: str) -> None:
-    console.rule(f"[bold cyan]{n}/5  {title}")
+def _done(t0: float) -> None:
+    console.print(f"[dim]done in {_duration(time.perf_counter() - t0)}[/dim]")
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    return f"{int(s // 60)} min" + (f" {int(s % 60):02d} s" if int(s % 60) else "")
+
+
+# --- threads ----------------------------------------------------------------------------------------------
+def choose_threads(cores: int, load: float, env: Mapping[str, str]) -> tuple[int, str]:
+    """(torch threads, why). LONGITUDINAL_DEMO_THREADS or OMP_NUM_THREADS win; otherwise all cores on an idle
+    machine and one thread when the 1-minute load average says other work is running."""
+    for var in ("LONGITUDINAL_DEMO_THREADS", "OMP_NUM_THREADS"):
+        if env.get(var, "").strip().isdigit() and int(env[var]) > 0:
+            return int(env[var]), f"{var}={env[var]}"
+    if load < 0.5:
+        return cores, f"load average {load:.1f} on {cores} cores: idle"
+    n = max(1, min(cores, round(cores - load)))
+    return n, (f"load average {load:.1f} on {cores} cores: other work is running, and threads that wait on "
+               "each other would be far slower (LONGITUDINAL_DEMO_THREADS overrides)")
+
+
+def _set_threads() -> None:
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    n, why = choose_threads(os.cpu_count() or 1, load, os.environ)
+    torch.set_num_threads(n)
+    console.print(f"PyTorch threads: {n} ({why})")
+
+
+# --- progress ---------------------------------------------------------------------------------------------
+_STEP = re.compile(r"^step (\d+)/(\d+|-) ")
+_EVAL = re.compile(r"evaluated (\d+)/(\d+) (targets|patients)")
+_TRAINED = re.compile(r"^trained (\d+) steps in")
+_BUDGET = re.compile(r"^budget of (\d+) s reached at step (\d+)")
+
+
+class Reporter:
+    """Turns the lines training prints and the evaluation's progress messages into progress bars (on a
+    terminal) or into a line at least every ``every_s`` seconds (in a log), so no phase passes in silence."""
+
+    def __init__(self, out: Console, steps: int, every_s: float = 20.0) -> None:
+        self.out, self.steps, self.every_s = out, steps, every_s
+        self.live = out.is_terminal
+        self.progress: Progress | None = None
+        self.train_task = None
+        self.eval_task = None
+        self.phase = "preparing the training run"
+        self.trained = False
+        self.n_evals_after_training = 0
+        self.last_eval: tuple[int, int] | None = None
+        self.last_print = 0.0
+        self.safety_stop: tuple[int, int] | None = None  # (budget s, step)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Reporter]:
+        if not self.live:
+            self.out.print(f"training {self.steps} steps; a line at least every {self.every_s:.0f} s")
+            yield self
+            return
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=self.out, transient=False) as prog:
+            self.progress = prog
+            self.train_task = prog.add_task("training steps", total=self.steps)
+            yield self
+            if self.eval_task is not None:
+                prog.update(self.eval_task, description="evaluation done")
+            self.progress = None
+
+    # every line the training loop prints, and every progress message of an evaluation
+    def line(self, text: str) -> None:
+        text = text.strip()
+        if not text:
+            return
+        if m := _EVAL.search(text):
+            self._evaluated(int(m.group(1)), int(m.group(2)), m.group(3))
+        elif m := _STEP.match(text):
+            self._stepped(int(m.group(1)), text)
+        else:
+            if m := _BUDGET.match(text):
+                self.safety_stop = (int(m.group(1)), int(m.group(2)))
+                self.out.print(f"[bold red]SAFETY STOP: training hit the {m.group(1)} s wall-clock limit at step "
+                               f"{m.group(2)} of {self.steps}[/bold red]")
+            if m := _TRAINED.match(text):
+                self.trained = True
+                self._set_train(int(m.group(1)))
+            if text.startswith("calibrating"):
+                self.phase = text
+            self.out.print(escape(text))
+
+    def _set_train(self, step: int) -> None:
+        if self.progress is not None and self.train_task is not None:
+            self.progress.update(self.train_task, completed=step)
+
+    def _stepped(self, step: int, text: str) -> None:
+        self.phase = "training"
+        if self.live:
+            self._set_train(step)
+        elif time.perf_counter() - self.last_print >= self.every_s or step >= self.steps:
+            self.last_print = time.perf_counter()
+            self.out.print(escape(text))
+
+    def _evaluated(self, done: int, total: int, unit: str) -> None:
+        new = self.last_eval is None or done <= self.last_eval[0] or total != self.last_eval[1] \
+            or self.last_eval[0] >= self.last_eval[1]
+        if new:
+            if self.trained:
+                self.n_evals_after_training += 1
+                self.phase = ("scoring on the validation patients: the model and the last-scan baseline (the gate)"
+                              if self.n_evals_after_training == 1 else
+                              "scoring on the held-out test patients: the model and both baselines")
+            elif not self.phase.startswith("calibrating"):
+                self.phase = "validating"
+        self.last_eval = (done, total)
+        if self.n_evals_after_training == 2 and done >= total:
+            self.out.print("logging the tables, figures and model to MLflow, registering the model, applying the gate")
+        if self.progress is not None:
+            if self.eval_task is None:
+                self.eval_task = self.progress.add_task(self.phase, total=total)
+            if new:
+                self.progress.reset(self.eval_task, total=total, description=self.phase)
+            self.progress.update(self.eval_task, completed=done, total=total)
+        elif new or done >= total or time.perf_counter() - self.last_print >= self.every_s:
+            self.last_print = time.perf_counter()
+            self.out.print(f"{self.phase}: {done}/{total} {unit}")
+
+
+class _Lines(io.TextIOBase):
+    """A text stream that hands every complete line to ``sink``."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink, self.buf = sink, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.sink(line)
+        return len(s)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.sink(self.buf)
+            self.buf = ""
+
+
+@contextlib.contextmanager
+def _capture(reporter: Reporter) -> Iterator[None]:
+    """Training's printed lines and every evaluation's progress go to ``reporter``."""
+    from longitudinal.evaluation.harness import evaluation_progress
+
+    lines = _Lines(reporter.line)
+    with evaluation_progress(reporter.line), contextlib.redirect_stdout(lines):
+        try:
+            yield
+        finally:
+            lines.flush()
+
+
+# --- the steps --------------------------------------------------------------------------------------------
+class _Bar:
+    """A progress bar on a terminal; in a log, a line at the start, at least every ``every_s`` seconds and at the
+    end (a log never shows a redrawn bar)."""
+
+    def __init__(self, description: str, total: int | None, every_s: float = 20.0) -> None:
+        self.description, self.total, self.every_s = description, total, every_s
+        self.prog: Progress | None = None
+        self.last = 0.0
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Bar:
+        if console.is_terminal:
+            self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console)
+            self.prog.__enter__()
+            self.task = self.prog.add_task(self.description, total=self.total)
+        else:
+            console.print(f"{self.description} ...")
+            self.last = time.perf_counter()
+        return self
+
+    def update(self, done: int, total: int | None = None) -> None:
+        self.total = total if total is not None else self.total
+        if self.prog is not None:
+            self.prog.update(self.task, completed=done, total=self.total)
+        elif time.perf_counter() - self.last >= self.every_s or (self.total and done >= self.total):
+            self.last = time.perf_counter()
+            console.print(f"{self.description}: {done}/{self.total or '?'} "
+                          f"({_duration(time.perf_counter() - self.t0)})")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prog is not None:
+            self.prog.__exit__(*exc)
 
 
 def run_synth(settings: Settings) -> Path:
@@ -53,10 +275,9 @@ def run_synth(settings: Settings) -> Path:
     if marker.exists() and json.loads(marker.read_text()) == params:
         console.print(f"cohort already generated at {out} ({DEMO_PATIENTS} patients), reusing it")
         return out
-    with _progress() as prog:
-        task = prog.add_task("synthesising patients", total=DEMO_PATIENTS)
+    with _Bar("synthesising patients", DEMO_PATIENTS) as bar:
         summary = generate_cohort(out, DEMO_PATIENTS, DEMO_SEED, preset="default",
-                                  progress=lambda done, total: prog.update(task, completed=done))
+                                  progress=lambda done, total: bar.update(done, total))
     table = Table(title="synthetic cohort")
     for col in ("subject", "visits", "whole volume ml (min-max)", "D_w mm²/day", "rho /day"):
         table.add_column(col)
@@ -71,84 +292,274 @@ def run_synth(settings: Settings) -> Path:
 def run_ingest(settings: Settings, source: Path) -> None:
     from longitudinal.ingest import ingest_cohort
 
-    with _progress() as prog:
-        task = prog.add_task("ingesting patients", total=None)
-
-        def progress(done: int, total: int, *_: object) -> None:
-            prog.update(task, completed=done, total=total)
-
-        report = ingest_cohort(source, settings.store_url, settings, workers=2, progress=progress)
+    with _Bar("ingesting patients", None) as bar:
+        report = ingest_cohort(source, settings.store_url, settings, workers=2,
+                               progress=lambda done, total, *_: bar.update(done, total))
     console.print(
         f"stored {report.stored} sessions, skipped {report.skipped} already present, "
-        f"quarantined {report.quarantined} (report: {report.report_path})"
+        f"quarantined {report.quarantined}; {report.treatments_stored} treatment events stored "
+        f"(report: {report.report_path})"
     )
     if report.exit_code() != 0:
         raise SystemExit(f"ingest failed: {report.problems or report.failed_patients}")
 
 
-def run_train(settings: Settings):  # noqa: ANN201 (TrainOutcome; imported lazily)
-    from longitudinal.tracking.run import run_training
+def demo_train_config() -> Any:
+    """The tuned default configuration with a fixed number of steps (the same model on any machine) and a
+    generous wall-clock safety stop."""
     from longitudinal.training.config import load_train_config
 
-    # The tuned default configuration, with only the wall-clock budget cut down for the demo.
-    cfg = load_train_config(budget_s=DEMO_TRAIN_S)
-    console.print(f"training {cfg.model} for at most {DEMO_TRAIN_S:.0f} s on the CPU (tracked in MLflow)")
-    outcome = run_training(settings, settings.store_url, cfg, eval_samples=DEMO_EVAL_SAMPLES)
-    table = Table(title="held-out evaluation (test split): model vs baselines")
-    for col in ("model", "horizon", "n", "dice_whole", "volume_error_ml"):
-        table.add_column(col)
-    for row in outcome.test_rows:
-        table.add_row(str(row["model"]), str(row["horizon"]), str(row["n"]), f"{row['dice_whole']:.3f}",
-                      f"{row['volume_error_ml']:.2f}")
-    console.print(table)
-    console.print(f"MLflow run {outcome.run_id}; registered {outcome.registered_name} v{outcome.version} "
-                  f"aliases {outcome.aliases}")
+    return load_train_config(steps=DEMO_STEPS, budget_s=DEMO_MAX_TRAIN_S, log_every=DEMO_LOG_EVERY)
+
+
+def run_train(settings: Settings) -> Any:  # TrainOutcome (imported lazily)
+    from longitudinal.tracking.run import run_training
+
+    cfg = demo_train_config()
+    console.print(f"training {cfg.model} for {cfg.steps} steps on the CPU (tracked in MLflow; safety stop after "
+                  f"{_duration(cfg.budget_s)}), then calibrating its volume intervals, scoring it against the "
+                  "last-scan and linear baselines, registering it and gating it")
+    reporter = Reporter(console, int(cfg.steps))
+    with reporter.active(), _capture(reporter):
+        outcome = run_training(settings, settings.store_url, cfg, eval_samples=DEMO_EVAL_SAMPLES)
+    if outcome.test_rows:
+        table = Table(title="held-out evaluation (test patients): model vs baselines")
+        for col in ("model", "horizon (days)", "n", "Dice (whole)", "volume error ml"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for row in outcome.test_rows:
+            if not row.get("n"):
+                continue
+            table.add_row(str(row["model"]), str(row["horizon"]), str(row["n"]), f"{row['dice_whole']:.3f}",
+                          f"{row['volume_error_ml']:.2f}")
+        console.print(table)
+    console.print(f"MLflow run {outcome.run_id}; registered {outcome.registered_name} v{outcome.version}, "
+                  f"aliases {', '.join(outcome.aliases) or '-'}"
+                  + ("" if not outcome.resumed or outcome.decision is not None else " (finished earlier, reused)"))
     return outcome
 
 
-def run_forecast(settings: Settings, outcome) -> object:  # noqa: ANN001
-    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
+def _latest_volume_ml(store: Any, pid: str) -> float:
+    import numpy as np
 
-    split = json.loads((outcome.run_dir / "split.json").read_text())
-    patient = sorted(split["test"])[0]
-    model_ref = f"{outcome.registered_name}/{outcome.version}"
-    console.print(f"forecasting held-out patient {patient} with {model_ref} at +90, +180 and +365 days")
+    arr = store.arrays(pid)
+    return float((np.asarray(arr.label[-1]) > 0).sum()) * float(np.prod(arr.spacing_mm)) / 1000.0
+
+
+def run_forecast(settings: Settings, groups: Sequence[Sequence[str]], model_ref: str) -> Any:
+    """Forecast the first patient (group by group, smallest latest tumour first in each) whose forecast fits the
+    model's field of view; the last one tried when none does (its warnings are printed)."""
     from longitudinal.commands.forecast import print_forecast_table
+    from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
+    from storage.store import CohortStore
 
-    request = ForecastRequest(patient, Queries(in_days=(90.0, 180.0, 365.0)), store_url=settings.store_url,
-                              model_ref=model_ref, n_samples=32)
-    result = forecast_patient(settings, request)
+    store = CohortStore.open(settings.store_url, recover=False)
+    order = [p for group in groups for p in sorted(group, key=lambda p: _latest_volume_ml(store, p))]
+    result = None
+    for pid in order:
+        request = ForecastRequest(pid, Queries(in_days=(90.0, 180.0, 365.0)), store_url=settings.store_url,
+                                  model_ref=model_ref, n_samples=32)
+        result = forecast_patient(settings, request)
+        if not result.warnings():
+            break
+        if pid != order[-1]:
+            console.print(f"{pid}: its tumour does not fit the model's field of view; trying another held-out "
+                          "patient")
+    console.print(f"held-out patient {result.patient} forecast with {model_ref} at +90, +180 and +365 days")
     print_forecast_table(result)
     return result
 
 
+# --- the verdict ------------------------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    """The demo's last word: ``lines`` in plain language, ``ok`` False when something needs the user's action."""
+
+    lines: list[str] = field(default_factory=list)
+    ok: bool = True
+    champion: bool = False
+
+
+def _pooled(rows: Sequence[Mapping[str, Any]], model: str) -> Mapping[str, Any] | None:
+    return next((r for r in rows if r.get("model") == model and r.get("horizon") == "all"), None)
+
+
+def verdict(*, steps_done: int, steps_planned: int, safety_stop_s: float | None, tags: Mapping[str, str],
+            test_rows: Sequence[Mapping[str, Any]], name: str, version: str, champion: str | None,
+            train_cmd: str) -> Verdict:
+    """How the model did against the baselines, whether it became champion and, if not, why and what to do.
+
+    tags: the registered version's tags (``gate.*``); test_rows: the held-out evaluation rows (candidate named
+    ``candidate``); champion: the version holding ``champion`` now (None: none); train_cmd: how to train more."""
+    v = Verdict()
+    if steps_done < steps_planned:
+        v.ok = False
+        v.lines.append(f"[bold red]TRAINING WAS CUT SHORT: {steps_done} of {steps_planned} steps, stopped by the "
+                       f"{safety_stop_s or 0:.0f} s safety limit. This machine was far slower than expected (busy?), "
+                       "so this model is weaker than the demo intends and the results below are not the demo's. "
+                       "Rerun `make demo` when the machine is quieter, or raise LONGITUDINAL_DEMO_MAX_TRAIN_S.[/bold red]")
+    else:
+        v.lines.append(f"Training ran its {steps_planned} steps (the same model on any machine).")
+    cand, lci, lin = (_pooled(test_rows, m) for m in ("candidate", "lci", "linear"))
+    if cand and lci and lin:
+        n = int(cand.get("n", 0))
+        beats = [label for label, ref in (("the last-scan baseline", lci), ("linear extrapolation", lin))
+                 if cand["dice_whole"] > ref["dice_whole"] and cand["volume_error_ml"] < ref["volume_error_ml"]]
+        figures = (f"Dice {cand['dice_whole']:.3f} vs last scan {lci['dice_whole']:.3f} and linear "
+                   f"{lin['dice_whole']:.3f}; volume error {cand['volume_error_ml']:.1f} ml vs "
+                   f"{lci['volume_error_ml']:.1f} and {lin['volume_error_ml']:.1f} ml")
+        if len(beats) == 2:
+            v.lines.append(f"On {n} forecasts of held-out patients it beat both baselines ({figures}).")
+        elif beats:
+            v.lines.append(f"On {n} forecasts of held-out patients it beat {beats[0]} but not "
+                           f"{'linear extrapolation' if 'last' in beats[0] else 'the last-scan baseline'} "
+                           f"({figures}). With this few patients and steps that can happen; train longer for a "
+                           f"better model: {train_cmd}")
+        else:
+            v.lines.append(f"On {n} forecasts of held-out patients it did not beat the baselines ({figures}); "
+                           f"train longer: {train_cmd}")
+    decision = tags.get("gate.decision")
+    ref = f"{name} v{version}"
+    if decision == "promoted" and champion == str(version):
+        v.champion = True
+        v.lines.append(f"It beat the last-scan baseline on the validation patients too (the promotion gate), so "
+                       f"{ref} is now the champion: forecasts without --model use it.")
+    elif decision == "promoted":
+        v.lines.append(f"{ref} passed the gate, but the champion is now v{champion}.")
+        v.champion = champion is not None
+    else:
+        v.ok = False
+        why = _gate_reasons(tags)
+        now = (f"The champion stays v{champion}, so forecasts without --model use that one."
+               if champion else
+               f"There is no champion, so forecast commands need --model {name}/{version} (as printed below).")
+        v.lines.append(f"{ref} did NOT become champion: on the validation patients {why}. {now} "
+                       f"To get a better model, train longer: {train_cmd}")
+        v.champion = champion is not None
+    return v
+
+
+def _gate_reasons(tags: Mapping[str, str]) -> str:
+    """The gate's failed comparisons in words, from the version's figures."""
+
+    def f(key: str) -> float | None:
+        try:
+            return float(tags[key])
+        except (KeyError, ValueError):
+            return None
+
+    d, e = f("gate.val_dice_whole"), f("gate.val_volume_error_ml")
+    out = []
+    for who, prefix in (("the last scan", "gate.lci"), ("the champion", "gate.champion")):
+        rd, re_ = f(f"{prefix}_dice_whole"), f(f"{prefix}_volume_error_ml")
+        if d is not None and rd is not None and not d > rd:
+            out.append(f"its Dice {d:.3f} was not above {who}'s {rd:.3f}")
+        if e is not None and re_ is not None and not e < re_:
+            out.append(f"its volume error {e:.1f} ml was not below {who}'s {re_:.1f} ml")
+    return "; ".join(out) or tags.get("gate.reasons", "it did not beat the references")
+
+
+def treatments_text(settings: Settings, patient: str) -> str:
+    """A stored patient's treatment events, one per line: kind, days since the baseline scan (whole days) and
+    the date in the store's shifted calendar; "none recorded" for an untreated patient."""
+    from storage.store import CohortStore
+
+    events = CohortStore.open(settings.store_url, recover=False).patient_treatments(patient)
+    lines = []
+    for e in events:
+        if e.end_days is None:
+            lines.append(f"{e.kind}: day {e.start_days:.0f} ({e.start_date})")
+        else:
+            lines.append(f"{e.kind}: days {e.start_days:.0f}-{e.end_days:.0f} ({e.start_date} to {e.end_date})")
+    return "\n".join(lines) or "none recorded"
+
+
+def _here(path: Path) -> str:
+    """``path`` relative to the current folder when inside it (commands to copy from the repository root)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _trained_steps(checkpoint: Path) -> int:
+    from longitudinal.models.checkpoint import Checkpoint
+
+    try:
+        return int(Checkpoint.load(checkpoint).provenance.get("step") or 0)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def main() -> None:
     settings = Settings()
-    t0 = time.perf_counter()
-    console.print(Panel.fit(f"longitudinal demo: {DEMO_PATIENTS} synthetic patients, workspace {settings.home_dir}"))
-    _step(1, "synthesise a longitudinal glioma cohort (BIDS)")
+    t_all = time.perf_counter()
+    console.print(Panel.fit(f"longitudinal demo: {DEMO_PATIENTS} synthetic patients, {DEMO_STEPS} training steps, "
+                            f"workspace {settings.home_dir}"))
+    _set_threads()
+    t = _step(1, "synthesise a longitudinal glioma cohort (BIDS)")
     source = run_synth(settings)
-    _step(2, "ingest: validate, de-identify, register, store")
+    _done(t)
+    t = _step(2, "ingest: validate, de-identify, register, store")
     run_ingest(settings, source)
-    _step(3, "train, evaluate against baselines, track, register")
+    _done(t)
+    t = _step(3, "train, evaluate against baselines, track, register, gate")
     outcome = run_train(settings)
-    _step(4, "forecast a held-out patient")
-    result = run_forecast(settings, outcome)
-    _step(5, "where everything is")
-    out = Table(show_header=False, box=None)
+    _done(t)
+
+    from longitudinal.tracking.summary import champion_version, evaluation_rows, version_tags
+
+    name, version = outcome.registered_name, outcome.version
+    champion = champion_version(settings, name)
+    model_ref = f"{name}@champion" if champion == str(version) else f"{name}/{version}"
+    split = json.loads((outcome.run_dir / "split.json").read_text())
+    t = _step(4, "forecast a held-out patient")
+    # held out from training: the test patients first, then the validation ones
+    result = run_forecast(settings, [split["test"], split["val"]], model_ref)
+    _done(t)
+
+    _step(5, "verdict and what to try next")
+    exe = _here(Path(sys.executable).parent / "longitudinal")
+    home = shlex.quote(_here(settings.home_dir))
+    cli = f"{exe} --home {home}"
+    verdict_ = verdict(
+        steps_done=_trained_steps(outcome.checkpoint), steps_planned=DEMO_STEPS, safety_stop_s=DEMO_MAX_TRAIN_S,
+        tags=version_tags(settings, name, version), test_rows=outcome.test_rows or evaluation_rows(
+            settings, outcome.run_id, "test"),
+        name=name, version=version, champion=champion, train_cmd=f"`{cli} train --steps {DEMO_STEPS * 3}`")
+    console.print(Panel("\n".join(verdict_.lines), title="verdict", title_align="left",
+                        border_style="green" if verdict_.ok else "red"))
+    model_opt = "" if champion == str(version) else f" --model {name}/{version}"
+    mlflow_db = _here(settings.home_dir / "mlflow.db")
+    tracking = settings.tracking_uri
+    if tracking == f"sqlite:///{settings.home_dir / 'mlflow.db'}":
+        tracking = f"sqlite:///{mlflow_db}"
+    commands = [
+        ("patients in the store", f"{cli} store patients"),
+        ("forecast this patient again", f"{cli} forecast {result.patient} --in 90 --in 180{model_opt}"),
+        ("registered versions and the gate", f"{cli} models list"),
+        ("the MLflow UI (then open http://127.0.0.1:5000)",
+         f"{_here(Path(sys.executable).parent / 'mlflow')} ui --backend-store-uri {tracking} "
+         f"--artifacts-destination {shlex.quote(_here(settings.mlflow_artifacts_path))} --port 5000"),
+    ]
+    console.print("[bold]Try it[/bold] (copy and paste from this folder):")
+    for what, cmd in commands:
+        console.print(f"  [dim]# {what}[/dim]")
+        console.print(f"  {escape(cmd)}", soft_wrap=True)
+    out = Table(show_header=False, box=None, title="where everything is", title_justify="left")
     out.add_column(style="bold", no_wrap=True)
     out.add_column(overflow="fold")
-    out.add_row("cohort (BIDS)", str(source))
-    out.add_row("store", settings.store_url)
-    out.add_row("ingest reports", str(settings.reports_path))
-    out.add_row("training run", str(outcome.run_dir))
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    out.add_row("MLflow UI", f"{mlflow_bin} ui --backend-store-uri {settings.tracking_uri} "
-                "--port 5000  (then open http://127.0.0.1:5000)")
-    out.add_row("forecast files", str(result.out_dir))
-    out.add_row("forecast plot", str(result.plot_path))
+    out.add_row("cohort (BIDS)", _here(source))
+    out.add_row("store", _here(Path(settings.store_url)) if "://" not in settings.store_url else settings.store_url)
+    out.add_row("ingest reports", _here(settings.reports_path))
+    out.add_row("training run", _here(outcome.run_dir))
+    out.add_row("MLflow tracking and registry", tracking)
+    out.add_row("forecast files", _here(result.out_dir))
+    out.add_row("forecast plot", _here(result.plot_path))
+    out.add_row(f"treatments of {result.patient}", treatments_text(settings, result.patient))
     console.print(out)
-    console.print(f"[green]demo finished in {time.perf_counter() - t0:.0f} s")
+    took = _duration(time.perf_counter() - t_all)
+    console.print(f"[green]demo finished in {took}" if verdict_.ok else
+                  f"[yellow]demo finished in {took}; the verdict above says what needs your attention")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
 """Process-level runtime tuning for CPU work (training, evaluation, forecast queries).
 
-glibc's malloc returns every large block (> 128 KiB by default, raised dynamically up to 32 MiB) to the kernel
-when it is freed, and trims the heap top, so each of the many 4-50 MB activations of a 3D network at 32^3 is
-mapped afresh and page-faulted in at its first touch. That was 25-40% of the time of a 32-sample forecast
-(``benchmarks/forecast_latency.py --models-only`` with and without ``LONGITUDINAL_TUNE_MALLOC=false``: tfm
-1.71 -> 1.30 s, np 1.72 -> 1.01 s on 2 CPU threads). ``tune_cpu_allocator`` keeps freed blocks in the heap for reuse
-instead (the process keeps its peak heap, a few hundred MB here). It is a no-op where the C library is not
-glibc, and ``LONGITUDINAL_TUNE_MALLOC=false`` turns it off.
+glibc's malloc returns every large block to the kernel when it is freed and trims the heap top, so each of the
+many 4-50 MB activations of a 3D network at 32^3 is mapped afresh and page-faulted in at its first touch.
+``tune_cpu_allocator`` keeps freed blocks in the heap for reuse instead (the process keeps its peak heap, a few
+hundred MB here); why and how much it saves: docs/decisions/malloc-tuning.md. It is a no-op where the C library is
+not glibc, and ``LONGITUDINAL_TUNE_MALLOC=false`` turns it off.
 """
 
 from __future__ import annotations

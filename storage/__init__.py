@@ -1,1 +1,2 @@
-"""Cohort store: schema v1, atomic per-patient writes, index, readers. No torch, prefect or mlflow."""
+"""Cohort store: schema v2 (with treatment events; v1 read-only until migrated), atomic per-patient writes, index,
+readers. No torch, prefect or mlflow."""

@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from storage._commit import CommitProtocol, journal_owner_alive
-from storage._location import INDEX, PATIENTS, STAGING, TRASH
+from storage._location import INDEX, PATIENTS, STAGING, TRASH, TREATMENTS
 from storage._records import (
     data_checksum,
     index_rows,
     same_value,
     session_from_attrs,
+    sorted_treatments,
+    treatment_rows,
+    treatments_checksum,
+    treatments_from_attrs,
     validate_patient_id_or_none,
 )
 from storage.schema import (
@@ -27,8 +31,10 @@ from storage.schema import (
     INDEX_COLUMNS,
     LABEL_DIMS,
     LABEL_VALUES,
+    READ_ONLY_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     TIME_DIMS,
+    TREATMENT_COLUMNS,
 )
 
 # Temp files of atomic local writes exist for microseconds (a failed write removes its own); older ones were
@@ -83,11 +89,12 @@ class StoreAudit(CommitProtocol):
                     done.append(f"removed leftover {area}/{entry}")
                 except OSError:
                     continue
-        for entry in self._listdir(INDEX):
-            if entry.startswith(".") and self._is_old_temp(self._path(INDEX, entry)):
-                with contextlib.suppress(OSError):
-                    self._rm(self._path(INDEX, entry))
-                    done.append(f"removed leftover {INDEX}/{entry}")
+        for area in (INDEX, TREATMENTS):
+            for entry in self._listdir(area):
+                if entry.startswith(".") and self._is_old_temp(self._path(area, entry)):
+                    with contextlib.suppress(OSError):
+                        self._rm(self._path(area, entry))
+                        done.append(f"removed leftover {area}/{entry}")
         done.extend(self._clear_abandoned_leases())
         return done
 
@@ -101,15 +108,21 @@ class StoreAudit(CommitProtocol):
 
     # --- checking --------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Every fault in the store, one line each naming patient and problem (empty when sound)."""
+        """Every fault in the store, one line each naming patient and problem (empty when sound).
+
+        A schema v1 store is checked as v1 (it has no treatments); a v2 store's treatment events are checked
+        too: their records, their checksum in the ``commit`` attribute and the ``treatments/`` fragments.
+        """
         import pandas as pd
 
         problems: list[str] = []
         attrs = self._root_attrs()
         if attrs is None:
             return [f"store {self.url}: no root zarr.json"]
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            problems.append(f"store: schema_version {attrs.get('schema_version')!r} != {SCHEMA_VERSION}")
+        version = attrs.get("schema_version")
+        if version not in (SCHEMA_VERSION, *READ_ONLY_SCHEMA_VERSIONS):
+            problems.append(f"store: schema_version {version!r} != {SCHEMA_VERSION}")
+        with_treatments = version == SCHEMA_VERSION
         for area in (STAGING, TRASH):
             for entry in self._listdir(area):
                 problems.append(f"store: unfinished write left in {area}/{entry}")
@@ -136,9 +149,66 @@ class StoreAudit(CommitProtocol):
                 continue
             if stem is None or stem not in committed:
                 problems.append(f"index: fragment {name} does not belong to a committed patient")
+        treatments = pd.DataFrame(columns=list(TREATMENT_COLUMNS))
+        if with_treatments:
+            try:
+                treatments = self.treatments()  # type: ignore[attr-defined]
+            except Exception as exc:  # a corrupt fragment must not hide every other fault
+                problems.append(f"treatments: unreadable ({type(exc).__name__}: {exc})")
+            fragments = set()
+            for name in self._listdir(TREATMENTS):
+                if name.startswith("."):
+                    continue
+                stem = name[: -len(".parquet")] if name.endswith(".parquet") else None
+                fragments.add(stem)
+                if stem is None or stem not in committed:
+                    problems.append(f"treatments: fragment {name} does not belong to a committed patient")
+            problems += [f"patient {pid}: no treatments fragment {TREATMENTS}/{pid}.parquet"
+                         for pid in committed if pid not in fragments]
         for pid in committed:
             problems.extend(f"patient {pid}: {p}" for p in self._verify_patient(pid, index))
+            if with_treatments:
+                problems.extend(f"patient {pid}: {p}" for p in self._verify_treatments(pid, treatments))
         return problems
+
+    def _verify_treatments(self, pid: str, table: Any) -> list[str]:
+        """The patient's treatment events against their checksum, their records and the treatments table."""
+        try:
+            attrs = self._committed_attrs(pid)
+        except Exception as exc:
+            return [f"cannot read attributes ({type(exc).__name__}: {exc})"]
+        raw = attrs.get("treatments")
+        if not isinstance(raw, list):
+            return ["no treatments attribute (written by schema v1 code: run the migration again)"]
+        out: list[str] = []
+        expected = (attrs.get("commit") or {}).get("treatments_sha256")
+        if expected is None:
+            out.append("no treatments checksum in the commit attribute")
+        elif treatments_checksum(raw) != expected:
+            out.append(f"treatments checksum mismatch (stored {expected}, computed {treatments_checksum(raw)})")
+        try:
+            records = treatments_from_attrs(attrs)
+        except Exception as exc:
+            return [*out, f"unreadable treatment records ({type(exc).__name__}: {exc})"]
+        sessions = attrs.get("sessions") or []
+        baseline = sessions[0].get("shifted_date") if sessions and isinstance(sessions[0], dict) else None
+        for record in records:
+            out.extend(record.problems(baseline))
+        if len({r.key for r in records}) != len(records):
+            out.append("treatment events are not unique by (kind, start_date)")
+        if records != sorted_treatments(records):
+            out.append("treatment events are not in stored order (start date, kind)")
+        rows = table[table["patient_id"] == pid] if len(table) else table
+        want = treatment_rows(pid, records)
+        if len(rows) != len(want):
+            out.append(f"treatments table has {len(rows)} rows for {len(want)} events")
+            return out
+        got = rows.sort_values("event").to_dict("records")
+        for w, g in zip(want, got, strict=True):
+            for col in TREATMENT_COLUMNS[1:]:
+                if not _same_cell(w[col], g[col]):
+                    out.append(f"treatments row {w['event']}: {col} {g[col]!r} != stored {w[col]!r}")
+        return out
 
     def _verify_patient(self, pid: str, index: Any) -> list[str]:
         out: list[str] = []
@@ -213,3 +283,13 @@ class StoreAudit(CommitProtocol):
         if bad_labels:
             out.append(f"label values outside {sorted(LABEL_VALUES)}: {sorted(bad_labels)}")
         return out
+
+
+def _same_cell(a: Any, b: Any) -> bool:
+    """``same_value``, with None and NaN (how pandas reads a null) counted as the same missing value."""
+    def missing(v: Any) -> bool:
+        return v is None or (isinstance(v, float) and np.isnan(v))
+
+    if missing(a) or missing(b):
+        return missing(a) and missing(b)
+    return same_value(a, b)

@@ -25,6 +25,7 @@ from storage._location import (
     PATIENTS,
     STAGING,
     TRASH,
+    TREATMENTS,
     StoreFullError,
     disk_full_cause,
     disk_full_error,
@@ -32,7 +33,15 @@ from storage._location import (
     process_alive,
 )
 from storage._locking import RECOVERY_LOCK_WAIT_S, PatientLocking
-from storage._records import index_rows, index_schema, session_from_attrs, validate_patient_id_or_none
+from storage._records import (
+    index_rows,
+    index_schema,
+    session_from_attrs,
+    treatment_rows,
+    treatments_from_attrs,
+    treatments_schema,
+    validate_patient_id_or_none,
+)
 from storage._staging import write_patient_group
 from storage.schema import PatientRecord, validate_patient_id
 
@@ -97,8 +106,9 @@ class CommitProtocol(PatientLocking):
         increasing (module docstring describes the commit). To add to what is stored, use
         :meth:`update_patient`: a merge computed from an earlier read would drop what others committed since.
         Raises ValueError listing every problem of the record, StoreFullError (an OSError) when the device is
-        full. Returns the committed generation id.
+        full, ReadOnlyStoreError on a store of an older schema version. Returns the committed generation id.
         """
+        self._require_writable(f"write patient {record.patient_id}")
         with self._naming_disk_full(f"writing patient {record.patient_id}"):
             return self._commit_record(record)
 
@@ -110,9 +120,11 @@ class CommitProtocol(PatientLocking):
         the commit (other writers of ``pid`` wait; other patients proceed). Should another writer commit in
         between anyway (a blind ``write_patient``, a broken lease), the commit is refused and ``merge`` runs
         again on the new state, up to ``attempts`` times, then ConcurrentUpdateError. Raises what ``merge``
-        raises, ValueError for an invalid record, StoreFullError when the device is full.
+        raises, ValueError for an invalid record, StoreFullError when the device is full, ReadOnlyStoreError on a
+        store of an older schema version.
         """
         validate_patient_id(pid)
+        self._require_writable(f"update patient {pid}")
         with self._naming_disk_full(f"updating patient {pid}"):
             for _ in range(max(1, attempts)):
                 with self._patient_lock(pid):
@@ -133,10 +145,12 @@ class CommitProtocol(PatientLocking):
         )
 
     def delete_patient(self, pid: str) -> None:
-        """Remove a patient (index fragment first, so the index never names a missing group)."""
+        """Remove a patient (index and treatments fragments first, so no table names a missing group)."""
         validate_patient_id(pid)
+        self._require_writable(f"delete patient {pid}")
         with self._patient_lock(pid):
             self._rm(self._path(INDEX, f"{pid}.parquet"))
+            self._rm(self._path(TREATMENTS, f"{pid}.parquet"))
             self._rm(f"{self._path(PATIENTS, pid)}/zarr.json")
             self._rm(self._path(PATIENTS, pid))
 
@@ -246,8 +260,10 @@ class CommitProtocol(PatientLocking):
                         self._swap_object(staged, target)
                     committed = True
             if self.has_patient(pid):
-                sessions = [session_from_attrs(d) for d in self._committed_attrs(pid)["sessions"]]
-                self._write_index_fragment(pid, sessions)
+                attrs = self._committed_attrs(pid)
+                self._write_index_fragment(pid, [session_from_attrs(d) for d in attrs["sessions"]])
+                if not self.read_only:
+                    self._write_treatments_fragment(pid, treatments_from_attrs(attrs))
         if self.is_local:
             for entry in self._listdir(TRASH):
                 if entry == name or entry.startswith(f"{name}."):
@@ -294,6 +310,17 @@ class CommitProtocol(PatientLocking):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self._write_bytes_atomic(self._path(INDEX, f"{pid}.parquet"), buf.getvalue())
+
+    def _write_treatments_fragment(self, pid: str, treatments: list) -> None:
+        """``treatments/<pid>.parquet``: the patient's events (TREATMENT_COLUMNS), written even when empty so
+        that every committed patient has one and plain readers always find the columns."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(treatment_rows(pid, treatments), schema=treatments_schema())
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self._write_bytes_atomic(self._path(TREATMENTS, f"{pid}.parquet"), buf.getvalue())
 
     # --- crash semantics -------------------------------------------------------------------------------
     def _journals(self) -> list[tuple[str, dict | None]]:

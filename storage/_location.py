@@ -14,10 +14,11 @@ import time
 import uuid
 from typing import Any
 
-from storage.schema import validate_patient_id
+from storage.schema import SCHEMA_VERSION, validate_patient_id
 
 PATIENTS = "patients"
 INDEX = "index"
+TREATMENTS = "treatments"
 STAGING = ".staging"
 TRASH = ".trash"
 LOCKS = ".locks"
@@ -32,6 +33,11 @@ PAUSE_STAGES = ("lock-wait", "staged", "committing", "swapped")
 
 # errno values that mean "the device (or the writer's quota) is full".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ReadOnlyStoreError(ValueError):
+    """A write to a store this code only reads: one of an older schema version (``longitudinal store migrate``
+    or ``storage.store.migrate_store`` upgrades it). Not an I/O error: retrying never helps."""
 
 
 class StoreFullError(OSError):
@@ -113,10 +119,26 @@ class StoreLocation:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
         self._fs_cache: tuple[Any, str] | None = None
+        # The root's schema_version as opened (set by CohortStore.open); older versions are read-only.
+        self.schema_version: int = SCHEMA_VERSION
 
     def __getstate__(self) -> dict:
         # Filesystem handles do not pickle reliably; Dask/Prefect workers rebuild them.
-        return {"url": self.url, "storage_options": self.storage_options, "_fs_cache": None}
+        return {"url": self.url, "storage_options": self.storage_options, "_fs_cache": None,
+                "schema_version": self.schema_version}
+
+    @property
+    def read_only(self) -> bool:
+        """True for a store of an older schema version: it is read, never written, until migrated."""
+        return self.schema_version != SCHEMA_VERSION
+
+    def _require_writable(self, action: str) -> None:
+        """Raise ReadOnlyStoreError when this store may not be written (an older schema version)."""
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"cannot {action}: store {self.url} has schema version {self.schema_version}, which this code "
+                f"reads only; upgrade it to version {SCHEMA_VERSION} with `longitudinal store migrate {self.url}`"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

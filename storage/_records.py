@@ -6,12 +6,13 @@ Nothing here touches a filesystem; :mod:`storage.store` re-exports the public na
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from storage.schema import SessionRecord, validate_patient_id
+from storage.schema import SessionRecord, TreatmentRecord, validate_patient_id
 
 REFERENCE_SPACE = (
     "Per patient: the baseline scan's grid, reoriented to RAS and resampled to isotropic spacing; later "
@@ -22,6 +23,11 @@ REFERENCE_SPACE = (
 CHECKSUM_DEFINITION = (
     "sha256 over, for t in 0..T-1: image[t] bytes then label[t] bytes (C order, little-endian), "
     "followed by the time array bytes (float64 little-endian)"
+)
+
+TREATMENTS_CHECKSUM_DEFINITION = (
+    "sha256 of the patient attribute 'treatments' as JSON: a list of objects in stored order, keys sorted, "
+    "separators ',' and ':', ASCII only"
 )
 
 
@@ -43,13 +49,31 @@ def index_schema() -> Any:
     )
 
 
+def treatments_schema() -> Any:
+    """The pyarrow schema of a treatments fragment (TREATMENT_COLUMNS with their types)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("patient_id", pa.string()),
+            ("event", pa.int64()),
+            ("kind", pa.string()),
+            ("start_days", pa.float64()),
+            ("end_days", pa.float64()),
+            ("start_date", pa.string()),
+            ("end_date", pa.string()),
+        ]
+    )
+
+
 @dataclass
 class PatientArrays:
     """Lazy view of one committed patient.
 
     image: zarr.Array (T, C, Z, Y, X) float32; label: zarr.Array (T, Z, Y, X) uint8 (read slices on demand).
     days: (T,) float64 days since baseline. spacing_mm: (z, y, x) mm. affine: (4, 4) voxel (x, y, z) -> RAS mm.
-    channels: C channel names. sessions: T SessionRecords in time order.
+    channels: C channel names. sessions: T SessionRecords in time order. treatments: the patient's
+    TreatmentRecords (days since the baseline scan's calendar date; empty in a schema v1 store).
     """
 
     patient_id: str
@@ -60,6 +84,7 @@ class PatientArrays:
     affine: np.ndarray
     channels: tuple[str, ...]
     sessions: list[SessionRecord] = field(default_factory=list)
+    treatments: list[TreatmentRecord] = field(default_factory=list)
 
 
 def data_checksum(image: Any, label: Any, days: np.ndarray) -> str:
@@ -106,6 +131,43 @@ def index_rows(pid: str, sessions: list[SessionRecord]) -> list[dict]:
         }
         for i, s in enumerate(sessions)
     ]
+
+
+def treatment_rows(pid: str, treatments: list[TreatmentRecord]) -> list[dict]:
+    """The treatments-table rows (TREATMENT_COLUMNS) for one patient's events, in stored order."""
+    return [
+        {
+            "patient_id": pid,
+            "event": i,
+            "kind": t.kind,
+            "start_days": float(t.start_days),
+            "end_days": None if t.end_days is None else float(t.end_days),
+            "start_date": t.start_date,
+            "end_date": t.end_date,
+        }
+        for i, t in enumerate(treatments)
+    ]
+
+
+def sorted_treatments(treatments: list[TreatmentRecord]) -> list[TreatmentRecord]:
+    """Events in stored order: by start date, then kind, then end date (open ends first)."""
+    return sorted(treatments, key=lambda t: (t.start_date, t.kind, t.end_date or ""))
+
+
+def treatments_attr(treatments: list[TreatmentRecord]) -> list[dict]:
+    """The patient attribute ``treatments``: plain JSON objects in stored order."""
+    return [t.to_dict() for t in sorted_treatments(treatments)]
+
+
+def treatments_checksum(attr: list[dict]) -> str:
+    """sha256 of the ``treatments`` attribute (see TREATMENTS_CHECKSUM_DEFINITION)."""
+    text = json.dumps(attr, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def treatments_from_attrs(attrs: dict) -> list[TreatmentRecord]:
+    """A patient's TreatmentRecords from its group attributes ([] for a group written by schema v1)."""
+    return [TreatmentRecord.from_dict(dict(d)) for d in attrs.get("treatments") or []]
 
 
 def json_safe(value: Any) -> Any:

@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from storage._records import CHECKSUM_DEFINITION, data_checksum, json_safe, reference_nifti
+from storage._records import (
+    CHECKSUM_DEFINITION,
+    TREATMENTS_CHECKSUM_DEFINITION,
+    data_checksum,
+    json_safe,
+    reference_nifti,
+    treatments_attr,
+    treatments_checksum,
+)
 from storage.schema import (
     IMAGE_CHUNKS,
     IMAGE_DIMS,
@@ -31,7 +39,8 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
     the data checksum (see CHECKSUM_DEFINITION).
 
     Chunks: one time point and channel per chunk, spatial chunks of at most IMAGE_CHUNKS voxels, zstd. The
-    group attribute ``commit`` (generation ``uid``, checksum, staging time in Unix seconds) is written last.
+    group attribute ``commit`` (generation ``uid``, data and treatments checksums, staging time in Unix
+    seconds) is written last. Treatment events go to the attribute ``treatments`` (plain JSON, stored order).
     """
     import zarr
     from zarr.codecs import ZstdCodec
@@ -85,6 +94,7 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
     tim[:] = days
     checksum = data_checksum(image, label, days)
     sessions = list(record.sessions)
+    treatments = treatments_attr(list(record.treatments))
     # One metadata write for all attributes (attrs.update would rewrite zarr.json once per key).
     group.update_attributes(
         {
@@ -97,11 +107,14 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
             "days": [float(d) for d in days],
             "acquisition_dates": [s.shifted_date for s in sessions],
             "sessions": [json_safe(s.to_dict()) for s in sessions],
+            "treatments": treatments,
             # Written last: the staged group is complete once this attribute exists.
             "commit": {
                 "generation": uid,
                 "data_sha256": checksum,
                 "checksum_definition": CHECKSUM_DEFINITION,
+                "treatments_sha256": treatments_checksum(treatments),
+                "treatments_checksum_definition": TREATMENTS_CHECKSUM_DEFINITION,
                 "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 # Orders generations when recovery finds an abandoned commit (see _finish_commit).
                 "staged_unix": time.time(),

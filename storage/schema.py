@@ -1,4 +1,4 @@
-"""Cohort store schema v1: names, dtypes, chunking, and the records written per patient and session.
+"""Cohort store schema v2: names, dtypes, chunking, and the records written per patient, session and treatment.
 
 Layout (Zarr v3)::
 
@@ -7,22 +7,30 @@ Layout (Zarr v3)::
         image  (time, channel, z, y, x) float32, chunks (1, 1, 64, 64, 64), zstd
         label  (time, z, y, x)          uint8 (0 background, 1 oedema/non-enhancing, 2 enhancing)
         time   (time)                   float64, days since the patient's baseline scan
-        attrs: see PatientRecord.attrs()
+        attrs: see PatientRecord; ``treatments`` lists the patient's TreatmentRecords (plain JSON)
       index/<patient_id>.parquet     one row per session (INDEX_COLUMNS); ``pandas.read_parquet(store/"index")``
                                      reads the whole cohort as one table
+      treatments/<patient_id>.parquet  one row per treatment event (TREATMENT_COLUMNS), empty for an untreated
+                                     patient; ``pandas.read_parquet(store/"treatments")`` reads every event
 
 Arrays carry ``_ARRAY_DIMENSIONS``-equivalent dimension names so plain ``xarray.open_zarr`` labels them.
 Strings live in attributes or the index table (zarr v3 has no fixed-width unicode spec).
+
+Version history: v1 had no treatments (no ``treatments`` attribute, no ``treatments/`` folder). This code opens
+a v1 store read-only; ``storage.store.migrate_store`` turns it into v2.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import date
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Older versions this code still reads (read-only): writers refuse them until the store is migrated.
+READ_ONLY_SCHEMA_VERSIONS = (1,)
 IMAGE_CHUNKS = (1, 1, 64, 64, 64)
 LABEL_CHUNKS = (1, 64, 64, 64)
 IMAGE_DIMS = ("time", "channel", "z", "y", "x")
@@ -70,6 +78,82 @@ INDEX_COLUMNS = (
     "content_sha256",  # sha256 over the session's source files (sorted by channel)
     "has_label",  # bool
 )
+
+
+TREATMENT_KINDS = ("surgery", "radiotherapy", "chemotherapy")
+TREATMENT_COLUMNS = (
+    "patient_id",  # pseudonymised id
+    "event",  # position in the patient's event list (ordered by start date, then kind)
+    "kind",  # one of TREATMENT_KINDS
+    "start_days",  # float64 whole days from the baseline scan's calendar date to the start (negative: before it)
+    "end_days",  # float64 the same for the last day of the event; null when the source gives no end date
+    "start_date",  # ISO date after the per-patient date shift (never the real date)
+    "end_date",  # shifted ISO end date, or null
+)
+
+
+@dataclass(frozen=True)
+class TreatmentRecord:
+    """One treatment event of a patient, in the patient's shifted calendar.
+
+    kind: one of TREATMENT_KINDS.
+    start_days: whole days from the calendar date of the patient's baseline scan (``SessionRecord.shifted_date``
+        of time point 0) to the event's first day; negative when the event precedes the baseline scan.
+    start_date: ISO date (YYYY-MM-DD) of the first day, shifted like the patient's scans (never the real date).
+    end_days / end_date: the same for the last day (radiotherapy, a course of chemotherapy); None when the
+        source gives no end (a surgery).
+    Events are identified by (kind, start_date): ingesting the same event again changes nothing.
+    """
+
+    kind: str
+    start_days: float
+    start_date: str
+    end_days: float | None = None
+    end_date: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, start_date): what identifies the event within its patient."""
+        return (self.kind, self.start_date)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TreatmentRecord:
+        return cls(**d)
+
+    def problems(self, baseline_date: str | None = None) -> list[str]:
+        """Every inconsistency of this event; ``baseline_date`` (ISO, the baseline scan's shifted date) checks
+        that the days agree with the dates."""
+        where = f"treatment {self.kind!r} starting {self.start_date!r}"
+        out: list[str] = []
+        if self.kind not in TREATMENT_KINDS:
+            out.append(f"{where}: kind must be one of {list(TREATMENT_KINDS)}")
+        dates: dict[str, date | None] = {}
+        for name, text in (("start_date", self.start_date), ("end_date", self.end_date)):
+            try:
+                dates[name] = None if text is None else date.fromisoformat(text)
+            except (TypeError, ValueError):
+                out.append(f"{where}: {name} {text!r} is not an ISO date")
+                dates[name] = None
+        days = [("start_days", self.start_days), ("end_days", self.end_days)]
+        for name, value in days:
+            if value is not None and (not isinstance(value, int | float) or not np.isfinite(value)):
+                out.append(f"{where}: {name} must be a finite number of days, got {value!r}")
+        if (self.end_days is None) != (self.end_date is None):
+            out.append(f"{where}: end_days and end_date must both be set or both be None")
+        start, end = dates.get("start_date"), dates.get("end_date")
+        if start is not None and end is not None and end < start:
+            out.append(f"{where}: ends before it starts")
+        if out or baseline_date is None or start is None:
+            return out
+        base = date.fromisoformat(baseline_date[:10])
+        if self.start_days != (start - base).days:
+            out.append(f"{where}: start_days {self.start_days} != {(start - base).days} days after the baseline")
+        if end is not None and self.end_days != (end - base).days:
+            out.append(f"{where}: end_days {self.end_days} != {(end - base).days} days after the baseline")
+        return out
 
 
 @dataclass(frozen=True)
@@ -128,6 +212,8 @@ class PatientRecord:
     reference_affine: 4x4 NIfTI affine of the reference grid: voxel (i, j, k) -> RAS mm. Store arrays are
         the NIfTI volume transposed, i.e. ``array[..., z, y, x] == nifti_data[x, y, z]`` with i=x, j=y, k=z.
     sessions: one SessionRecord per time point, same order as days.
+    treatments: the patient's treatment events (TreatmentRecord), ordered by start date then kind; days are
+        counted from the calendar date of sessions[0].
     """
 
     patient_id: str
@@ -138,6 +224,7 @@ class PatientRecord:
     spacing_mm: tuple[float, float, float]
     reference_affine: np.ndarray
     sessions: list[SessionRecord]
+    treatments: list[TreatmentRecord] = field(default_factory=list)
 
     def check(self) -> list[str]:
         """Every inconsistency in this record (empty when valid)."""
@@ -176,4 +263,12 @@ class PatientRecord:
             or self.label.max() > max(LABEL_VALUES)
         ):
             problems.append(f"label must hold integers in {sorted(LABEL_VALUES)}")
+        baseline = self.sessions[0].shifted_date if self.sessions else None
+        for event in self.treatments:
+            problems.extend(event.problems(baseline))
+        keys = [event.key for event in self.treatments]
+        if len(set(keys)) != len(keys):
+            problems.append("treatment events are not unique by (kind, start_date)")
+        if self.treatments and not self.sessions:
+            problems.append("treatment events need at least one session to count days from")
         return problems

@@ -1,11 +1,13 @@
 """The cohort store: one Zarr v3 hierarchy, one group per patient, atomic per-patient writes, an index table.
 
-Layout (schema v1, see :mod:`storage.schema`)::
+Layout (schema v2, see :mod:`storage.schema`)::
 
     <store>/zarr.json                     root group; attrs schema_version, created_by, reference_space
     <store>/patients/zarr.json            group holding one group per committed patient
-    <store>/patients/<pid>/{image,label,time}
+    <store>/patients/<pid>/{image,label,time}   attrs include ``treatments`` (the patient's events, JSON)
     <store>/index/<pid>.parquet           one row per session; ``pandas.read_parquet("<store>/index")``
+    <store>/treatments/<pid>.parquet      one row per treatment event (none: an empty table);
+                                          ``pandas.read_parquet("<store>/treatments")``
     <store>/.staging/<pid>.<uid>/         a patient group being written (never read by anyone)
     <store>/.staging/<pid>.<uid>.json     the write's journal: owner (host, pid), state "writing" | "commit"
     <store>/.trash/<pid>.<uid>/           a replaced patient group awaiting deletion (local stores)
@@ -14,7 +16,8 @@ Layout (schema v1, see :mod:`storage.schema`)::
 
 Reading without our code: ``xarray.open_zarr(url, group="patients/<pid>", consolidated=False)`` gives
 ``image`` (time, channel, z, y, x) float32, ``label`` (time, z, y, x) uint8 and the ``time`` coordinate in days
-since the patient's baseline (float64). No consolidated metadata is written anywhere, on purpose: xarray
+since the patient's baseline (float64); the group attribute ``treatments`` lists the patient's treatment
+events (kind, start/end in days since the baseline scan's date and as shifted dates). No consolidated metadata is written anywhere, on purpose: xarray
 reads consolidated metadata from the *root* and trusts it blindly, and a root summary would go stale (wrong
 shapes) as soon as one patient is appended by another writer. Without ``consolidated=False`` xarray still
 opens the group, after a RuntimeWarning. ``zarr.open_group`` on the root warns that ``index`` and ``.staging``
@@ -35,8 +38,9 @@ new one, or -- only during a swap -- no such patient):
      reader, ours and plain zarr/xarray alike), delete the old objects, copy the staged arrays, and copy the
      group's ``zarr.json`` (carrying the ``commit`` attribute) last. A group is only visible once that
      single PUT lands, and the staged copy stays until the end, so a crash mid-copy is rolled forward.
-4. Write ``index/<pid>.parquet`` atomically (temp file + ``os.replace`` locally; one PUT on object stores).
-   The fragment is derivable from the committed group, so recovery can always rewrite it.
+4. Write ``index/<pid>.parquet`` and ``treatments/<pid>.parquet`` atomically (temp file + ``os.replace``
+   locally; one PUT on object stores). Both are derivable from the committed group, so recovery can always
+   rewrite them.
 5. Delete trash, staging and the journal.
 
 Concurrency: writers of different patients run in parallel freely (threads or processes). Writers of one
@@ -58,6 +62,10 @@ generation staged after its flip has been committed since (a newer write wins). 
 abandoned journals of its patient under the lock before reading. ``verify()`` reports any leftover journal,
 staging or trash entry, uncommitted group, and every inconsistency between arrays, attributes, index and the
 stored data checksum.
+
+Schema versions: a store of an older version (v1: no treatments) opens read-only: every reader works
+(a v1 patient has no events), writers raise ``ReadOnlyStoreError``, and nothing is recovered on open.
+``migrate_store`` (``longitudinal store migrate``) upgrades it in place (:mod:`storage._migrate`).
 
 Full disk: a write failing with ENOSPC or EDQUOT removes its staging and journal and raises
 ``StoreFullError`` (an OSError with the original errno), whose message starts with "disk full"; what its
@@ -94,22 +102,38 @@ from storage._location import (
     PAUSE_STAGES,
     STAGING,
     TRASH,
+    TREATMENTS,
+    ReadOnlyStoreError,
     StoreFullError,
 )
 from storage._locking import LOCK_STALE_S, LOCK_WAIT_S
+from storage._migrate import MigrationError, MigrationReport, migrate
 from storage._records import (
     CHECKSUM_DEFINITION,
     REFERENCE_SPACE,
+    TREATMENTS_CHECKSUM_DEFINITION,
     PatientArrays,
     data_checksum,
     index_rows,
     index_schema,
     reference_nifti,
     session_from_attrs,
+    treatment_rows,
+    treatments_from_attrs,
+    treatments_schema,
     validate_patient_id_or_none,
 )
 from storage._staging import ZSTD_LEVEL
-from storage.schema import INDEX_COLUMNS, SCHEMA_VERSION, PatientRecord, SessionRecord, validate_patient_id
+from storage.schema import (
+    INDEX_COLUMNS,
+    READ_ONLY_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    TREATMENT_COLUMNS,
+    PatientRecord,
+    SessionRecord,
+    TreatmentRecord,
+    validate_patient_id,
+)
 
 __all__ = [
     "CHECKSUM_DEFINITION",
@@ -128,17 +152,24 @@ __all__ = [
     "STALE_AFTER_S",
     "TEMP_STALE_S",
     "TRASH",
+    "TREATMENTS",
+    "TREATMENTS_CHECKSUM_DEFINITION",
     "UPDATE_ATTEMPTS",
     "ZSTD_LEVEL",
     "CohortStore",
     "ConcurrentUpdateError",
     "MergeFn",
+    "MigrationError",
+    "MigrationReport",
     "PatientArrays",
     "PatientUpdate",
+    "ReadOnlyStoreError",
     "StoreFullError",
     "data_checksum",
     "index_rows",
+    "migrate_store",
     "reference_nifti",
+    "treatment_rows",
     "validate_patient_id_or_none",
 ]
 
@@ -165,6 +196,8 @@ class CohortStore(StoreAudit):
 
         ``created_by`` is recorded in the root attrs on creation (e.g. "longitudinal 0.1.0"; default
         "storage"). ``recover`` finishes or rolls back writes abandoned by crashed writers (module docstring).
+        A store of an older schema version (READ_ONLY_SCHEMA_VERSIONS) opens read-only (``read_only``; writers
+        raise ReadOnlyStoreError, nothing is recovered) until ``migrate_store`` upgrades it.
         Raises FileNotFoundError when the store is missing and ``create`` is False, ValueError on a schema
         version this code does not read.
         """
@@ -175,12 +208,14 @@ class CohortStore(StoreAudit):
                 raise FileNotFoundError(f"no cohort store at {store.url} (use create=True to make one)")
             with store._naming_disk_full("creating the store"):
                 store._create(created_by or "storage")
+        elif attrs.get("schema_version") in READ_ONLY_SCHEMA_VERSIONS:
+            store.schema_version = int(attrs["schema_version"])
         elif attrs.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
                 f"store {store.url} has schema_version {attrs.get('schema_version')!r}; "
-                f"this code reads version {SCHEMA_VERSION}"
+                f"this code reads versions {[*READ_ONLY_SCHEMA_VERSIONS, SCHEMA_VERSION]}"
             )
-        if recover:
+        if recover and not store.read_only:
             store.recover()
         return store
 
@@ -197,11 +232,13 @@ class CohortStore(StoreAudit):
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "reference_space": REFERENCE_SPACE,
                 "index": f"{INDEX}/<patient_id>.parquet, columns {list(INDEX_COLUMNS)}",
+                "treatments": f"{TREATMENTS}/<patient_id>.parquet, columns {list(TREATMENT_COLUMNS)}",
             },
         )
         root.require_group(PATIENTS)
         if self.is_local:
             os.makedirs(self._path(INDEX), exist_ok=True)
+            os.makedirs(self._path(TREATMENTS), exist_ok=True)
 
     @property
     def attrs(self) -> dict:
@@ -254,6 +291,7 @@ class CohortStore(StoreAudit):
             affine=np.asarray(attrs["reference_affine"], dtype=np.float64),
             channels=tuple(attrs["channels"]),
             sessions=[session_from_attrs(d) for d in attrs["sessions"]],
+            treatments=treatments_from_attrs(attrs),
         )
 
     def read_patient(self, pid: str) -> PatientRecord:
@@ -268,7 +306,13 @@ class CohortStore(StoreAudit):
             spacing_mm=a.spacing_mm,
             reference_affine=a.affine,
             sessions=a.sessions,
+            treatments=a.treatments,
         )
+
+    def patient_treatments(self, pid: str) -> list[TreatmentRecord]:
+        """The patient's treatment events in stored order (start date, then kind); days since the baseline
+        scan's calendar date. Empty for an untreated patient and in a schema v1 store. KeyError if absent."""
+        return treatments_from_attrs(self._committed_attrs(pid))
 
     def index(self) -> Any:
         """One row per (committed patient, session), columns INDEX_COLUMNS, sorted by (patient_id, days)."""
@@ -290,17 +334,41 @@ class CohortStore(StoreAudit):
         df = df[list(INDEX_COLUMNS)]
         return df.sort_values(["patient_id", "days"], kind="stable").reset_index(drop=True)
 
+    def treatments(self) -> Any:
+        """One row per (committed patient, treatment event), columns TREATMENT_COLUMNS, sorted by (patient_id,
+        event). Read from the ``treatments/`` fragments (in a schema v1 store, which has none: empty)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        committed = set(self.patient_ids())
+        tables = []
+        for name in self._listdir(TREATMENTS):
+            if not name.endswith(".parquet") or name.startswith((".", "_")):
+                continue
+            if name[: -len(".parquet")] not in committed:
+                continue
+            with self._fs.open(self._path(TREATMENTS, name), "rb") as fh:
+                tables.append(pq.read_table(fh, schema=treatments_schema()))
+        table = pa.concat_tables(tables) if tables else treatments_schema().empty_table()
+        df: pd.DataFrame = table.to_pandas()
+        df = df[list(TREATMENT_COLUMNS)]
+        return df.sort_values(["patient_id", "event"], kind="stable").reset_index(drop=True)
+
     def info(self) -> dict:
-        """Summary: url, schema version, created_by, patients, sessions, channels, grids, spacings, bytes."""
+        """Summary: url, schema version (and whether read-only), created_by, patients, sessions, treatment
+        events, channels, grids, spacings, bytes."""
         attrs = self._root_attrs() or {}
         pids = self.patient_ids()
         sessions = 0
+        events = 0
         channels: dict[str, None] = {}  # ordered set: channels in stored order
         grids: set[str] = set()
         spacings: set[str] = set()
         for pid in pids:
             a = self._committed_attrs(pid)
             sessions += len(a.get("sessions", []))
+            events += len(a.get("treatments") or [])
             channels.update(dict.fromkeys(a.get("channels", [])))
             shape = a.get("reference_nifti", {}).get("shape_xyz")
             if shape:
@@ -314,11 +382,23 @@ class CohortStore(StoreAudit):
         return {
             "url": self.url,
             "schema_version": attrs.get("schema_version"),
+            "read_only": self.read_only,
             "created_by": attrs.get("created_by"),
             "patients": len(pids),
             "sessions": sessions,
+            "treatment_events": events,
             "channels": list(channels),
             "grids_zyx": sorted(grids),
             "spacings_mm_zyx": sorted(spacings),
             "size_bytes": size,
         }
+
+
+def migrate_store(
+    url: str | os.PathLike, *, storage_options: dict | None = None, verify: bool = True
+) -> MigrationReport:
+    """Upgrade the store at ``url`` to SCHEMA_VERSION in place (:func:`storage._migrate.migrate`); a store
+    already at it is left as is. Raises MigrationError listing every fault that stops it, FileNotFoundError
+    when there is no store, ValueError for a version this code does not read."""
+    store = CohortStore.open(url, storage_options=storage_options, recover=False)
+    return migrate(store, verify=verify)

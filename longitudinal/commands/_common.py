@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NoReturn
 
 import typer
@@ -10,8 +11,37 @@ from rich.table import Table
 
 from longitudinal.settings import Settings
 
-console = Console()
-err_console = Console(stderr=True)
+
+def output_width() -> int | None:
+    """None (rich follows the terminal's width) when the process has a terminal or COLUMNS is set; otherwise, as
+    in a CI log or ``> file``, a width at which whole table rows fit instead of being cut at 80 columns."""
+    if os.environ.get("COLUMNS"):
+        return None
+    for fd in (1, 2, 0):
+        try:
+            os.get_terminal_size(fd)
+            return None
+        except OSError:
+            continue
+    return 160
+
+
+console = Console(width=output_width())
+err_console = Console(stderr=True, width=output_width())
+
+# Library messages name Python arguments; a CLI user needs the option that does the same.
+_CLI_WORDS = {
+    "(use create=True to make one)": "(create one with `longitudinal ingest SOURCE --store URL`, or run `make demo`)",
+    "use a new run folder or resume=False": "use another --run-dir, or --fresh to start over",
+    "resume=False": "--fresh",
+}
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python-API advice it may carry replaced by the CLI options that do the same."""
+    for api, cli in _CLI_WORDS.items():
+        message = message.replace(api, cli)
+    return message
 
 
 def settings_of(ctx: typer.Context) -> Settings:
@@ -37,5 +67,5 @@ def print_locations(settings: Settings, keys: tuple[str, ...] | None = None) -> 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a clear error (no traceback) and exit non-zero."""
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    err_console.print(f"[bold red]error:[/bold red] {cli_words(message)}")
     raise typer.Exit(code)

@@ -22,8 +22,10 @@ def _ml(v: float) -> str:
 
 def print_forecast_table(result: Any) -> None:
     """Two rows per query (whole tumour, enhancing core): days, days after the latest scan, date, volume median
-    and the 80% / 95% intervals in ml. Fits 80 columns."""
+    and the 80% / 95% intervals in ml; fits 80 columns. A query whose forecast cannot be trusted (the tumour does
+    not fit the model's field of view) is marked ``!`` in red, with its reasons printed under the table."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     version = f" v{result.version}" if result.version else ""
@@ -36,9 +38,20 @@ def print_forecast_table(result: Any) -> None:
     for q in result.queries:
         for i, (kind, v) in enumerate((("whole", q.volume_whole_ml), ("enhancing", q.volume_enhancing_ml))):
             lead = [f"{q.days:.0f}", f"{q.days_after_last_scan:+.0f}", q.date or "-"] if i == 0 else ["", "", ""]
-            table.add_row(*lead, kind, _ml(v.median), f"{_ml(v.lo80)}-{_ml(v.hi80)}", f"{_ml(v.lo95)}-{_ml(v.hi95)}")
+            if i == 0 and not q.trusted:
+                lead[0] += " !"
+            table.add_row(*lead, kind, _ml(v.median), f"{_ml(v.lo80)}-{_ml(v.hi80)}", f"{_ml(v.lo95)}-{_ml(v.hi95)}",
+                          style=None if q.trusted else "red")
         table.add_section()
     console.print(table)
+    bad = [q for q in result.queries if not q.trusted]
+    if bad:
+        when = ", ".join(f"day {q.days:.0f} ({q.days_after_last_scan:+.0f} d)" for q in bad)
+        console.print(f"[bold red]warning: not trustworthy at {when}:[/bold red]")
+        for reason in dict.fromkeys(r for q in bad for r in q.warnings()):
+            console.print(f"[red]  - {escape(reason)}[/red]")
+        console.print("[red]The model sees a fixed crop around the tumour; a tumour larger than it, or growing past "
+                      "it, is cut at the crop's border, so these volumes are too small. Do not use them.[/red]")
     whole = result.intervals.get("whole") or {}
     if whole.get("calibrated"):
         console.print(f"volume intervals: calibrated on {whole['calibration_targets']} targets of "

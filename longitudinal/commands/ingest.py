@@ -1,9 +1,10 @@
 """CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N | --dask-address
-tcp://HOST:PORT] [--allowed-root DIR]``.
+tcp://HOST:PORT] [--allowed-root DIR] [--treatments FILE.csv]``.
 
 The CLI twin of the ``ingest-cohort`` flow: both call ``longitudinal.ingest`` (this one through
 ``ingest_cohort``). Exit status: 0 when the run completed, even with quarantined sessions (their number is
-printed); 1 when nothing could be ingested; 2 when the store could not be written.
+printed); 1 when nothing could be ingested; 2 when the store could not be written. Refused treatment rows are printed with their file and line; they do
+not change the exit status.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def register(app: typer.Typer) -> None:
             help="Read only files that resolve (symlinks followed) inside this folder; a manifest line naming "
                  "any other file is quarantined.",
         ),
+        treatments: Path | None = typer.Option(
+            None, "--treatments",
+            help="CSV of treatment events: patient_id,date,treatment[,end_date] (treatment: surgery, "
+                 "radiotherapy or chemotherapy; ISO dates; ids as in the source). BIDS subjects' "
+                 "sub-*_treatments.tsv are read anyway.",
+        ),
     ) -> None:
         """Discover, de-identify, validate, register and store a cohort (idempotent; appends new sessions)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,6 +58,8 @@ def register(app: typer.Typer) -> None:
         print_locations(settings, ("store", "reports"))
         if not source.exists():
             fail(f"source {source} does not exist")
+        if treatments is not None and not treatments.exists():
+            fail(f"treatments file {treatments} does not exist")
         if allowed_root is not None:
             if not allowed_root.is_dir():
                 fail(f"--allowed-root {allowed_root} is not a folder")
@@ -75,7 +84,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 report = ingest_cohort(source, settings.store_url, settings, workers=workers, progress=progress,
-                                       config=config, dask_address=dask_address)
+                                       config=config, dask_address=dask_address, treatments=treatments)
             except (OSError, ValueError) as exc:
                 fail(f"ingest failed: {exc}", code=2)
 
@@ -87,6 +96,12 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]source problem:[/yellow] {problem}")
         if report.quarantined:
             console.print(f"[yellow]{report.quarantined} session(s) quarantined[/yellow]; reasons in {report.report_path}")
+        if report.treatments_quarantined:
+            console.print(f"[yellow]{report.treatments_quarantined} treatment row(s) refused[/yellow]:")
+            for p in report.patients:
+                for t in p.treatments:
+                    if t.status == "quarantined":
+                        console.print(f"  {p.patient_id}: {'; '.join(t.reasons)}", soft_wrap=True)
         code = report.exit_code()
         if code == 1:
             fail("nothing could be ingested (every session was quarantined or the source is empty)", code=1)

@@ -1,4 +1,4 @@
-"""CLI commands for the 'store' area: `longitudinal store info|verify [STORE]`."""
+"""CLI commands for the 'store' area: `longitudinal store info|patients|verify|migrate [STORE]`."""
 
 from __future__ import annotations
 
@@ -46,10 +46,12 @@ def register(app: typer.Typer) -> None:
         table = Table(title="cohort store", show_header=False, title_justify="left")
         rows = {
             "url": summary["url"],
-            "schema version": str(summary["schema_version"]),
+            "schema version": str(summary["schema_version"])
+            + (" (read-only: run `longitudinal store migrate`)" if summary.get("read_only") else ""),
             "created by": str(summary["created_by"]),
             "patients": str(summary["patients"]),
             "sessions": str(summary["sessions"]),
+            "treatment events": str(summary.get("treatment_events", 0)),
             "channels": ", ".join(summary["channels"]) or "-",
             "grid (z, y, x) voxels": ", ".join(summary["grids_zyx"]) or "-",
             "spacing (z, y, x) mm": ", ".join(summary["spacings_mm_zyx"]) or "-",
@@ -57,6 +59,29 @@ def register(app: typer.Typer) -> None:
         }
         for key, value in rows.items():
             table.add_row(f"[bold]{key}[/bold]", value)
+        console.print(table)
+
+    @store_app.command("patients")
+    def patients(ctx: typer.Context, store: str | None = STORE_ARG) -> None:
+        """List the stored patients: pseudonym, scans, first and latest scan date (the store's shifted calendar),
+        days between them and how many scans carry a tumour label."""
+        from rich.table import Table
+
+        cohort = _open(ctx, store, recover=False)
+        ids = cohort.patient_ids()
+        if not ids:
+            console.print(f"{cohort.url} holds no patient yet: add some with `longitudinal ingest SOURCE`")
+            return
+        table = Table(title=f"{len(ids)} patients", title_justify="left", caption_justify="left",
+                      caption="dates: the store's shifted calendar (each patient's dates are moved by a secret "
+                              "offset); forecast one with `longitudinal forecast PATIENT --in DAYS`")
+        for col in ("patient", "scans", "first scan", "latest scan", "days", "labelled"):
+            table.add_column(col, justify="left" if col == "patient" else "right", no_wrap=True)
+        for pid in ids:
+            sessions = cohort.sessions(pid)
+            first, last = sessions[0], sessions[-1]
+            table.add_row(pid, str(len(sessions)), (first.shifted_date or "-")[:10], (last.shifted_date or "-")[:10],
+                          f"{last.days - first.days:.0f}", str(sum(s.has_label for s in sessions)))
         console.print(table)
 
     @store_app.command("verify")
@@ -75,5 +100,34 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"  [red]FAULT[/red] {line}")
             fail(f"{len(problems)} fault(s) in {cohort.url}")
         console.print(f"[green]OK[/green] {cohort.url}: no faults")
+
+    @store_app.command("migrate")
+    def migrate(ctx: typer.Context, store: str | None = STORE_ARG) -> None:
+        """Upgrade a store of an older schema version (v1: no treatments) to the current one, in place.
+
+        Recovers abandoned writes and verifies first (any fault stops it, nothing changed); each patient gets
+        an empty treatment history; the root's schema version is written last, in one atomic write, so a
+        failure before leaves a sound old-version store and a rerun finishes. Stop older writers first.
+        Exit 1 when the store cannot be migrated or is not sound afterwards.
+        """
+        from storage.store import MigrationError, migrate_store
+
+        settings = with_store(settings_of(ctx), store)
+        print_locations(settings, ("home", "store"))
+        try:
+            report = migrate_store(settings.store_url)
+        except (FileNotFoundError, MigrationError, ValueError) as exc:
+            fail(str(exc))
+        except OSError as exc:  # e.g. StoreFullError ("disk full ..."): a rerun finishes the migration
+            fail(f"migration interrupted: {exc}; the store is still at its old version, run migrate again")
+        for step in report.steps:
+            console.print(f"  {step}")
+        if report.faults:
+            for line in report.faults:
+                err_console.print(f"  [red]FAULT[/red] {line}")
+            fail(f"{len(report.faults)} fault(s) in {report.url} after the migration")
+        what = (f"schema version {report.from_version} -> {report.to_version}" if report.migrated
+                else f"already at schema version {report.to_version}")
+        console.print(f"[green]OK[/green] {report.url}: {what}, no faults")
 
     app.add_typer(store_app, name="store")

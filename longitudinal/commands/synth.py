@@ -1,4 +1,5 @@
-"""CLI commands for the 'synth' area: `longitudinal synth OUT --patients N --seed S --preset tiny|default`."""
+"""CLI commands for the 'synth' area: `longitudinal synth OUT --patients N --seed S --preset tiny|default
+[--treated-fraction F]`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ def synth_cmd(
     patients: int = typer.Option(8, "--patients", "-n", min=1, help="Number of synthetic patients."),
     seed: int = typer.Option(0, "--seed", min=0, help="Cohort seed: the same seed gives the same cohort."),
     preset: str = typer.Option("default", "--preset", help="tiny (4 mm, for tests) | default (2 mm)."),
+    treated_fraction: float = typer.Option(
+        0.5, "--treated-fraction", min=0.0, max=1.0,
+        help="Share of patients treated after their baseline scan (resection, radiotherapy, temozolomide); "
+             "they get sub-*_treatments.tsv.",
+    ),
 ) -> None:
-    """Write a synthetic longitudinal glioma cohort (Fisher-Kolmogorov growth on MNI152) as BIDS."""
+    """Write a synthetic longitudinal glioma cohort (Fisher-Kolmogorov growth on MNI152) as BIDS; about half
+    the patients are treated (``--treated-fraction``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -33,17 +40,17 @@ def synth_cmd(
             summary = generate_cohort(
                 target, patients, seed, preset,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                channel_map=settings.bids_channel_map,
+                channel_map=settings.bids_channel_map, treated_fraction=treated_fraction,
             )
         except (ValueError, RuntimeError) as exc:
             fail(str(exc))
 
     table = Table(title=f"synthetic cohort ({summary.preset}, seed {summary.seed})", title_justify="left")
-    for col in ("subject", "visits", "whole ml (first-last)", "D_w mm²/day", "rho /day"):
+    for col in ("subject", "visits", "whole ml (min-max)", "D_w mm²/day", "rho /day", "treated"):
         table.add_column(col, justify="right")
     for p in summary.patients:
         table.add_row(f"sub-{p.subject}", str(p.n_visits), f"{p.min_whole_ml:.1f} - {p.max_whole_ml:.1f}",
-                      f"{p.d_white:.3f}", f"{p.rho:.4f}")
+                      f"{p.d_white:.3f}", f"{p.rho:.4f}", "yes" if p.treated else "no")
     console.print(table)
     lo, hi = summary.volume_range_ml
     console.print(

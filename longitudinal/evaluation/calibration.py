@@ -32,19 +32,22 @@ def fit_volume_calibration(
     progress: Callable[[str], None] | None = None,
     form: str = DEFAULT_FORM,
     difficulty_ml: float = DEFAULT_DIFFICULTY_ML,
+    engine: Any = None,
 ) -> dict[str, VolumeCalibration]:
     """{"whole", "enhancing"} calibrations of a sampled ``model`` from ``patient_ids`` of ``store_url``, in
     ``form`` (``longitudinal.models.calibration``; ``difficulty_ml``: the scaled form's c, ml).
 
     ``model``: a Predictor, a checkpoint (applied with its own settings) or a bare model (applied with
     ``config``'s). Its current calibration is ignored: the scores come from its raw samples' medians.
+    ``engine``: forecast the patients on a Dask cluster (``evaluate_models``; None: the engine the caller
+    entered, else this process), the same scores either way.
     Raises ValueError when the model is not sampled or the patients give no target."""
     if isinstance(model, Checkpoint):
         model = Predictor.from_checkpoint(replace(model, calibration={}), config.device)
     if not model.stochastic:
         raise ValueError(f"{model.kind}: only sampled models get a volume calibration")
     report = evaluate_models({"model": model}, store_url, list(patient_ids), config, progress,
-                             max_targets=max_targets, baselines=False)
+                             max_targets=max_targets, baselines=False, engine=engine)
     recs = [r for r in report.records if r["model"] == "model"]
     if not recs:
         raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")

@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md: forecast every later scan of every patient from its earlier scans and
+"""The evaluation protocol: forecast every later scan of every patient from its earlier scans and
 score each model beside ``lci`` and ``linear`` on exactly the same targets, per horizon bin. By default every
 (earlier cut, later scan) pair is a target, so long horizons are scored even when visits are months apart.
 
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from longitudinal.data.context import PatientSeries
 from longitudinal.data.crops import read_crop
 from longitudinal.data.dataset import EvalItem, enumerate_targets
 from longitudinal.evaluation import metrics as M
-from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.base import ForecastModel, build_model, closed_form_kinds
 from longitudinal.models.calibration import VolumeCalibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict import Predictor, QueryPrediction
@@ -49,6 +51,21 @@ _SKILL: dict[str, Callable[[float], float]] = {
 _MEAN_KEYS = ("dice_whole", "dice_enhancing", "hd95_mm", "volume_error_ml", "volume_error_enh_ml", "mse",
               "ssim", "coverage80", "coverage95", "crps_ml", "ged", "coverage80_raw", "coverage95_raw",
               "crps_raw_ml")
+
+
+# The progress callback of every evaluation in a block (``evaluation_progress``), for callers that cannot pass
+# ``progress`` down to each evaluation they start (the demo around ``run_training``).
+_PROGRESS: ContextVar[Callable[[str], None] | None] = ContextVar("evaluation_progress", default=None)
+
+
+@contextmanager
+def evaluation_progress(callback: Callable[[str], None] | None) -> Iterator[None]:
+    """Within the block, evaluations started without a ``progress`` callback report to ``callback``."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -201,18 +218,29 @@ def evaluate_models(
     progress: Callable[[str], None] | None = None,
     max_targets: int | None = None,
     baselines: bool = True,
+    engine: Any = None,
 ) -> EvaluationReport:
     """Score ``models`` (name -> Predictor, or a bare model applied with ``config``'s crop, context size and
     normalisation) and the ``lci`` / ``linear`` baselines on every later scan of ``patient_ids`` (default: every
     patient of the store). Baselines are added when absent, so LCI is in every table and skill is always defined
     against it; ``baselines=False`` (calibration fitting only) leaves them out. ``max_targets`` keeps that many
-    targets evenly spaced over the deterministic target list."""
+    targets evenly spaced over the deterministic target list.
+
+    ``engine``: a ``longitudinal.evaluation.distributed.DaskEngine`` to forecast the patients on, one task per
+    patient (the same records in the same order as here; ``progress`` then reports finished patients). None:
+    the engine entered by the caller (``with DaskEngine(...):``), else this process."""
     cfg = config or EvalConfig()
+    progress = progress or _PROGRESS.get()
     predictors = predictors_for(models, cfg, baselines)
     k = max(p.data.max_context for p in predictors.values())
     items = enumerate_targets(store_url, patient_ids, k, cfg.pairs)  # type: ignore[arg-type]
     if max_targets is not None:
         items = evenly_spaced(items, max_targets)
+    from longitudinal.evaluation.distributed import current_engine, evaluate_items_on_dask
+
+    engine = engine if engine is not None else current_engine()
+    if engine is not None:
+        return evaluate_items_on_dask(engine, predictors, store_url, items, cfg, progress)
     from storage.store import CohortStore
 
     store = CohortStore.open(store_url)
@@ -243,19 +271,33 @@ def evaluate_items(predictors: Mapping[str, Predictor], series: Mapping[str, Pat
     """Score every predictor on ``items`` (targets of the patients in ``series``). Targets that share a patient
     and a cut are forecast in one ``predict`` call, as a user's query with several dates is."""
     records: list[dict[str, Any]] = []
-    groups: dict[tuple[str, int], list[EvalItem]] = {}
-    for it in items:
-        groups.setdefault((it.patient_id, it.context_idx[-1] + 1), []).append(it)
     done = 0
-    for (pid, cut), its in groups.items():
-        for name, pred in predictors.items():
-            records.extend(_score_group(name, pred, series[pid], cut, its, cfg))
+    for (pid, cut), its in group_targets(items).items():
+        records.extend(score_group(predictors, series[pid], cut, its, cfg))
         done += len(its)
         if progress:
             progress(f"evaluated {done}/{len(items)} targets")
     names = list(predictors)
     return EvaluationReport(rows=aggregate(records, names, cfg.bins), records=records, models=names,
                             n_targets=len(items), patients=sorted({it.patient_id for it in items}))
+
+
+def group_targets(items: Sequence[EvalItem]) -> dict[tuple[str, int], list[EvalItem]]:
+    """Targets by (patient, cut = index of the first scan after the context), in order of first appearance:
+    the order of the evaluation's records."""
+    groups: dict[tuple[str, int], list[EvalItem]] = {}
+    for it in items:
+        groups.setdefault((it.patient_id, it.context_idx[-1] + 1), []).append(it)
+    return groups
+
+
+def score_group(predictors: Mapping[str, Predictor], series: PatientSeries, cut: int, items: Sequence[EvalItem],
+                cfg: EvalConfig) -> list[dict[str, Any]]:
+    """The records of one group of ``group_targets``: every predictor in order, each target in order."""
+    records: list[dict[str, Any]] = []
+    for name, pred in predictors.items():
+        records.extend(_score_group(name, pred, series, cut, items, cfg))
+    return records
 
 
 def _score_group(name: str, predictor: Predictor, series: PatientSeries, cut: int, items: Sequence[EvalItem],
@@ -299,17 +341,18 @@ def load_predictor(ref: str, device: str = "auto") -> tuple[str, Predictor]:
             if model.trainable:
                 raise ValueError(f"model kind {ref!r} needs trained weights: pass a checkpoint path")
             return ref, Predictor(model, EvalConfig().crop_size, device=device)
-        raise ValueError(f"model reference {ref!r} is neither a checkpoint file nor a baseline kind "
-                         f"(baselines: {list(BASELINES)})")
+        raise ValueError(f"model reference {ref!r} is neither a checkpoint file nor a kind that needs no weights "
+                         f"({closed_form_kinds()})")
     ckpt = Checkpoint.load(Path(ref))
     return ckpt.kind, Predictor.from_checkpoint(ckpt, device)
 
 
 def evaluate_ref(ref: str, store_url: str, patient_ids: Sequence[str] | None = None,
                  config: EvalConfig | None = None, progress: Callable[[str], None] | None = None,
-                 n_samples: int = 8) -> EvaluationReport:
+                 n_samples: int = 8, engine: Any = None) -> EvaluationReport:
     """`evaluate_models` for one model reference (see `load_predictor`): its crop size, context size and
-    normalisation come from the checkpoint; ``config`` sets the rest (``n_samples`` applies when it is None)."""
+    normalisation come from the checkpoint; ``config`` sets the rest (``n_samples`` applies when it is None);
+    ``engine`` as in `evaluate_models`."""
     name, predictor = load_predictor(ref, (config or EvalConfig()).device)
     return evaluate_models({name: predictor}, store_url, patient_ids, config or EvalConfig(n_samples=n_samples),
-                           progress)
+                           progress, engine=engine)

@@ -91,8 +91,9 @@ def load_model(settings: Settings, model_ref: str | None = None, device: str | N
         resolved = _resolve(ref, settings)
     except ValueError as exc:
         raise ModelNotFoundError(
-            f"model {ref!r} not found: {exc}. Register one (`longitudinal train --track`), or pass --model "
-            "NAME@ALIAS | NAME/VERSION | a checkpoint file; `longitudinal models list` shows the versions"
+            f"model {ref!r} not found: {exc}. " + (_no_champion_hint(settings, ref) or (
+                "Register one (`longitudinal train`), or pass --model NAME@ALIAS | NAME/VERSION | a checkpoint "
+                "file; `longitudinal models list` shows the versions"))
         ) from None
     except Exception as exc:  # noqa: BLE001 - registry unreachable or broken: still a clear message
         raise ModelNotFoundError(
@@ -111,6 +112,24 @@ def load_model(settings: Settings, model_ref: str | None = None, device: str | N
     name = ref if resolved.uri else path.name
     return LoadedModel(ref=ref, name=name, version=meta.get("version"), kind=meta.get("kind") or predictor.kind,
                        predictor=predictor)
+
+
+def _no_champion_hint(settings: Settings, ref: str) -> str:
+    """When the default ``NAME@champion`` is missing but versions of NAME exist: say so and which to use."""
+    name = settings.registered_model_name
+    if ref != f"{name}@{DEFAULT_ALIAS}":
+        return ""
+    try:
+        from longitudinal.tracking.registry import list_versions
+
+        versions = [v.version for v in list_versions(settings, name)]
+    except Exception:  # noqa: BLE001 - only a hint; the error itself says what failed
+        return ""
+    if not versions:
+        return ""
+    return (f"The registry holds {name} version(s) {', '.join(sorted(versions, key=int))}, but the promotion gate "
+            f"made none of them champion (`longitudinal models list` shows why): forecast with one of them, e.g. "
+            f"--model {name}/{max(versions, key=int)}, or train a better model (`longitudinal train --steps 600`)")
 
 
 def _resolve(ref: str, settings: Settings) -> Any:

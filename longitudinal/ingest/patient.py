@@ -1,12 +1,14 @@
 """One patient's ingest: validate every session, register it to the patient's reference scan, QC it, and merge
-the sessions that pass into the store under the patient's lock (steps 2-5 of ``pipeline``'s docstring).
+the sessions that pass into the store under the patient's lock (steps 2-5 of ``pipeline``'s docstring), with
+the patient's new treatment events (``treatments.py``): shifted like the scans, counted in whole days from the
+calendar date of the baseline scan, merged by (kind, shifted start date) so a known event is never stored twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +18,9 @@ from longitudinal import __version__
 from longitudinal.ingest.deid import public_text, session_label, shift_date
 from longitudinal.ingest.files import FileLimits
 from longitudinal.ingest.preprocess import normalise, to_ras
-from longitudinal.ingest.report import PatientOutcome, SessionOutcome, write_quarantine
+from longitudinal.ingest.report import PatientOutcome, SessionOutcome, TreatmentOutcome, write_quarantine
 from longitudinal.ingest.sources import PatientSource, discover_cached
+from longitudinal.ingest.treatments import LOOKBACK_DAYS
 from longitudinal.ingest.validate import (
     SessionScans,
     duplicate_date_problems,
@@ -25,9 +28,15 @@ from longitudinal.ingest.validate import (
     validate_session,
 )
 from longitudinal.registration.geometry import grid_from_affine, image_on_grid, ras_affine, ras_grid
-from longitudinal.registration.rigid import RegistrationConfig, register, registration_qc, resample_onto
+from longitudinal.registration.rigid import (
+    RegistrationConfig,
+    qc_exclusion,
+    register,
+    registration_qc,
+    resample_onto,
+)
 from longitudinal.settings import CHANNELS, Settings
-from storage.schema import PatientRecord, SessionRecord
+from storage.schema import PatientRecord, SessionRecord, TreatmentRecord
 
 
 @dataclass(frozen=True)
@@ -46,9 +55,13 @@ class IngestConfig:
 
 
 def open_store(store_url: str, recover: bool) -> object:
+    """The store at ``store_url``, created when missing. Raises ReadOnlyStoreError (a ValueError) for a store
+    of an older schema version, which ingest cannot write (``longitudinal store migrate`` upgrades it)."""
     from storage.store import CohortStore
 
-    return CohortStore.open(store_url, create=True, created_by=f"longitudinal {__version__}", recover=recover)
+    store = CohortStore.open(store_url, create=True, created_by=f"longitudinal {__version__}", recover=recover)
+    store._require_writable("ingest into it")
+    return store
 
 
 @dataclass
@@ -62,14 +75,61 @@ class _Entry:
     label: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Event:
+    """One treatment event ready to merge: dates already shifted (the store's calendar)."""
+
+    kind: str
+    start: dt.date
+    end: dt.date | None
+    origin: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.start.isoformat())
+
+
+@dataclass
+class _MergeNote:
+    """What the last run of ``_merge`` decided: ``unchanged`` (nothing new to write: every event is already
+    committed and there is no session), ``added`` (keys of the events it added)."""
+
+    unchanged: bool = False
+    added: set[tuple[str, str]] = field(default_factory=set)
+
+
+def _shift_day(day: dt.date, raw_id: str, secret: bytes) -> dt.date:
+    """A calendar date shifted by the patient's keyed date shift (the same shift as its scans)."""
+    return shift_date(dt.datetime.combine(day, dt.time()), raw_id, secret).date()
+
+
+def _event_record(event: _Event, base: dt.date) -> TreatmentRecord:
+    """The stored form of ``event``: whole days since ``base`` (the baseline scan's shifted calendar date)."""
+    return TreatmentRecord(
+        kind=event.kind,
+        start_days=float((event.start - base).days),
+        start_date=event.start.isoformat(),
+        end_days=None if event.end is None else float((event.end - base).days),
+        end_date=None if event.end is None else event.end.isoformat(),
+    )
+
+
+def _rebased(record: TreatmentRecord, base: dt.date) -> TreatmentRecord:
+    """``record`` with its days recounted from ``base`` (a new baseline scan came before the old one)."""
+    end = None if record.end_date is None else dt.date.fromisoformat(record.end_date)
+    return _event_record(_Event(record.kind, dt.date.fromisoformat(record.start_date), end, ""), base)
+
+
 def ingest_patient(
-    source: str, store_url: str, patient_id: str, settings: Settings, config: IngestConfig | None = None
+    source: str, store_url: str, patient_id: str, settings: Settings, config: IngestConfig | None = None,
+    treatments: str | None = None,
 ) -> PatientOutcome:
     """Ingest one patient of ``source`` (named by its pseudonym) into the store: the unit a flow maps over.
+    ``treatments``: the treatments CSV of the run, if any (``treatments.py``).
 
     Raises OSError when the store cannot be read or written (worth a retry); never for bad input.
     """
-    cohort = discover_cached(str(source), settings)
+    cohort = discover_cached(str(source), settings, treatments)
     patient = cohort.patient(patient_id)
     store = open_store(store_url, recover=False)
     return process_patient(patient, store, settings, config or IngestConfig())
@@ -89,16 +149,35 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
             reasons=[public_text(r, patient.raw_id, pid) for r in reasons],
         ))
 
+    def refuse_event(origin: str, reasons: list[str], kind: str | None = None) -> None:
+        quarantine.append((origin, reasons))
+        outcome.treatments.append(TreatmentOutcome(
+            origin=public_text(origin, patient.raw_id, pid), status="quarantined", kind=kind,
+            reasons=[public_text(r, patient.raw_id, pid) for r in reasons],
+        ))
+
+    for row in patient.refused_treatments:
+        refuse_event(row.origin, list(row.reasons))
     if patient.problems:
         for ses in patient.sessions or []:
             refuse(ses.origin, list(patient.problems) + ses.problems)
-        if not patient.sessions:
+        for row in patient.treatments:
+            refuse_event(row.origin, list(patient.problems), row.kind)
+        if not patient.sessions and not patient.treatments and not patient.refused_treatments:
             refuse("(patient)", list(patient.problems))
         outcome.report_path = write_quarantine(settings, pid, quarantine)
         return outcome
 
+    known = store.has_patient(pid)
+    if not patient.in_source and not known:
+        for row in patient.treatments:
+            refuse_event(row.origin, [f"unknown patient at {row.origin}: no scan of this patient_id in the source "
+                                      "or the store"], row.kind)
+        outcome.report_path = write_quarantine(settings, pid, quarantine)
+        return outcome
+
     limits = FileLimits.of(settings)
-    existing: list[SessionRecord] = store.sessions(pid) if store.has_patient(pid) else []
+    existing: list[SessionRecord] = store.sessions(pid) if known else []
     by_hash = {s.content_sha256: s for s in existing}
     stored_dates = {dt.datetime.fromisoformat(s.shifted_date).date(): s.session for s in existing if s.shifted_date}
 
@@ -120,7 +199,8 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
             ))
         else:
             candidates.append(k)
-    if not candidates:
+    pending = _new_events(patient, store.patient_treatments(pid) if known else [], secret, outcome, refuse_event)
+    if not candidates and not pending:
         outcome.report_path = write_quarantine(settings, pid, quarantine)
         return outcome
 
@@ -148,31 +228,98 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
             valid[k] = scans
 
     entries: list[_Entry] = []
+    affine: np.ndarray | None = None
+    spacing: tuple[float, float, float] | None = None
     if valid:
         entries, affine, spacing = _register_sessions(
             patient, store, existing, valid, shifted, settings, config, refuse
         )
+    pending = _anchored_events(pending, existing, entries, refuse_event)
 
-    if entries:
+    if entries or pending:
         # The merge runs under the patient's lock on what is committed then, so a concurrent ingest of the
         # same patient is merged with, never overwritten.
+        note = _MergeNote()
         update = store.update_patient(
-            pid, lambda current: _merge(pid, current, existing, entries, config, affine, spacing)
+            pid, lambda current: _merge(pid, current, existing, entries, config, affine, spacing, pending, note)
         )
-        if update.record is None:
+        if update.record is None and not note.unchanged:
             # Another writer changed the patient in a way these entries were not prepared for: redo it from
             # the new state (each redo follows someone else's commit, so this ends).
             return process_patient(patient, store, settings, config)
         record = update.record
-        outcome.wrote = True
+        outcome.wrote = record is not None
         for e in entries:
             days = next(s.days for s in record.sessions if s.session == e.record.session)
             outcome.sessions.append(SessionOutcome(
                 origin=public_text(e.origin, patient.raw_id, pid), status="stored", session=e.record.session,
                 days=days, registration_metric=e.record.registration_metric,
             ))
+        # An event another writer stored meanwhile counts as already present.
+        stored = {t.key: t for t in (record.treatments if record is not None else store.patient_treatments(pid))}
+        for ev in pending:
+            hit = stored.get(ev.key)
+            outcome.treatments.append(TreatmentOutcome(
+                origin=public_text(ev.origin, patient.raw_id, pid),
+                status="stored" if ev.key in note.added else "skipped", kind=ev.kind,
+                start_days=None if hit is None else hit.start_days, end_days=None if hit is None else hit.end_days,
+            ))
     outcome.report_path = write_quarantine(settings, pid, quarantine)
     return outcome
+
+
+def _new_events(
+    patient: PatientSource,
+    stored: list[TreatmentRecord],
+    secret: bytes,
+    outcome: PatientOutcome,
+    refuse_event: Callable[..., None],
+) -> list[_Event]:
+    """The patient's treatment rows that are not stored yet, their dates shifted. A row whose event (kind and
+    shifted start date) is stored is skipped, or refused when its end date differs from the stored one."""
+    by_key = {t.key: t for t in stored}
+    pending: list[_Event] = []
+    for row in patient.treatments:
+        try:
+            start = _shift_day(row.start, patient.raw_id, secret)
+            end = None if row.end is None else _shift_day(row.end, patient.raw_id, secret)
+        except OverflowError:  # only with a date window configured down to year 1
+            refuse_event(row.origin, [f"date out of range at {row.origin}: it cannot be shifted"], row.kind)
+            continue
+        event = _Event(row.kind, start, end, row.origin)
+        hit = by_key.get(event.key)
+        if hit is None:
+            pending.append(event)
+        elif hit.end_date == (None if end is None else end.isoformat()):
+            outcome.treatments.append(TreatmentOutcome(
+                origin=public_text(row.origin, patient.raw_id, patient.patient_id), status="skipped",
+                kind=row.kind, start_days=hit.start_days, end_days=hit.end_days,
+            ))
+        else:
+            refuse_event(row.origin, [f"conflicting treatment at {row.origin}: the stored {row.kind} starting the "
+                                      "same day has another end date"], row.kind)
+    return pending
+
+
+def _anchored_events(
+    pending: list[_Event], existing: list[SessionRecord], entries: list[_Entry], refuse_event: Callable[..., None]
+) -> list[_Event]:
+    """The events that can be dated against the patient's scans: refused when no scan of the patient is stored
+    or being stored (nothing to count days from), or when the event starts more than LOOKBACK_DAYS before the
+    first scan (an impossible date)."""
+    dates = [dt.datetime.fromisoformat(s.shifted_date).date() for s in existing if s.shifted_date]
+    dates += [e.date.date() for e in entries]
+    keep: list[_Event] = []
+    for ev in pending:
+        if not dates:
+            refuse_event(ev.origin, [f"no scan to date the treatment at {ev.origin} against: none of this "
+                                     "patient's sessions is stored"], ev.kind)
+        elif (min(dates) - ev.start).days > LOOKBACK_DAYS:
+            refuse_event(ev.origin, [f"impossible date at {ev.origin}: more than {LOOKBACK_DAYS} days before the "
+                                     "patient's first scan"], ev.kind)
+        else:
+            keep.append(ev)
+    return keep
 
 
 def _register_sessions(
@@ -204,12 +351,16 @@ def _register_sessions(
         shape_zyx = arrays.image.shape[2:]
         grid = grid_from_affine(arrays.affine, tuple(reversed(shape_zyx)))
         fixed_norm = np.asarray(arrays.image[ref_t, ci], dtype=np.float32)
+        ref_label = np.asarray(arrays.label[ref_t]) if existing[ref_t].has_label else None
         reference_k = None
     else:
         reference_k = order[0]
         grid = ras_grid(valid[reference_k].images[reg_channel], settings.target_spacing_mm)
         fixed_norm = normalise(sitk.GetArrayFromImage(
             resample_onto(valid[reference_k].images[reg_channel], grid, None)))
+        ref_scan_label = valid[reference_k].label
+        ref_label = (None if ref_scan_label is None
+                     else sitk.GetArrayFromImage(resample_onto(ref_scan_label, grid, None, label=True)))
     fixed = image_on_grid(fixed_norm, grid)
     affine = ras_affine(grid)
     sx, sy, sz = grid.GetSpacing()
@@ -238,7 +389,12 @@ def _register_sessions(
         except RuntimeError as exc:
             refuse(ses.origin, [f"registration/resampling failed for {reg_display}: {type(exc).__name__}"])
             continue
-        metric = 0.0 if k == reference_k else registration_qc(fixed, image_on_grid(image[ci], grid), config.registration)
+        # Judged on the anatomy that should not change: both scans' tumours (and a resection cavity, which lies
+        # within the margin around the pre-operative tumour) are left out.
+        exclude = qc_exclusion([ref_label, label if scans.label is not None else None], spacing,
+                               config.registration.qc_exclude_margin_mm)
+        metric = 0.0 if k == reference_k else registration_qc(
+            fixed, image_on_grid(image[ci], grid), config.registration, exclude)
         limit = config.registration.qc_max_metric
         if metric > limit:
             refuse(ses.origin, [f"registration QC failed for {reg_display}: 1-NCC = {metric:.3f} > {limit}"])
@@ -266,17 +422,24 @@ def _merge(
     existing: list[SessionRecord],
     entries: list[_Entry],
     config: IngestConfig,
-    affine: np.ndarray,
-    spacing: tuple[float, float, float],
+    affine: np.ndarray | None,
+    spacing: tuple[float, float, float] | None,
+    events: Sequence[_Event] = (),
+    note: _MergeNote | None = None,
 ) -> PatientRecord | None:
     """Committed sessions (``current``, read under the patient's lock) + new entries in date order, days
-    re-based on the earliest date.
+    re-based on the earliest date; committed treatment events + the new ``events`` not committed yet, their
+    days recounted from the (new) baseline scan's calendar date.
 
     ``existing``: the stored sessions the entries were checked and registered against. Sessions another
     writer committed since are kept. Returns None when the entries no longer fit what is committed (the
     patient appeared or vanished, changed grid or channels, lost a session, or gained one with an entry's
-    content or calendar day): the caller redoes the patient from the new state.
+    content or calendar day): the caller redoes the patient from the new state. Also None, with
+    ``note.unchanged`` set, when there is nothing to write (no entry, every event already committed).
+    ``affine`` / ``spacing``: the reference grid the entries were resampled onto (None without entries).
     """
+    note = note if note is not None else _MergeNote()
+    note.unchanged, note.added = False, set()
     stored = current.sessions if current is not None else []
     if (current is None) != (not existing):
         return None
@@ -284,6 +447,14 @@ def _merge(
     prepared = {s.content_sha256 for s in existing}
     if not prepared <= known:
         return None
+    committed = list(current.treatments) if current is not None else []
+    committed_keys = {t.key for t in committed}
+    new_events = [ev for ev in events if ev.key not in committed_keys]
+    if not entries and not new_events:
+        note.unchanged = True
+        return None
+    if not entries:
+        affine, spacing = current.reference_affine, current.spacing_mm  # type: ignore[union-attr]
     items: list[tuple[dt.datetime, SessionRecord, np.ndarray, np.ndarray]] = []
     if current is not None:
         grid = tuple(current.image.shape[2:])
@@ -308,6 +479,8 @@ def _merge(
     items.sort(key=lambda it: it[0])
     base = items[0][0]
     sessions = [dataclasses.replace(s, days=(d - base).total_seconds() / 86400.0) for d, s, _, _ in items]
+    treatments = [_rebased(t, base.date()) for t in committed] + [_event_record(ev, base.date()) for ev in new_events]
+    note.added = {ev.key for ev in new_events}
     return PatientRecord(
         patient_id=pid,
         image=np.stack([it[2] for it in items]).astype(np.float32),
@@ -317,6 +490,7 @@ def _merge(
         spacing_mm=tuple(float(v) for v in spacing),
         reference_affine=np.asarray(affine, dtype=np.float64),
         sessions=sessions,
+        treatments=sorted(treatments, key=lambda t: (t.start_date, t.kind, t.end_date or "")),
     )
 
 

@@ -15,9 +15,15 @@ Per patient (``patient.process_patient``):
 4. Each session is registered (rigid, optionally affine) on its registration channel to the reference scan;
    every channel is resampled from its native grid straight onto the reference grid (linear; labels nearest),
    then normalised (``preprocess.normalise``). QC: ``registration_qc`` (1 - NCC after the bias-removing
-   high-pass) of the registration channel against the reference inside the head; above ``RegistrationConfig.qc_max_metric`` the session is quarantined.
+   high-pass) of the registration channel against the reference inside the head, the tumours of both scans
+   (dilated by ``RegistrationConfig.qc_exclude_margin_mm``, so a resection cavity too) left out; above
+   ``RegistrationConfig.qc_max_metric`` the session is quarantined.
 5. Stored and new sessions are merged in date order and committed with one ``CohortStore.update_patient``, which
    holds the patient's lock from reading what is stored to the commit, so concurrent ingests keep every session.
+
+Treatment histories (``treatments.py``): the BIDS subjects' ``_treatments.tsv`` and the run's treatments CSV
+are read at discovery, every row checked there or in step 5, and the patient's new events merged in the same
+``update_patient`` (events alone, for a patient whose scans are all stored, make a commit of their own).
 
 Dates: the real date never leaves this package. Days are exact differences of acquisition date-times (in days,
 float); the stored ``shifted_date`` is the date-time shifted by a keyed per-patient offset
@@ -49,9 +55,11 @@ from longitudinal.ingest.validate import (
 from longitudinal.settings import Settings
 
 
-def prepare(source: str, store_url: str, settings: Settings) -> tuple[CohortSource, object]:
-    """Discover the source and open (create, recover) the store. Returns (cohort, store)."""
-    cohort = discover_cached(str(source), settings)
+def prepare(source: str, store_url: str, settings: Settings,
+            treatments: str | None = None) -> tuple[CohortSource, object]:
+    """Discover the source (with the treatments CSV, if any) and open (create, recover) the store. Returns
+    (cohort, store)."""
+    cohort = discover_cached(str(source), settings, treatments)
     store = open_store(store_url, recover=True)
     return cohort, store
 
@@ -64,24 +72,31 @@ def ingest_cohort(
     progress: ProgressFn | None = None,
     config: IngestConfig | None = None,
     dask_address: str | None = None,
+    treatments: str | os.PathLike | None = None,
 ) -> IngestReport:
     """Ingest every patient of ``source`` into the store at ``store_url`` with ``workers`` parallel patients.
+
+    ``treatments``: a CSV of treatment events (``patient_id,date,treatment[,end_date]``) for the source's
+    patients (or patients already stored), read besides any BIDS ``sub-*_treatments.tsv`` (``treatments.py``).
 
     With ``dask_address`` (``tcp://HOST:PORT`` of an existing Dask scheduler) the patients run as one task each
     on that cluster instead (``workers`` is then ignored; see ``_ingest_on_dask``).
 
     One bad patient never fails the cohort: its exception becomes ``PatientOutcome.error``. Writes the run's
     JSON report under ``settings.reports_path`` and returns it. Raises OSError only when the store cannot be
-    opened or created (or the Dask scheduler cannot be reached).
+    opened or created (or the Dask scheduler cannot be reached), ReadOnlyStoreError (a ValueError) when the
+    store has an older schema version.
     """
     t0 = time.perf_counter()
     config = config or IngestConfig()
-    cohort = discover(source, settings)
+    treatments = None if treatments is None else str(treatments)
+    cohort = discover(source, settings, treatments)
     store_url = str(store_url)
     report = IngestReport(source_kind=cohort.kind, store_url=store_url, problems=list(cohort.problems))
     open_store(store_url, recover=True)
     if dask_address:
-        outcomes = _ingest_on_dask(dask_address, source, store_url, cohort, settings, config, progress)
+        outcomes = _ingest_on_dask(dask_address, source, store_url, cohort, settings, config, progress,
+                                   treatments)
         report.patients = [outcomes[p.patient_id] for p in cohort.patients]
         report.seconds = time.perf_counter() - t0
         report.report_path = write_report(report, settings)
@@ -119,7 +134,8 @@ def ingest_cohort(
 
 
 def ingest_patient_task(
-    source: str, store_url: str, patient_id: str, settings: Settings, config: IngestConfig
+    source: str, store_url: str, patient_id: str, settings: Settings, config: IngestConfig,
+    treatments: str | None = None,
 ) -> PatientOutcome:
     """``ingest_patient`` for a process that shares nothing with the caller but the arguments (a Dask worker):
     never raises, so one bad patient (or an unreadable source on that node) becomes ``PatientOutcome.error``.
@@ -127,7 +143,7 @@ def ingest_patient_task(
     ``settings`` must carry the pseudonym key itself (``pseudonym_key``): a worker resolving its own would
     compute different pseudonyms and miss the patient."""
     try:
-        patient = discover_cached(source, settings).patient(patient_id)
+        patient = discover_cached(source, settings, treatments).patient(patient_id)
     except Exception as exc:  # noqa: BLE001 - the message may name raw paths; the type is enough here
         return PatientOutcome(patient_id=patient_id, error=f"{type(exc).__name__}: source not readable on worker")
     try:
@@ -151,12 +167,13 @@ def _ingest_on_dask(
     settings: Settings,
     config: IngestConfig,
     progress: ProgressFn | None,
+    treatments: str | None = None,
 ) -> dict[str, PatientOutcome]:
     """One ``ingest_patient_task`` per patient on the Dask cluster at ``address``; outcomes by pseudonym.
 
     Only pseudonyms, the source and store locations, the settings and the config travel to the workers: each
-    worker rediscovers the source itself, so the source (and a local store) must be at the same path on every
-    worker node (shared filesystem), or the store on object storage. The settings are resolved here and sent
+    worker rediscovers the source itself, so the source (the treatments CSV, and a local store) must be at the
+    same path on every worker node (shared filesystem), or the store on object storage. The settings are resolved here and sent
     explicitly: the pseudonym key (workers must compute the same pseudonyms as this process, whatever their own
     home holds) and absolute workspace/report folders. Quarantine reports are written by the worker that ran
     the patient. Raises OSError (TimeoutError) when the scheduler cannot be reached.
@@ -169,6 +186,7 @@ def _ingest_on_dask(
         "reports_dir": settings.reports_path.expanduser().resolve(),
     })
     source_at, store_at = _portable(source), _portable(store_url)
+    table_at = None if treatments is None else _portable(treatments)
     run = uuid.uuid4().hex[:8]
     outcomes: dict[str, PatientOutcome] = {}
     total = len(cohort.patients)
@@ -176,7 +194,7 @@ def _ingest_on_dask(
         # pure=False and a per-run key: a rerun must run again (the store may have changed), never be
         # deduplicated against an earlier client's result still held by the scheduler.
         futures = {
-            client.submit(ingest_patient_task, source_at, store_at, p.patient_id, remote, config,
+            client.submit(ingest_patient_task, source_at, store_at, p.patient_id, remote, config, table_at,
                           key=f"ingest-patient-{p.patient_id}-{run}", pure=False): p.patient_id
             for p in cohort.patients
         }
@@ -201,9 +219,10 @@ class IngestPlan:
     problems: list[str]
 
 
-def plan(source: str, store_url: str, settings: Settings) -> IngestPlan:
-    """Discover the source and create/recover the store; returns pseudonyms only (safe as task parameters)."""
-    cohort, _ = prepare(source, store_url, settings)
+def plan(source: str, store_url: str, settings: Settings, treatments: str | None = None) -> IngestPlan:
+    """Discover the source (and the treatments CSV) and create/recover the store; returns pseudonyms only (safe
+    as task parameters)."""
+    cohort, _ = prepare(source, store_url, settings, treatments)
     return IngestPlan(cohort.kind, [p.patient_id for p in cohort.patients], list(cohort.problems))
 
 
@@ -229,12 +248,13 @@ def code_version() -> str:
 
 
 def patient_fingerprint(source: str, store_url: str, patient_id: str, settings: Settings,
-                        config: IngestConfig | None = None) -> str | None:
-    """Cache key of one patient's ingest: code version, config, source file hashes and the patient's state in
-    the store (its stored content hashes). Equal keys mean equal inputs AND equal starting store, so the
-    outcome is the same. None when it cannot be computed (then nothing is cached)."""
+                        config: IngestConfig | None = None, treatments: str | None = None) -> str | None:
+    """Cache key of one patient's ingest: code version, config, source file hashes, the patient's treatment
+    rows and its state in the store (its stored content hashes and events). Equal keys mean equal inputs AND
+    equal starting store, so the outcome is the same. None when it cannot be computed (then nothing is
+    cached)."""
     try:
-        patient = discover_cached(str(source), settings).patient(patient_id)
+        patient = discover_cached(str(source), settings, treatments).patient(patient_id)
         h = hashlib.sha256()
         h.update(code_version().encode())
         h.update(repr(config or IngestConfig()).encode())
@@ -246,11 +266,17 @@ def patient_fingerprint(source: str, store_url: str, patient_id: str, settings: 
             h.update(repr(ses.date).encode())
             h.update(repr(ses.problems).encode())
         h.update(repr(patient.problems).encode())
+        # Real dates only enter the hash, never the key's text.
+        h.update(repr([(t.kind, t.start, t.end, t.origin) for t in patient.treatments]).encode())
+        h.update(repr(patient.refused_treatments).encode())
+        h.update(repr(patient.in_source).encode())
         from storage.store import CohortStore
 
         try:
             store = CohortStore.open(store_url, recover=False)
-            h.update(repr(sorted(store.content_hashes(patient_id))).encode())
+            h.update(repr((store.schema_version, sorted(store.content_hashes(patient_id)))).encode())
+            if store.has_patient(patient_id):
+                h.update(repr(store.patient_treatments(patient_id)).encode())
             # The quarantine report is part of the outcome: a deleted report must not be served from cache.
             h.update(str((settings.reports_path / "quarantine" / f"{patient_id}.json").exists()).encode())
         except FileNotFoundError:

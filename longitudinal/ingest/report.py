@@ -35,18 +35,37 @@ class SessionOutcome:
 
 
 @dataclass
+class TreatmentOutcome:
+    """What happened to one treatment row. ``origin``: its table and line ("<table> line <n>", raw id
+    redacted); ``kind`` when known; ``start_days`` / ``end_days``: days since the baseline scan's calendar date
+    once stored (or already stored); ``reasons`` when quarantined. Never a date."""
+
+    origin: str
+    status: Status
+    kind: str | None = None
+    start_days: float | None = None
+    end_days: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PatientOutcome:
     """What happened to one patient. ``error``: the patient could not be processed at all (e.g. the store
-    could not be written); ``report_path``: its quarantine report, when it has quarantined sessions."""
+    could not be written); ``report_path``: its quarantine report, when it has quarantined sessions or
+    treatment rows."""
 
     patient_id: str
     sessions: list[SessionOutcome] = field(default_factory=list)
     wrote: bool = False
     error: str | None = None
     report_path: str | None = None
+    treatments: list[TreatmentOutcome] = field(default_factory=list)
 
     def count(self, status: Status) -> int:
         return sum(s.status == status for s in self.sessions)
+
+    def count_treatments(self, status: Status) -> int:
+        return sum(t.status == status for t in self.treatments)
 
 
 @dataclass
@@ -73,6 +92,18 @@ class IngestReport:
         return sum(p.count("quarantined") for p in self.patients)
 
     @property
+    def treatments_stored(self) -> int:
+        return sum(p.count_treatments("stored") for p in self.patients)
+
+    @property
+    def treatments_skipped(self) -> int:
+        return sum(p.count_treatments("skipped") for p in self.patients)
+
+    @property
+    def treatments_quarantined(self) -> int:
+        return sum(p.count_treatments("quarantined") for p in self.patients)
+
+    @property
     def failed_patients(self) -> list[str]:
         return [p.patient_id for p in self.patients if p.error]
 
@@ -86,7 +117,8 @@ class IngestReport:
         return 0
 
     def rows(self) -> list[dict]:
-        """One row per session (and per failed patient): the QC table."""
+        """One row per session, per treatment row (session "treatment <kind>", days = its start in days since
+        the baseline scan's date) and per failed patient: the QC table."""
         rows = []
         for p in self.patients:
             if p.error:
@@ -102,6 +134,16 @@ class IngestReport:
                     "registration_metric": None if s.registration_metric is None else round(s.registration_metric, 4),
                     "reasons": "; ".join(s.reasons),
                 })
+            for t in p.treatments:
+                rows.append({
+                    "patient_id": p.patient_id,
+                    "session": f"treatment {t.kind or '?'}",
+                    "origin": t.origin,
+                    "status": t.status,
+                    "days": t.start_days,
+                    "registration_metric": None,
+                    "reasons": "; ".join(t.reasons),
+                })
         return rows
 
     def summary(self) -> dict:
@@ -111,6 +153,9 @@ class IngestReport:
             "stored": self.stored,
             "skipped": self.skipped,
             "quarantined": self.quarantined,
+            "treatments_stored": self.treatments_stored,
+            "treatments_skipped": self.treatments_skipped,
+            "treatments_quarantined": self.treatments_quarantined,
             "failed_patients": len(self.failed_patients),
             "problems": len(self.problems),
             "seconds": round(self.seconds, 2),
@@ -125,6 +170,8 @@ class IngestReport:
             f"- source kind: {s['source_kind']}",
             f"- patients: {s['patients']} ({s['failed_patients']} failed)",
             f"- sessions stored: {s['stored']}, already present: {s['skipped']}, quarantined: {s['quarantined']}",
+            f"- treatment events stored: {s['treatments_stored']}, already present: {s['treatments_skipped']}, "
+            f"quarantined: {s['treatments_quarantined']}",
             f"- time: {s['seconds']} s",
             f"- report: {s['report']}",
         ]

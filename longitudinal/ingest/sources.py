@@ -10,9 +10,10 @@ source (``ScanFile.display``), never by DICOM tags. A DICOM series is named by i
 shifted date), series number and channel, never by its folders: DICOM exports often name folders after the
 patient.
 
-Every table discovery reads (manifest, BIDS sessions.tsv) passes ``files.open_text`` (regular files under the
-size cap only; a UTF-8 byte-order mark is dropped). Dates outside ``Settings.date_window()`` are refused per
-session, like unparseable ones.
+Every table discovery reads (manifest, BIDS sessions.tsv, treatment tables) passes ``files.open_text`` (regular
+files under the size cap only; a UTF-8 byte-order mark is dropped). Dates outside ``Settings.date_window()`` are
+refused per session, like unparseable ones. Treatment histories (BIDS ``sub-*_treatments.tsv``, a treatments
+CSV) are attached to their patients by ``treatments.attach_treatments``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from longitudinal.ingest.deid import hostile_id_problems, pseudonym, session_label, shift_date
 from longitudinal.ingest.files import FileLimits, RefusedFile, check_file, open_text
 from longitudinal.settings import CHANNELS, Settings
+
+if TYPE_CHECKING:
+    from longitudinal.ingest.treatments import RefusedRow, TreatmentRow
 
 SourceKind = Literal["bids", "manifest", "dicom"]
 MANIFEST_COLUMNS = ("patient_id", "date", "channel", "path", "label_path")
@@ -81,12 +85,20 @@ class SessionSource:
 
 @dataclass
 class PatientSource:
-    """One patient as found in the source. ``raw_id`` never leaves the ingest package."""
+    """One patient as found in the source. ``raw_id`` never leaves the ingest package.
+
+    treatments: treatment events accepted at discovery (real dates, see ``treatments.TreatmentRow``);
+    refused_treatments: rows refused at discovery, each with its table line and reasons. in_source: False for a
+    patient named only by a treatments CSV (no sessions here): ingest then looks for the patient in the store.
+    """
 
     patient_id: str
     raw_id: str = field(repr=False)
     sessions: list[SessionSource] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    treatments: list[TreatmentRow] = field(default_factory=list)
+    refused_treatments: list[RefusedRow] = field(default_factory=list)
+    in_source: bool = True
 
 
 @dataclass
@@ -121,8 +133,14 @@ def detect_kind(source: str | os.PathLike) -> SourceKind:
     return "dicom"
 
 
-def discover(source: str | os.PathLike, settings: Settings) -> CohortSource:
-    """Discover every patient and session of a source (no voxels read). Patients are sorted by pseudonym."""
+def discover(
+    source: str | os.PathLike, settings: Settings, treatments: str | os.PathLike | None = None
+) -> CohortSource:
+    """Discover every patient and session of a source (no voxels read), with the treatment histories of its
+    BIDS subjects and of the CSV ``treatments`` (``treatments.attach_treatments``). Patients are sorted by
+    pseudonym."""
+    from longitudinal.ingest.treatments import attach_treatments
+
     kind = detect_kind(source)
     root = Path(source).resolve()
     if kind == "bids":
@@ -131,21 +149,31 @@ def discover(source: str | os.PathLike, settings: Settings) -> CohortSource:
         cohort = _discover_manifest(root, settings)
     else:
         cohort = _discover_dicom(root, settings)
+    attach_treatments(cohort, settings, treatments)
     cohort.patients.sort(key=lambda p: p.patient_id)
     return cohort
 
 
-def discover_cached(source: str, settings: Settings) -> CohortSource:
-    """``discover`` memoised per process on (source, its mtime, key, channel maps), for per-patient tasks that
-    are given only the source and a pseudonym."""
-    root = Path(source).resolve()
+def _stamp(path: Path | None) -> tuple[int, int]:
+    """(mtime ns, size) of ``path`` for memo keys; (-1, -1) when absent or unreadable."""
     try:
-        stamp = root.stat().st_mtime_ns
+        st = path.stat() if path is not None else None
     except OSError:
-        stamp = -1
+        st = None
+    return (st.st_mtime_ns, st.st_size) if st is not None else (-1, -1)
+
+
+def discover_cached(source: str, settings: Settings, treatments: str | os.PathLike | None = None) -> CohortSource:
+    """``discover`` memoised per process on (source, its mtime, the treatments CSV and its mtime and size, key,
+    channel maps), for per-patient tasks that are given only the source and a pseudonym."""
+    root = Path(source).resolve()
+    stamp = _stamp(root)[0]
+    table = Path(treatments).resolve() if treatments else None
     key = (
         str(root),
         stamp,
+        str(table),
+        _stamp(table),
         settings.pseudonym_secret,
         json.dumps(settings.bids_channel_map, sort_keys=True),
         json.dumps(settings.dicom_channel_map, sort_keys=True),
@@ -155,7 +183,7 @@ def discover_cached(source: str, settings: Settings) -> CohortSource:
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
     if hit is None:
-        hit = discover(source, settings)
+        hit = discover(source, settings, treatments)
         with _MEMO_LOCK:
             if len(_MEMO) >= 8:
                 _MEMO.pop(next(iter(_MEMO)))
@@ -167,7 +195,8 @@ _MEMO: dict[tuple, CohortSource] = {}
 _MEMO_LOCK = threading.Lock()
 
 
-def _new_patient(raw_id: str, settings: Settings) -> PatientSource:
+def new_patient(raw_id: str, settings: Settings) -> PatientSource:
+    """A patient of raw id ``raw_id``: its pseudonym, and the problems of a hostile id."""
     return PatientSource(
         patient_id=pseudonym(raw_id, settings.pseudonym_secret),
         raw_id=raw_id,
@@ -237,7 +266,7 @@ def _discover_bids(root: Path, settings: Settings) -> CohortSource:
     channel_map = settings.bids_channel_map
     for sub_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-")):
         raw_id = sub_dir.name[len("sub-") :]
-        patient = _new_patient(raw_id, settings)
+        patient = new_patient(raw_id, settings)
         dates, date_problems = _bids_session_dates(root, sub_dir, settings)
         for ses_dir in sorted(p for p in sub_dir.iterdir() if p.is_dir() and p.name.startswith("ses-")):
             ses_id = ses_dir.name
@@ -345,7 +374,7 @@ def _discover_manifest(path: Path, settings: Settings) -> CohortSource:
         groups[row["patient_id"] or ""][(row["date"] or "").strip()].append((line, row))
 
     for raw_id, by_date in groups.items():
-        patient = _new_patient(raw_id, settings)
+        patient = new_patient(raw_id, settings)
         for date_text, items in by_date.items():
             lines = [ln for ln, _ in items]
             origin = f"{path.name} line{'s' if len(lines) > 1 else ''} {','.join(map(str, lines))}"
@@ -451,7 +480,7 @@ def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
             found[raw_id][date_text].append((channel, files, number))
 
     for raw_id, by_date in found.items():
-        patient = _new_patient(raw_id, settings)
+        patient = new_patient(raw_id, settings)
         if not raw_id:
             patient.problems.append("missing PatientID")
         for n, (date_text, items) in enumerate(sorted(by_date.items()), start=1):

@@ -1,6 +1,6 @@
 """Closed-form baselines behind the ForecastModel interface: ``lci`` and ``linear``.
 
-Every learned model is judged against these on the same targets (DESIGN.md, evaluation protocol).
+Every learned model is judged against these on the same targets (``longitudinal.evaluation.harness``).
 Both are deterministic: the S samples of a Forecast are identical copies.
 """
 

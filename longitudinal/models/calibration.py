@@ -1,55 +1,27 @@
 """Split-conformal calibration of forecast volume intervals.
 
-Sampled models (``tfm``, ``np``) trained on a CPU budget are over-confident: their samples spread far less than
-their errors (80% intervals from raw samples covered 0-18% of held-out volumes). The intervals a user sees
-must be honest, so every trained model carries a calibration fitted on its *validation* patients (never on
-the test patients it is scored on), in the spirit of split conformal prediction:
+Sampled models (``tfm``, ``np``) are over-confident: their samples spread far less than their errors. Every
+trained model therefore carries a calibration fitted on held-out patients (its *validation* patients, never the
+test patients it is scored on), and every volume interval a user sees goes through ``volume_quantiles``. Why each
+choice below, with the measurements: docs/decisions/interval-calibration.md.
 
     m       = median of the model's sampled volumes (ml) for one query
     scale   = offset_years + gap_years          (gap = query time - last context scan, in years, >= 0)
-    score e = |v_true - m| / scale              one per validation target ("symmetric" form)
+    score e = |v_true - m| / scale              one per calibration target ("symmetric" form)
+    score e = |v_true - m| / (scale * (c + |m - v_lin|))      "scaled" form (the default), c = ``difficulty_ml``
+    score e = (v_true - m) / scale              "signed" form (older checkpoints; each end from its own quantile)
 
-The p-interval of a new query is ``m -/+ scale * q_p`` (the lower end clipped at 0 ml), with ``q_p`` the
-conservative conformal p-quantile of the validation scores (rank ceil((n + 1) p)): with exchangeable targets it
-covers at least p. Its forecast distribution, scored by CRPS, is the 2n equally likely volumes
-``m -/+ scale * e_j``. Dividing by ``offset + gap`` lets one set of scores serve a range of horizons (errors
-grow with the gap; ``offset`` keeps short gaps from getting zero-width intervals).
+The p-interval of a new query is ``m -/+ scale * q_p`` (scaled: ``m -/+ scale * (c + |m - v_lin|) * q_p``; the
+lower end clipped at 0 ml), with ``q_p`` the conservative conformal p-quantile of the scores (rank
+ceil((n + 1) p)): with exchangeable targets it covers at least p. Its forecast distribution, scored by CRPS, is
+the 2n equally likely volumes ``m -/+ scale * e_j``. v_lin is the closed-form ``linear`` baseline's volume
+forecast of the same query (``linear_volumes_ml`` in ``longitudinal.models.baselines``); a scaled calibration
+needs it (``reference_ml``) with every query.
 
-Why absolute, not signed, scores: signed scores e = (v_true - m) / scale (the ``"signed"`` form, still read
-from older checkpoints) shift the interval by the model's validation bias, and take each end from one tail:
-with the 20-50 validation targets of a horizon bin the 95% ends are the extreme scores, and the bias is that
-of a handful of validation patients. On the 64-patient benchmark the np model's 0-90 day bias was -5 ml on
-its 10 validation patients and +3 ml on its 13 test patients, and the signed 80% interval covered 0.67 of
-the test targets; the absolute scores estimate one quantile from all n scores of the bin (the standard
-split-conformal score of Lei et al., 2018) and do not depend on the sign of a small-sample bias.
-
-Mondrian (per-horizon) scores: errors do not grow exactly like ``offset + gap`` (on the 64-patient benchmark
-pooled scores under-covered 0-90 day targets, 80% interval 0.69, and over-covered those beyond a year, 1.00).
-So the scores are grouped by horizon bin (the evaluation's bins, ``edges_days``) and a query takes the
-quantiles of its own bin's scores: split conformal within each bin, which makes the coverage guarantee hold
-per bin rather than only on average. A bin with fewer than ``min_per_bin`` validation targets is merged with
-its smaller neighbour first (20 targets keep the 80% interval off the extreme scores, and the 95% one within
-about 5 points of nominal).
-
-The guarantee is for targets exchangeable with the validation ones. Targets of one patient are correlated,
-so what sets the precision is the number of validation *patients* (``n_patients``), not of targets: a
-calibration fitted on 10 patients misses nominal by several points on another 13 by chance alone.
-
-Difficulty-scaled ("scaled") scores, the default since session 6: errors are heavy-tailed. Both sampled models
-under-forecast fast growers, and a minority of them carries the large errors, so with one score scale for every
-query the 80% quantile sits on the shoulder of that tail and per-bin coverage moved by 10-20 points between sets
-of 60-90 patients (benchmarks/calibration_heldout.py). The scaled form divides each error by a per-query
-difficulty as well, how far the model's median is from the closed-form ``linear`` baseline's forecast of the same
-query (the two disagree where the tumour grows fast):
-
-    score e = |v_true - m| / (scale * (c + |m - v_lin|))        c = ``difficulty_ml`` (ml, 10 by default)
-
-and the p-interval of a new query is ``m -/+ scale * (c + |m - v_lin|) * q_p``: wide where model and
-extrapolation disagree, narrow where they agree. It keeps split conformal's guarantee (the score is a fixed
-function of the query's inputs). ``c`` keeps queries where the two agree from getting zero-width intervals; it
-was fixed at 10 ml before the form was confirmed on an unseen cohort (docs/preregistration_calibration_seed2.md).
-Such a calibration needs ``reference_ml`` (v_lin) with every query: ``linear_volumes_ml`` in
-``longitudinal.models.baselines`` computes it from the context labels the model is given.
+Mondrian (per-horizon) scores: the scores are grouped by horizon bin (the evaluation's bins, ``edges_days``) and
+a query takes the quantiles of its own bin's scores, so the guarantee holds per bin. A bin with fewer than
+``min_per_bin`` targets is merged with its smaller neighbour first. Targets of one patient are correlated, so the
+precision rests on the number of calibration *patients* (``n_patients``).
 
 The sampled trajectories themselves are left as they are (their masks, coherence and GED are the model's);
 only the volume summaries go through the calibration. Pure numpy; stored as a plain dict in the checkpoint's

@@ -67,18 +67,11 @@ class TFMConfig:
         draws scales with the gap by construction (the neural process's residual form). Without it the gap
         reaches the velocity only through FiLM and long, rarely-trained gaps are under-forecast.
     solver / steps: ODE solver (one of SOLVERS) and fixed step count (euler, midpoint, rk4); rtol / atol for
-        dopri5. Tuned on validation patients (benchmarks/tune.py, 64-patient cohort, 96 targets): 2 midpoint
-        steps (4 network calls) scored like 8 Euler steps (whole-tumour Dice 0.735 vs 0.731, volume error
-        11.4 vs 11.8 ml) at half the cost; 4 Euler steps lost 0.021 Dice.
-    rate_head was tuned the same way: volume error 11.8 vs 12.8 ml (21.6 vs 25.5 ml beyond a year), Dice 0.731
-        vs 0.728, at 500 training steps each.
-    skip_mode / out_kernel: the U-Net's skip joins and output kernel (``FiLMUNet3d``). Tuned the same way:
-        "add" with a 1x1x1 output scored Dice 0.784 / volume error 9.2 ml against 0.735 / 11.4 ml for
-        "concat" with 3x3x3 (both 500 steps, midpoint:2), and samples 32 flows in 1.30 s instead of 1.91 s
-        (``benchmarks/forecast_latency.py --models-only --kinds tfm``, 2 CPU threads).
+        dopri5. skip_mode / out_kernel: the U-Net's skip joins and output kernel (``FiLMUNet3d``).
     max_batch: flows integrated at once when sampling (bounds memory; results do not depend on it for
-    fixed-step solvers). 16 vs 32 at 32^3 on a 2-core CPU: 32 was ~20% faster with 2 threads and ~30% slower
-    with 1 thread on a loaded machine, so no change either way is claimed.
+        fixed-step solvers).
+    The shipped solver, steps, rate head, skips and output kernel were tuned on validation patients only:
+    docs/decisions/tfm-sampler.md.
     """
 
     in_channels: int = 2

@@ -6,7 +6,9 @@ NATIVE grid of one stored session through its stored registration (``native.py``
 ``<patient>_forecast.json`` and ``<patient>_volumes.png``. File names::
 
     <patient>_day<D>_forecast_<channel>.nii.gz   <patient>_day<D>_prob_whole.nii.gz
-    <patient>_day<D>_prob_enhancing.nii.gz       (D: days since baseline)
+    <patient>_day<D>_prob_enhancing.nii.gz       (D: whole days since baseline)
+
+Two queries of one call that fall on the same whole day get ``_day<D>_2``, ``_day<D>_3``, ... in query order.
 """
 
 from __future__ import annotations
@@ -56,13 +58,19 @@ class ForecastWriter:
         self.grid = grid
         self.out = out
         self.pid = pid
+        self._stems: set[str] = set()
 
     def write(self, q: QueryPrediction) -> dict[str, str]:
         """The query's files (kind -> path): ``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``."""
         from longitudinal.predict.native import paste
 
         self.out.mkdir(parents=True, exist_ok=True)
-        stem = f"{self.pid}_day{q.days:g}"
+        stem = base = f"{self.pid}_day{round(q.days)}"
+        n = 1
+        while stem in self._stems:
+            n += 1
+            stem = f"{base}_{n}"
+        self._stems.add(stem)
         files: dict[str, str] = {}
         # Outside the crop the forecast image is the last CONTEXT scan: a retrospective query must not show the
         # later scans it was not given (for a query after the latest scan this is the latest scan).

@@ -96,7 +96,7 @@ def forecast_stored(
             days=r.days, days_after_last_scan=round(r.days - float(days[-1]), 6), date=r.date,
             calendar=calendar.calendar if r.date else None, n_context=p.n_context,
             volume_whole_ml=p.whole, volume_enhancing_ml=p.enhancing,
-            files=writer.write(p) if writer is not None else {},
+            files=writer.write(p) if writer is not None else {}, field_of_view=p.field_of_view,
         ))
     if out_dir is not None:
         write_summary(result, out_dir)

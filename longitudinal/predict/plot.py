@@ -8,7 +8,11 @@ from longitudinal.predict.result import ForecastResult
 
 
 def plot_volumes(result: ForecastResult, path: Path) -> Path:
-    """Two panels (whole tumour, enhancing core), x = days since baseline, y = ml. Written with Agg."""
+    """Two panels (whole tumour, enhancing core), x = days since baseline, y = ml. Written with Agg.
+
+    Queries whose forecast cannot be trusted (the tumour does not fit the model's field of view, ``predict.fov``)
+    are marked with a red cross, the field of view's volume is drawn as a dotted line, a red banner names them,
+    and the PNG's ``Description`` text chunk holds ``result.warnings()``."""
     # The object API with the Agg canvas: no pyplot state, no GUI backend, safe in worker threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -40,6 +44,13 @@ def plot_volumes(result: ForecastResult, path: Path) -> Path:
         ax.fill_between(x, lo80, hi80, color="tab:blue", alpha=0.35, label="80% interval")
         ax.plot(x, med, "--", color="tab:blue")
         ax.plot(qd, [iv.median for iv in ivs], "s", color="tab:blue", label="forecast median")
+        bad = [(q.days, getattr(q, f"volume_{kind}_ml").median) for q in result.queries if not q.trusted]
+        if bad:
+            ax.plot([b[0] for b in bad], [b[1] for b in bad], "x", color="red", markersize=12, mew=2.5,
+                    label="not trustworthy")
+            crop_ml = max(q.field_of_view.crop_ml for q in result.queries if q.field_of_view is not None)
+            ax.axhline(crop_ml, color="red", linestyle=":", linewidth=1,
+                       label=f"field of view ({crop_ml:.3g} ml)")
         ax.set_title(title)
         ax.set_xlabel("days since baseline")
         ax.set_ylabel("volume (ml)")
@@ -47,8 +58,14 @@ def plot_volumes(result: ForecastResult, path: Path) -> Path:
     axes[0].legend(loc="upper left", fontsize=8)
     version = f" v{result.version}" if result.version else ""
     fig.suptitle(f"{result.patient}: {result.model}{version}, {result.n_samples} samples")
+    warnings = result.warnings()
+    if warnings:
+        days = ", ".join(f"{q.days:.0f}" for q in result.queries if not q.trusted)
+        fig.text(0.5, 0.895, f"NOT TRUSTWORTHY at day {days}: the tumour does not fit the model's field of view",
+                 ha="center", va="center", color="white", fontsize=9, fontweight="bold",
+                 bbox={"facecolor": "red", "edgecolor": "none", "pad": 3})
     # Fixed margins: tight_layout costs a third of the plot's time and the layout never changes.
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.86, wspace=0.22)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.79 if warnings else 0.86, wspace=0.22)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Description": "\n".join(warnings) or "no warnings"})
     return path

@@ -26,6 +26,7 @@ from longitudinal.models.base import ForecastModel, build_model
 from longitudinal.models.baselines import linear_volumes_ml
 from longitudinal.models.calibration import VolumeCalibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
+from longitudinal.predict.fov import FieldOfView, border_share, field_of_view
 from longitudinal.predict.result import VolumeInterval
 from longitudinal.runtime import tune_cpu_allocator
 
@@ -49,6 +50,7 @@ class QueryPrediction:
     (C, D, H, W) float32 in store intensities (the scale undone), prob_whole / prob_enhancing (D, H, W) float32:
     the sample means on the crop. scale: (C,) the normalisation divisor. images / probs: the raw samples
     [S, C, D, H, W] (normalised intensities) and [S, 3, D, H, W], kept only when asked for (evaluation).
+    field_of_view: whether the tumour and its forecast fit the crop; when not, the forecast cannot be trusted.
     """
 
     days: float
@@ -66,6 +68,7 @@ class QueryPrediction:
     max_ml: float
     images: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    field_of_view: FieldOfView | None = None  # whether the forecast fits the crop (``predict.fov``)
 
     @property
     def n_context(self) -> int:
@@ -104,6 +107,8 @@ class Predictor:
         self.crop_size = tuple(int(s) for s in crop_size)
         self.data = data or DataSettings()
         self.channels = tuple(channels) if channels is not None else None
+        # A model whose parameters are physical (fk's mm^2/day) declares the voxel size it assumes.
+        spacing_mm = spacing_mm if spacing_mm is not None else getattr(model, "grid_spacing_mm", None)
         self.spacing_mm = tuple(float(s) for s in spacing_mm) if spacing_mm is not None else None
 
     @classmethod
@@ -156,7 +161,7 @@ class Predictor:
         Raises ValueError listing every problem (no scan before a query, channels the series lacks).
         """
         days = series.days
-        problems = self.channel_problems(tuple(series.arrays.channels))
+        problems = self.channel_problems(tuple(series.arrays.channels), series.spacing_mm)
         groups: dict[tuple[int, ...], list[int]] = {}
         for qi, q in enumerate(days_since_baseline):
             ctx = context_indices(days, float(q), self.data.max_context)
@@ -204,20 +209,25 @@ class Predictor:
         p_whole = (probs[:, :, 1] + probs[:, :, 2]).mean(1).cpu().numpy()
         p_enh = probs[:, :, 2].mean(1).cpu().numpy()
         max_ml = box.volume_ml(series.spacing_mm)
+        at_border = border_share(probs)
+        context_boxes = [series.box(t) for t in idx]
         cals = self.calibration
         last_day = float(series.days[idx[-1]])
         out = []
         for j, q in enumerate(qdays):
             gap = q - last_day
+            whole = VolumeInterval.from_samples(vols[j, :, 0], gap, cals.get("whole"), float(lin[j, 0]), max_ml)
             out.append(QueryPrediction(
                 days=q, gap_days=gap, context=ctx, crop=box, volumes_ml=vols[j], linear_ml=lin[j],
-                whole=VolumeInterval.from_samples(vols[j, :, 0], gap, cals.get("whole"), float(lin[j, 0]), max_ml),
+                whole=whole,
                 enhancing=VolumeInterval.from_samples(vols[j, :, 1], gap, cals.get("enhancing"), float(lin[j, 1]),
                                                       max_ml),
                 mean_image=mean_img[j], prob_whole=p_whole[j], prob_enhancing=p_enh[j], scale=scale.numpy(),
                 max_ml=max_ml,
                 images=fc.images[0, j].float().cpu() if keep_samples else None,
                 probs=probs[j].cpu() if keep_samples else None,
+                field_of_view=field_of_view(box.start, box.size, series.spacing_mm, context_boxes,
+                                            float(at_border[j]), n_samples, whole.hi95, max_ml),
             ))
         return out
 

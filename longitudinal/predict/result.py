@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from longitudinal.models.calibration import LEVELS, STRUCTURES, VolumeCalibration, volume_quantiles
+from longitudinal.predict.fov import FieldOfView
 
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
 QUANTILE_LEVELS: dict[str, float] = LEVELS
@@ -86,6 +87,8 @@ class QueryForecast:
     ``calendar`` ("real" when the site's key maps the patient's dates back, "shifted" for the store's
     de-identified dates), None when the patient has no dates. n_context: scans the model saw.
     files: output kind -> path (``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``), native space.
+    field_of_view: whether the tumour and its forecast fit the model's field of view (``predict.fov``); when
+    not, the forecast cannot be trusted and ``warnings()`` says why.
     """
 
     days: float
@@ -96,11 +99,21 @@ class QueryForecast:
     volume_whole_ml: VolumeInterval
     volume_enhancing_ml: VolumeInterval
     files: dict[str, str] = field(default_factory=dict)
+    field_of_view: FieldOfView | None = None
+
+    @property
+    def trusted(self) -> bool:
+        return self.field_of_view is None or self.field_of_view.ok
+
+    def warnings(self) -> list[str]:
+        """Why this query's forecast cannot be trusted (empty when nothing is known against it)."""
+        return [] if self.field_of_view is None else self.field_of_view.warnings()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["volume_whole_ml"] = self.volume_whole_ml.to_dict()
         d["volume_enhancing_ml"] = self.volume_enhancing_ml.to_dict()
+        d["field_of_view"] = None if self.field_of_view is None else self.field_of_view.to_dict()
         return d
 
 
@@ -149,6 +162,11 @@ class ForecastResult:
     plot_path: Path | None = None
     seconds: float = 0.0
 
+    def warnings(self) -> list[str]:
+        """One line per query that cannot be trusted: ``day D (+G d): not trustworthy: reason; reason``."""
+        return [f"day {q.days:.0f} ({q.days_after_last_scan:+.0f} d): not trustworthy: " + "; ".join(q.warnings())
+                for q in self.queries if q.warnings()]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "patient": self.patient,
@@ -163,5 +181,6 @@ class ForecastResult:
             "native_space": {"session": self.native.session, "shape": list(self.native.shape),
                              "affine": self.native.affine, "grid": self.native.grid},
             "intervals": self.intervals,
+            "warnings": self.warnings(),
             "plot": None if self.plot_path is None else str(self.plot_path),
         }

@@ -1,10 +1,8 @@
 """SimpleITK rigid (optionally affine) registration of a session to the patient's reference scan, and its QC.
 
-Recipe (measured in DESIGN.md; the GradientDescent + convergence-window recipe failed with 5-37 mm errors):
-Mattes mutual information (50 bins) on a 5 % random sample (at least ``min_samples`` points; DESIGN.md
-says 10 %: 5 % gave the same TRE on the default synthetic cohort, 0.15 mm, at 30 % less CPU), RegularStepGradientDescent with scales estimated
-from the physical shift, a 4/2/1 shrink pyramid smoothed with sigmas 2/1/0 voxels, and a geometry-centred
-initial transform.
+Recipe (why each part: docs/decisions/registration-qc.md): Mattes mutual information (50 bins) on a 5 % random
+sample (at least ``min_samples`` points), RegularStepGradientDescent with scales estimated from the physical
+shift, a 4/2/1 shrink pyramid smoothed with sigmas 2/1/0 voxels, and a geometry-centred initial transform.
 
 Before the metric sees them, both images are homomorphically high-passed (``log_highpass``): the log intensity
 minus its Gaussian-smoothed local mean inside the head. Each visit carries its own smooth multiplicative bias
@@ -29,7 +27,10 @@ from longitudinal.registration.geometry import lps_to_ras, transform_to_matrix
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """Knobs of the registration. ``qc_max_metric``: sessions with ``1 - NCC`` above it fail QC."""
+    """Knobs of the registration. ``qc_max_metric``: sessions with ``1 - NCC`` above it fail QC.
+    ``qc_exclude_margin_mm``: the tumours (and resection cavities) of both scans, dilated by this margin, are
+    left out of the QC metric (``qc_exclusion``): tissue that changes between visits says nothing about the
+    alignment."""
 
     kind: Literal["rigid", "affine"] = "rigid"
     histogram_bins: int = 50
@@ -44,6 +45,7 @@ class RegistrationConfig:
     highpass_sigma_mm: float | None = 8.0
     qc_max_metric: float = 0.25
     qc_mask_threshold: float = 0.05
+    qc_exclude_margin_mm: float = 10.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,13 +75,18 @@ class RegistrationResult:
     stop: str
 
 
-def log_highpass(image: sitk.Image, sigma_mm: float) -> sitk.Image:
+def log_highpass(image: sitk.Image, sigma_mm: float, exclude: np.ndarray | None = None) -> sitk.Image:
     """``log(I) - G_sigma * log(I)`` inside the head (normalised convolution: the local mean uses head voxels
     only), 0 outside; returned as ``exp`` of that, float32, same grid. The head is voxels above 10 % of the
-    99th percentile. Removes smooth multiplicative fields (bias) while keeping anatomy edges."""
+    99th percentile. Removes smooth multiplicative fields (bias) while keeping anatomy edges.
+
+    exclude: bool array of the image's (z, y, x) shape; those voxels are left out of the head (0 in the output,
+    and their intensities never enter a local mean)."""
     arr = sitk.GetArrayFromImage(image).astype(np.float64)
     hi = float(np.percentile(arr, 99.0))
     mask = arr > 0.1 * hi if hi > 0 else arr > arr.min()
+    if exclude is not None:
+        mask &= ~exclude
     # A floor at 1 % of the bright end keeps clipped-to-zero voxels from dominating the log.
     log = np.where(mask, np.log(np.maximum(arr, 0.01 * hi if hi > 0 else 1e-6)), 0.0)
 
@@ -168,16 +175,22 @@ def resample_onto(
     return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
-def qc_metric(fixed: np.ndarray, moved: np.ndarray, mask_threshold: float = 0.05) -> float:
+def qc_metric(
+    fixed: np.ndarray, moved: np.ndarray, mask_threshold: float = 0.05, exclude: np.ndarray | None = None
+) -> float:
     """Registration QC: ``1 - NCC`` between two images on the same grid, inside the head of ``fixed``
-    (voxels above ``mask_threshold`` of its range). 0 = identical up to gain/offset, 1 = unrelated.
+    (voxels above ``mask_threshold`` of its range) minus ``exclude``. 0 = identical up to gain/offset,
+    1 = unrelated.
 
-    fixed, moved: arrays of the same shape (any dims), intensities normalised or not.
+    fixed, moved: arrays of the same shape (any dims), intensities normalised or not; exclude: bool, same
+    shape, voxels left out (None: none).
     """
     if fixed.shape != moved.shape:
         raise ValueError(f"qc_metric needs equal shapes, got {fixed.shape} and {moved.shape}")
     lo, hi = float(np.min(fixed)), float(np.max(fixed))
     mask = fixed > lo + mask_threshold * (hi - lo)
+    if exclude is not None:
+        mask &= ~exclude
     if mask.sum() < 10:
         return 1.0
     a = fixed[mask].astype(np.float64)
@@ -190,18 +203,40 @@ def qc_metric(fixed: np.ndarray, moved: np.ndarray, mask_threshold: float = 0.05
     return float(1.0 - (a * b).sum() / denom)
 
 
-def registration_qc(fixed: sitk.Image, moved: sitk.Image, config: RegistrationConfig | None = None) -> float:
-    """QC of a registration: ``qc_metric`` between ``fixed`` and ``moved`` (same grid) after the same log
-    high-pass the registration uses (when configured).
+def qc_exclusion(
+    labels: list[np.ndarray | None], spacing_zyx_mm: tuple[float, float, float], margin_mm: float
+) -> np.ndarray | None:
+    """Voxels the QC metric leaves out: the union of the tumour labels (any label > 0) of the scans compared,
+    all on one grid (z, y, x), dilated by ``margin_mm`` (Euclidean, in mm). None when no label marks anything.
 
-    Why high-pass (``benchmarks/registration_qc.py --patients 16``, 90 sessions): on raw intensities, per-visit
-    bias fields and a growing tumour pull 1 - NCC of registered sessions up to 0.325 while the same sessions
-    spoiled by 4 degrees start at 0.229, so no threshold separates them; after the high-pass, registered
-    sessions score 0.037-0.217 and spoiled ones (4 mm or 4 degrees) 0.371-0.582.
+    Why: between a pre-operative reference and a post-operative scan the tumour vanishes and a resection cavity
+    appears inside the margin around the old tumour (radiotherapy and regrowth change it too). That tissue
+    differs even when the alignment is perfect, so it is judged on the anatomy that should not change
+    (``benchmarks/registration_qc.py --patients 8``, half treated: registered sessions 0.037-0.214 on the
+    high-passed images, 0.036-0.062 with the tumours left out; spoiled by 4 mm or 4 degrees 0.362 and above)."""
+    union: np.ndarray | None = None
+    for label in labels:
+        if label is not None:
+            union = (label > 0) if union is None else union | (label > 0)
+    if union is None or not union.any():
+        return None
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~union, sampling=spacing_zyx_mm) <= margin_mm
+
+
+def registration_qc(
+    fixed: sitk.Image, moved: sitk.Image, config: RegistrationConfig | None = None,
+    exclude: np.ndarray | None = None,
+) -> float:
+    """QC of a registration: ``qc_metric`` between ``fixed`` and ``moved`` (same grid) after the same log
+    high-pass the registration uses (when configured), with the voxels of ``exclude`` (bool, the grid's
+    (z, y, x) shape; ``qc_exclusion``) left out of both the high-pass and the metric. Why on high-passed images:
+    docs/decisions/registration-qc.md.
     """
     config = config or RegistrationConfig()
     if config.highpass_sigma_mm:
-        fixed = log_highpass(sitk.Cast(fixed, sitk.sitkFloat32), config.highpass_sigma_mm)
-        moved = log_highpass(sitk.Cast(moved, sitk.sitkFloat32), config.highpass_sigma_mm)
-    return qc_metric(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moved), config.qc_mask_threshold)
-
+        fixed = log_highpass(sitk.Cast(fixed, sitk.sitkFloat32), config.highpass_sigma_mm, exclude)
+        moved = log_highpass(sitk.Cast(moved, sitk.sitkFloat32), config.highpass_sigma_mm, exclude)
+    return qc_metric(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moved), config.qc_mask_threshold,
+                     exclude)

@@ -145,11 +145,13 @@ def placeholder_env(settings: Settings, environ: Mapping[str, str] | None = None
     """Environment for deploying/serving: ``environ`` plus defaults for the placeholders prefect.yaml uses.
 
     ``LONGITUDINAL_STORE`` defaults to the settings' store URL, ``LONGITUDINAL_INGEST_SOURCE`` to the
-    synthetic data folder, ``LONGITUDINAL_CODE_DIR`` to this checkout; values already set win.
+    synthetic data folder, ``LONGITUDINAL_INGEST_TREATMENTS`` (a treatments CSV) to "" (none),
+    ``LONGITUDINAL_CODE_DIR`` to this checkout; values already set win.
     """
     env = dict(os.environ if environ is None else environ)
     env.setdefault("LONGITUDINAL_STORE", settings.store_url)
     env.setdefault("LONGITUDINAL_INGEST_SOURCE", str(settings.data_path))
+    env.setdefault("LONGITUDINAL_INGEST_TREATMENTS", "")
     env.setdefault("LONGITUDINAL_CODE_DIR", str(project_root()))
     return env
 

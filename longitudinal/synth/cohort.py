@@ -4,16 +4,22 @@ Layout written under ``out``::
 
     dataset_description.json  participants.tsv  participants.json  README  <channel sidecars>.json
     sub-001/sub-001_sessions.tsv                          session_id, acq_time (ISO 8601)
+    sub-001/sub-001_treatments.tsv                        date, treatment, end_date (treated subjects only)
     sub-001/ses-01/anat/sub-001_ses-01_ce-gd_T1w.nii.gz   T1c (names from the BIDS channel map)
     sub-001/ses-01/anat/sub-001_ses-01_FLAIR.nii.gz       FLAIR
     derivatives/labels/sub-001/ses-01/anat/sub-001_ses-01_dseg.nii.gz   0 bg, 1 oedema, 2 core (moved space)
     derivatives/groundtruth/sub-001/params.json           D_w, rho, seed, thresholds, silent period, dates
     derivatives/groundtruth/sub-001/sessions.json         days, motion M (p_moved = M p_true), true volumes
-    derivatives/groundtruth/sub-001/ses-01_density.nii.gz unmoved density c
+    derivatives/groundtruth/sub-001/ses-01_density.nii.gz unmoved density c (ses-02_cavity.nii.gz: the cavity)
+    derivatives/groundtruth/sub-001/treatments.json       events: days since baseline, dates, parameters,
+                                                          volumes before/after (treated subjects only)
+    derivatives/groundtruth/sub-001/event-01_surgery_before_density.nii.gz   c right before (and _after) each event
     derivatives/groundtruth/volumes.tsv                   every (subject, session) with its true volumes
 
 Every patient has its own random stream seeded by (seed, patient index), so a cohort is a pure function of
-(n_patients, seed, preset) and patient k is the same whatever n_patients is.
+(n_patients, seed, preset, treated_fraction) and patient k is the same whatever n_patients is. About half the
+patients (``treated_fraction``) are treated after their baseline scan (``treatment.py``): resection, radiotherapy
+with temozolomide, follow-up scans every two to three months; the others grow untreated.
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ from longitudinal.synth.render import (
     white_matter_level,
 )
 from longitudinal.synth.solver import FisherKolmogorov
+from longitudinal.synth.treatment import EventTruth, TreatmentPlan, draw_plan, run_course, visit_offsets
 
 GENERATOR_NAME = "longitudinal synth"
+# Share of patients treated by default (resection, radiotherapy, temozolomide); the rest grow untreated.
+DEFAULT_TREATED_FRACTION = 0.5
 BIDS_VERSION = "1.9.0"
 # BIDS filename entity order (subset that a channel map may use); the suffix comes last.
 _ENTITY_ORDER = ("task", "acq", "ce", "trc", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part")
@@ -61,6 +70,7 @@ class PatientSummary:
     max_whole_ml: float
     d_white: float
     rho: float
+    treated: bool = False
 
 
 @dataclass
@@ -98,6 +108,7 @@ class _Visit:
     whole_ml: float
     core_ml: float
     burden_ml: float
+    cavity_box: np.ndarray | None = None  # resection cavity on the solver box (bool), None before surgery
 
 
 @dataclass
@@ -113,6 +124,8 @@ class _Patient:
     box: tuple[slice, slice, slice]
     visits: list[_Visit]
     attempts: int
+    plan: TreatmentPlan | None = None  # None: untreated
+    events: list[EventTruth] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -156,12 +169,14 @@ def _edge_max(c: np.ndarray) -> float:
     return float(max(c[0].max(), c[-1].max(), c[:, 0].max(), c[:, -1].max(), c[:, :, 0].max(), c[:, :, -1].max()))
 
 
-def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) -> _Patient:
-    """Draw one patient and grow its tumour; rejection keeps every visit within the preset's volume bounds."""
+def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy, treated: bool = False) -> _Patient:
+    """Draw one patient and grow its tumour; rejection keeps every visit within the preset's volume bounds.
+    ``treated``: the patient is treated (``treatment.py``) after its baseline scan."""
+    if treated:
+        return _draw_treated_patient(index, seed, preset, anatomy)
     rng = np.random.default_rng([seed, index])
     subject = f"{index + 1:03d}"
     voxel_ml = anatomy.voxel_ml
-    seeds = np.argwhere((anatomy.wm >= 0.9) & anatomy.parenchyma)
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         n_visits = int(rng.integers(preset.visits[0], preset.visits[1] + 1))
         n_gaps = n_visits - 1
@@ -173,47 +188,19 @@ def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) 
         schedule_first = bool(rng.random() < 0.5)
         gaps = rng.integers(g_min, g_max + 1, size=n_gaps) if schedule_first else None
         window = (float(gaps.sum()),) * 2 if gaps is not None else (g_min * n_gaps, g_max * n_gaps)
-        for _ in range(2000):
-            d_white = _log_uniform(rng, preset.d_white)
-            rho = _log_uniform(rng, preset.rho)
-            speed = 2.0 * math.sqrt(d_white * rho)
-            if a_min / window[1] <= speed <= a_max / window[0]:
-                break
-        else:
+        drawn = _draw_growth(rng, preset, window)
+        if drawn is None:
             continue
+        d_white, rho = drawn
+        speed = 2.0 * math.sqrt(d_white * rho)
         if gaps is None:
             lo = max(math.ceil(a_min / speed / n_gaps), g_min)
             hi = min(math.floor(a_max / speed / n_gaps), g_max)
             if lo > hi:
                 continue
             gaps = rng.integers(lo, hi + 1, size=n_gaps)
-        thresholds = Thresholds(
-            flair=float(rng.uniform(*preset.flair_threshold)),
-            enhancing=float(rng.uniform(*preset.enhancing_threshold)),
-            necrosis=float(rng.uniform(*preset.necrosis_threshold)),
-        )
-        v0 = _log_uniform(rng, preset.baseline_volume_ml)
-        seed_voxel = tuple(int(v) for v in seeds[rng.integers(len(seeds))])
-        box = _solver_box(anatomy, seed_voxel, preset.solver_half_width_mm)
-        solver = FisherKolmogorov(
-            diffusivity_map(anatomy, d_white)[box],
-            anatomy.parenchyma[box],
-            anatomy.spacing_mm,
-            rho,
-            dt_safety=preset.dt_safety,
-            max_dt_rho=preset.max_dt_rho,
-        )
-        # The silent period starts from a dense cluster of radius 4 mm (0.27 ml), below the smallest visible
-        # volume; a dense start gives a mature profile (c -> 1 behind the front) as real tumours show.
-        grids = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
-        r2 = sum((g - s) ** 2 for g, s in zip(grids, seed_voxel, strict=True)) * anatomy.spacing_mm**2
-        c = solver.initial((r2 <= max(4.0, anatomy.spacing_mm) ** 2).astype(np.float32))
-
-        def visible(state: np.ndarray, thr: float = thresholds.flair, target: float = v0) -> bool:
-            return np.count_nonzero(state >= thr) * voxel_ml >= target
-
-        silent = solver.advance_until(c, visible, preset.max_silent_days)
-        if silent is None or silent < preset.min_silent_days:
+        start = _start_tumour(rng, preset, anatomy, d_white, rho)
+        if start is None:
             continue
         baseline = datetime(2012, 1, 1) + timedelta(days=int(rng.integers(0, 12 * 365)))
         offsets = np.concatenate([[0], np.cumsum(gaps)])
@@ -222,43 +209,173 @@ def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) 
         ]
         visits: list[_Visit] = []
         t_now = 0.0
+        c, solver = start.c, start.solver
         for k, acq in enumerate(acq_times):
             days = (acq - acq_times[0]).total_seconds() / 86400.0
             solver.advance(c, days - t_now)
             t_now = days
-            whole = np.count_nonzero(c >= thresholds.flair) * voxel_ml
-            if whole > preset.max_volume_ml:
+            visit = _visit(k, acq, days, c, None, start.thresholds, voxel_ml)
+            if visit.whole_ml > preset.max_volume_ml:
                 break
-            visits.append(
-                _Visit(
-                    session=f"{k + 1:02d}",
-                    acq_time=acq,
-                    days=days,
-                    density_box=c.copy(),
-                    whole_ml=float(whole),
-                    core_ml=float(np.count_nonzero(c >= thresholds.enhancing) * voxel_ml),
-                    burden_ml=float(c.sum(dtype=np.float64) * voxel_ml),
-                )
-            )
+            visits.append(visit)
         if len(visits) < min(3, preset.visits[0]):
             continue
-        if _edge_max(visits[-1].density_box) > thresholds.flair / 2.0:
+        if _edge_max(visits[-1].density_box) > start.thresholds.flair / 2.0:
             continue  # the tumour reached the edge of the solver box: the box would have clipped it
-        seed_mm = (anatomy.affine @ np.array([*seed_voxel, 1.0]))[:3].tolist()
-        return _Patient(
-            subject=subject,
-            d_white=d_white,
-            rho=rho,
-            seed_voxel=seed_voxel,  # type: ignore[arg-type]
-            seed_mm=[float(v) for v in seed_mm],
-            thresholds=thresholds,
-            silent_days=float(silent),
-            baseline_volume_target_ml=v0,
-            box=box,  # type: ignore[arg-type]
-            visits=visits,
-            attempts=attempt,
-        )
+        return _patient(subject, d_white, rho, start, anatomy, visits, attempt)
     raise RuntimeError(f"could not draw patient {subject} within {_MAX_ATTEMPTS} attempts (preset {preset.name})")
+
+
+def _draw_treated_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) -> _Patient:
+    """Draw a treated patient (``treatment.py``): baseline scan, resection, radiotherapy with temozolomide, a
+    post-operative scan and follow-ups every two to three months; the same growth law before and after."""
+    rng = np.random.default_rng([seed, index, 3])
+    subject = f"{index + 1:03d}"
+    voxel_ml = anatomy.voxel_ml
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        n_visits = int(rng.integers(preset.visits[0], preset.visits[1] + 1))
+        plan = draw_plan(rng, preset)
+        offsets = visit_offsets(rng, plan, n_visits, preset)
+        # Growth fast enough to regrow visibly over the follow-up, yet below max_volume_ml without treatment.
+        window = (float(offsets[-1]), float(offsets[-1]))
+        drawn = _draw_growth(rng, preset, window, preset.treated_rho)
+        if drawn is None:
+            continue
+        d_white, rho = drawn
+        start = _start_tumour(rng, preset, anatomy, d_white, rho)
+        if start is None:
+            continue
+        baseline = datetime(2012, 1, 1) + timedelta(days=int(rng.integers(0, 12 * 365)))
+        # Every visit shares the baseline's time of day give or take a few hours; events fall on whole days
+        # after the baseline scan, so their dates are the baseline date plus those days.
+        acq_times = [baseline + timedelta(days=int(d), minutes=int(rng.integers(8 * 60, 18 * 60))) for d in offsets]
+        visit_days = [(t - acq_times[0]).total_seconds() / 86400.0 for t in acq_times]
+        box_domain = anatomy.parenchyma[start.box]
+        diffusivity = diffusivity_map(anatomy, d_white)[start.box]
+
+        def make_solver(domain: np.ndarray, d: np.ndarray = diffusivity, r: float = rho) -> FisherKolmogorov:
+            return FisherKolmogorov(d, domain, anatomy.spacing_mm, r, dt_safety=preset.dt_safety,
+                                    max_dt_rho=preset.max_dt_rho)
+
+        course = run_course(start.c, box_domain, make_solver, plan, visit_days, start.thresholds,
+                            anatomy.spacing_mm)
+        visits: list[_Visit] = []
+        for k, (acq, days, (c, cavity)) in enumerate(zip(acq_times, visit_days, course.visits, strict=True)):
+            visit = _visit(k, acq, days, c, cavity, start.thresholds, voxel_ml)
+            if visit.whole_ml > preset.max_volume_ml:
+                break
+            visits.append(visit)
+        if len(visits) < min(3, preset.visits[0]):
+            continue
+        if visits[-1].whole_ml < preset.baseline_volume_ml[0]:
+            continue  # the tumour must be seen to regrow within the follow-up
+        if max(_edge_max(v.density_box) for v in visits) > start.thresholds.flair / 2.0:
+            continue  # the tumour reached the edge of the solver box: the box would have clipped it
+        patient = _patient(subject, d_white, rho, start, anatomy, visits, attempt)
+        patient.plan, patient.events = plan, course.events
+        return patient
+    raise RuntimeError(f"could not draw treated patient {subject} within {_MAX_ATTEMPTS} attempts "
+                       f"(preset {preset.name})")
+
+
+def _draw_growth(
+    rng: np.random.Generator, preset: SynthPreset, window: tuple[float, float],
+    rho_range: tuple[float, float] | None = None,
+) -> tuple[float, float] | None:
+    """(D_w, rho) drawn log-uniform (rho from ``rho_range``, default ``preset.rho``) whose front advance
+    2 sqrt(D_w rho) * window stays within ``preset.radial_growth_mm`` (window: shortest and longest observation
+    span in days); None if none fits."""
+    a_min, a_max = preset.radial_growth_mm
+    for _ in range(2000):
+        d_white = _log_uniform(rng, preset.d_white)
+        rho = _log_uniform(rng, rho_range or preset.rho)
+        speed = 2.0 * math.sqrt(d_white * rho)
+        if a_min / window[1] <= speed <= a_max / window[0]:
+            return d_white, rho
+    return None
+
+
+@dataclass
+class _Start:
+    """A tumour at its baseline scan: density ``c`` on the solver ``box`` and what grew it."""
+
+    thresholds: Thresholds
+    v0: float
+    seed_voxel: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    solver: FisherKolmogorov
+    c: np.ndarray
+    silent_days: float
+
+
+def _start_tumour(
+    rng: np.random.Generator, preset: SynthPreset, anatomy: Anatomy, d_white: float, rho: float
+) -> _Start | None:
+    """Thresholds, baseline volume and seed drawn; the tumour grown silently from a dense 4 mm cluster until
+    its visible volume reaches the baseline volume. None when the silent period is outside the preset's."""
+    thresholds = Thresholds(
+        flair=float(rng.uniform(*preset.flair_threshold)),
+        enhancing=float(rng.uniform(*preset.enhancing_threshold)),
+        necrosis=float(rng.uniform(*preset.necrosis_threshold)),
+    )
+    v0 = _log_uniform(rng, preset.baseline_volume_ml)
+    seeds = np.argwhere((anatomy.wm >= 0.9) & anatomy.parenchyma)
+    seed_voxel = tuple(int(v) for v in seeds[rng.integers(len(seeds))])
+    box = _solver_box(anatomy, seed_voxel, preset.solver_half_width_mm)
+    solver = FisherKolmogorov(
+        diffusivity_map(anatomy, d_white)[box],
+        anatomy.parenchyma[box],
+        anatomy.spacing_mm,
+        rho,
+        dt_safety=preset.dt_safety,
+        max_dt_rho=preset.max_dt_rho,
+    )
+    # The silent period starts from a dense cluster of radius 4 mm (0.27 ml), below the smallest visible
+    # volume; a dense start gives a mature profile (c -> 1 behind the front) as real tumours show.
+    grids = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+    r2 = sum((g - s) ** 2 for g, s in zip(grids, seed_voxel, strict=True)) * anatomy.spacing_mm**2
+    c = solver.initial((r2 <= max(4.0, anatomy.spacing_mm) ** 2).astype(np.float32))
+    voxel_ml = anatomy.voxel_ml
+
+    def visible(state: np.ndarray, thr: float = thresholds.flair, target: float = v0) -> bool:
+        return np.count_nonzero(state >= thr) * voxel_ml >= target
+
+    silent = solver.advance_until(c, visible, preset.max_silent_days)
+    if silent is None or silent < preset.min_silent_days:
+        return None
+    return _Start(thresholds, v0, seed_voxel, box, solver, c, float(silent))  # type: ignore[arg-type]
+
+
+def _visit(k: int, acq: datetime, days: float, c: np.ndarray, cavity: np.ndarray | None, thresholds: Thresholds,
+           voxel_ml: float) -> _Visit:
+    return _Visit(
+        session=f"{k + 1:02d}",
+        acq_time=acq,
+        days=days,
+        density_box=c.copy(),
+        whole_ml=float(np.count_nonzero(c >= thresholds.flair) * voxel_ml),
+        core_ml=float(np.count_nonzero(c >= thresholds.enhancing) * voxel_ml),
+        burden_ml=float(c.sum(dtype=np.float64) * voxel_ml),
+        cavity_box=None if cavity is None or not cavity.any() else cavity.copy(),
+    )
+
+
+def _patient(subject: str, d_white: float, rho: float, start: _Start, anatomy: Anatomy, visits: list[_Visit],
+             attempts: int) -> _Patient:
+    seed_mm = (anatomy.affine @ np.array([*start.seed_voxel, 1.0]))[:3].tolist()
+    return _Patient(
+        subject=subject,
+        d_white=d_white,
+        rho=rho,
+        seed_voxel=start.seed_voxel,
+        seed_mm=[float(v) for v in seed_mm],
+        thresholds=start.thresholds,
+        silent_days=start.silent_days,
+        baseline_volume_target_ml=start.v0,
+        box=start.box,
+        visits=visits,
+        attempts=attempts,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -292,8 +409,12 @@ def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: Synth
         ses = visit.session
         c = np.zeros(anatomy.shape, dtype=np.float32)
         c[patient.box] = visit.density_box
+        cavity = None
+        if visit.cavity_box is not None:
+            cavity = np.zeros(anatomy.shape, dtype=bool)
+            cavity[patient.box] = visit.cavity_box
         motion = random_motion(rng, preset.rotation_deg, preset.translation_mm, centre_mm)
-        clean = render_clean(anatomy, c, patient.thresholds)
+        clean = render_clean(anatomy, c, patient.thresholds, cavity)
         bias = bias_field(rng, anatomy, preset.bias_strength)
         anat = out / f"sub-{sub}" / f"ses-{ses}" / "anat"
         for channel in ("T1c", "FLAIR"):
@@ -310,6 +431,8 @@ def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: Synth
             anatomy.affine,
         )
         _write_nifti(gt_dir / f"ses-{ses}_density.nii.gz", c, anatomy.affine)
+        if cavity is not None:
+            _write_nifti(gt_dir / f"ses-{ses}_cavity.nii.gz", cavity.astype(np.uint8), anatomy.affine)
         rows.append(f"ses-{ses}\t{visit.acq_time.isoformat(timespec='seconds')}")
         sessions_gt.append(
             {
@@ -321,10 +444,13 @@ def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: Synth
                 "whole_volume_ml": visit.whole_ml,
                 "enhancing_volume_ml": visit.core_ml,
                 "total_burden_ml": visit.burden_ml,
+                "cavity_ml": 0.0 if visit.cavity_box is None else float(visit.cavity_box.sum() * anatomy.voxel_ml),
             }
         )
     (out / f"sub-{sub}").mkdir(parents=True, exist_ok=True)
     (out / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").write_text("\n".join(rows) + "\n")
+    if patient.plan is not None:
+        _write_treatments(out, patient, anatomy, gt_dir)
     t = patient.thresholds
     _write_json(
         gt_dir / "params.json",
@@ -348,11 +474,48 @@ def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: Synth
             "cohort_seed": seed,
             "patient_index": index,
             "draw_attempts": patient.attempts,
+            "treated": patient.plan is not None,
+            "treatment_plan": None if patient.plan is None else patient.plan.to_dict(),
             "motion_convention": "4x4 RAS mm, p_moved = M @ p_true; header affines stay nominal",
             "labels": {"0": "background", "1": "oedema/non-enhancing", "2": "enhancing core (incl. necrosis)"},
         },
     )
     _write_json(gt_dir / "sessions.json", sessions_gt)
+
+
+def _write_treatments(out: Path, patient: _Patient, anatomy: Anatomy, gt_dir: Path) -> None:
+    """``sub-<s>/sub-<s>_treatments.tsv`` (date, treatment, end_date) and the ground truth of every event:
+    ``treatments.json`` (days since the baseline scan, dates, parameters, volumes before and after) and the
+    unmoved density right before and right after each event (``event-<k>_<kind>_{before,after}_density``)."""
+    sub = patient.subject
+    baseline = patient.visits[0].acq_time
+    thr = patient.thresholds
+    rows = ["date\ttreatment\tend_date"]
+    truth = []
+    for k, event in enumerate(patient.events, start=1):
+        start = (baseline + timedelta(days=event.start_day)).date().isoformat()
+        end = None if event.end_day is None else (baseline + timedelta(days=event.end_day)).date().isoformat()
+        rows.append(f"{start}\t{event.kind}\t{end or 'n/a'}")
+        entry: dict = {
+            "kind": event.kind,
+            "days_since_baseline": event.start_day,
+            "end_days_since_baseline": event.end_day,
+            "date": start,
+            "end_date": end,
+            "params": event.params,
+        }
+        for when, box in (("before", event.before), ("after", event.after)):
+            c = np.zeros(anatomy.shape, dtype=np.float32)
+            c[patient.box] = box
+            name = f"event-{k:02d}_{event.kind}_{when}_density.nii.gz"
+            _write_nifti(gt_dir / name, c, anatomy.affine)
+            entry[f"density_{when}"] = name
+            entry[f"whole_volume_{when}_ml"] = float(np.count_nonzero(box >= thr.flair) * anatomy.voxel_ml)
+            entry[f"enhancing_volume_{when}_ml"] = float(np.count_nonzero(box >= thr.enhancing) * anatomy.voxel_ml)
+            entry[f"total_burden_{when}_ml"] = float(box.sum(dtype=np.float64) * anatomy.voxel_ml)
+        truth.append(entry)
+    (out / f"sub-{sub}" / f"sub-{sub}_treatments.tsv").write_text("\n".join(rows) + "\n")
+    _write_json(gt_dir / "treatments.json", truth)
 
 
 def _write_dataset_files(out: Path, summary: CohortSummary, channel_map: Mapping[str, Mapping[str, str]]) -> None:
@@ -406,7 +569,11 @@ def _write_dataset_files(out: Path, summary: CohortSummary, channel_map: Mapping
         "derivatives/labels holds labels in each visit's space (0 background, 1 oedema, 2 enhancing core);\n"
         "derivatives/groundtruth holds the parameters, the exact motion (p_moved = M p_true, RAS mm), the\n"
         "unmoved densities and the true volumes (volumes.tsv).\n"
+        "Treated subjects have sub-*/sub-*_treatments.tsv (date, treatment, end_date: surgery, radiotherapy,\n"
+        "chemotherapy; not a BIDS file, hence .bidsignore); their ground truth adds treatments.json and the\n"
+        "density right before and after each event.\n"
     )
+    (out / ".bidsignore").write_text("*_treatments.tsv\n")
     lines = ["participant_id\tsession_id\tdays_since_baseline\twhole_volume_ml\tenhancing_volume_ml\ttotal_burden_ml"]
     for p in summary.patients:
         for s in load_ground_truth(out, p.subject)["sessions"]:
@@ -447,14 +614,17 @@ def generate_cohort(
     progress: Callable[[int, int], None] | None = None,
     *,
     channel_map: Mapping[str, Mapping[str, str]] | None = None,
+    treated_fraction: float = DEFAULT_TREATED_FRACTION,
 ) -> CohortSummary:
     """Write a synthetic longitudinal glioma cohort as a BIDS dataset under ``out``.
 
     n_patients: number of subjects (>= 1); seed: cohort seed (same seed -> same arrays); preset: "tiny" |
     "default" (see ``longitudinal.synth.config.PRESETS``). progress(done, total) is called after each patient.
     channel_map: project channel -> BIDS entities (default: ``Settings.bids_channel_map`` defaults); it names
-    the files. An earlier synth cohort in ``out`` is replaced; any other non-empty folder is refused.
-    Returns a CohortSummary (volumes in ml).
+    the files. treated_fraction: the chance (0..1) that a patient is treated (resection, radiotherapy,
+    temozolomide; ``treatment.py``), drawn per patient from its own stream, so whether patient k is treated
+    depends only on (seed, k, treated_fraction). An earlier synth cohort in ``out`` is replaced; any other
+    non-empty folder is refused. Returns a CohortSummary (volumes in ml).
     """
     problems = []
     if not isinstance(n_patients, int) or n_patients < 1:
@@ -474,6 +644,8 @@ def generate_cohort(
             bids_filename("x", "y", ents)
         except ValueError as exc:
             problems.append(f"channel {ch}: {exc}")
+    if not isinstance(treated_fraction, int | float) or not 0.0 <= treated_fraction <= 1.0:
+        problems.append(f"treated_fraction must be a number in [0, 1], got {treated_fraction!r}")
     if problems:
         raise ValueError("cannot generate the synthetic cohort:\n  " + "\n  ".join(problems))
 
@@ -485,7 +657,7 @@ def generate_cohort(
     if progress:
         progress(0, n_patients)
     for index in range(n_patients):
-        patient = _draw_patient(index, seed, cfg, anatomy)
+        patient = _draw_patient(index, seed, cfg, anatomy, is_treated(seed, index, treated_fraction))
         _write_patient(out, patient, anatomy, cfg, cmap, seed, index)
         whole = [v.whole_ml for v in patient.visits]
         summary.patients.append(
@@ -496,6 +668,7 @@ def generate_cohort(
                 max_whole_ml=max(whole),
                 d_white=patient.d_white,
                 rho=patient.rho,
+                treated=patient.plan is not None,
             )
         )
         if progress:
@@ -508,9 +681,13 @@ def generate_cohort(
 def load_ground_truth(bids_root: Path, subject: str) -> dict:
     """Ground truth of one subject ("001" or "sub-001") of a synth cohort.
 
-    Returns {"subject": "sub-001", "params": <params.json>, "sessions": [...]} where each session dict has
-    session_id, acq_time, days_since_baseline (days), motion (4x4 numpy, RAS mm, p_moved = M @ p_true),
-    whole_volume_ml, enhancing_volume_ml, total_burden_ml and density_path (Path of the unmoved c NIfTI).
+    Returns {"subject": "sub-001", "params": <params.json>, "sessions": [...], "treatments": [...]} where each
+    session dict has session_id, acq_time, days_since_baseline (days), motion (4x4 numpy, RAS mm, p_moved = M @
+    p_true), whole_volume_ml, enhancing_volume_ml, total_burden_ml, cavity_ml, density_path (Path of the
+    unmoved c NIfTI) and cavity_path (Path of the unmoved resection-cavity mask, None before surgery); each treatment dict (empty list: untreated) has kind, days_since_baseline and
+    end_days_since_baseline (whole days after the baseline scan), date / end_date (ISO, as in
+    sub-*_treatments.tsv), params, whole/enhancing volume and total burden before and after (ml), and
+    density_before_path / density_after_path (Paths of the unmoved c right before and after the event).
     """
     label = subject.removeprefix("sub-")
     gt = Path(bids_root) / "derivatives" / "groundtruth" / f"sub-{label}"
@@ -521,7 +698,18 @@ def load_ground_truth(bids_root: Path, subject: str) -> dict:
     for s in sessions:
         s["motion"] = np.asarray(s["motion"], dtype=np.float64)
         s["density_path"] = gt / f"{s['session_id']}_density.nii.gz"
-    return {"subject": f"sub-{label}", "params": params, "sessions": sessions}
+        cavity = gt / f"{s['session_id']}_cavity.nii.gz"
+        s["cavity_path"] = cavity if cavity.is_file() else None
+    treatments = json.loads((gt / "treatments.json").read_text()) if (gt / "treatments.json").is_file() else []
+    for t in treatments:
+        t["density_before_path"] = gt / t["density_before"]
+        t["density_after_path"] = gt / t["density_after"]
+    return {"subject": f"sub-{label}", "params": params, "sessions": sessions, "treatments": treatments}
+
+
+def is_treated(seed: int, index: int, treated_fraction: float) -> bool:
+    """Whether patient ``index`` of a cohort drawn with ``seed`` is treated (its own random stream)."""
+    return bool(np.random.default_rng([seed, index, 2]).random() < treated_fraction)
 
 
 def patient_summary_dict(p: PatientSummary) -> dict:

@@ -32,6 +32,17 @@ class SynthPreset:
     max_dt_rho: upper bound on dt * rho (splitting accuracy of the reaction step).
     min_silent_days: a draw whose tumour is visible sooner is rejected (a silent period precedes the first scan).
     max_silent_days: a draw whose tumour needs longer than this to become visible is rejected.
+
+    Treatment (a treated patient, see ``treatment.py``; days count from the baseline scan, which precedes
+    surgery): surgery_day, postop_scan_days (after surgery), rt_delay_days (surgery to the first fraction),
+    followup_delay_days (last fraction to the first follow-up scan) and followup_gap_days: inclusive integer
+    ranges. resection_margin_mm: margin resected around the enhancing core. rt_fractions x rt_dose_gy over
+    weekdays; rt_alpha (1/Gy, log-uniform) with rt_alpha_beta_gy = alpha/beta of the linear-quadratic model;
+    rt_margin_mm: the irradiated field around the visible tumour and the cavity. treated_rho: the range of rho
+    drawn for a treated patient (treatment is given to the faster, high-grade tumours; a slow one would not be
+    seen to regrow within its follow-up). chemo_effect: fraction by which
+    rho drops while on temozolomide (concomitant with radiotherapy; adjuvant, with probability
+    adjuvant_probability, for adjuvant_cycles x 28 days starting 28 days after radiotherapy).
     """
 
     name: str
@@ -55,6 +66,21 @@ class SynthPreset:
     max_dt_rho: float = 0.1
     min_silent_days: float = 30.0
     max_silent_days: float = 4000.0
+    surgery_day: tuple[int, int] = (3, 10)
+    postop_scan_days: tuple[int, int] = (1, 3)
+    rt_delay_days: tuple[int, int] = (21, 35)
+    followup_delay_days: tuple[int, int] = (21, 42)
+    followup_gap_days: tuple[int, int] = (60, 90)
+    resection_margin_mm: tuple[float, float] = (4.0, 8.0)
+    rt_fractions: int = 30
+    rt_dose_gy: float = 2.0
+    rt_alpha: tuple[float, float] = (0.02, 0.08)
+    rt_alpha_beta_gy: float = 10.0
+    rt_margin_mm: float = 20.0
+    treated_rho: tuple[float, float] = (0.03, 0.2)
+    chemo_effect: tuple[float, float] = (0.3, 0.8)
+    adjuvant_probability: float = 0.7
+    adjuvant_cycles: int = 6
 
 
 PRESETS: dict[str, SynthPreset] = {

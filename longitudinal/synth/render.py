@@ -49,11 +49,15 @@ def white_matter_level(anatomy: Anatomy) -> float:
     return float(anatomy.t1[anatomy.wm >= 0.9].mean() * 1000.0)
 
 
-def render_clean(anatomy: Anatomy, c: np.ndarray, thresholds: Thresholds) -> dict[str, np.ndarray]:
+def render_clean(
+    anatomy: Anatomy, c: np.ndarray, thresholds: Thresholds, cavity: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Noise-free images in the true (unmoved) space, keyed by project channel ("T1c", "FLAIR").
 
-    c: (x, y, z) density on the anatomy grid. Returns float32 (x, y, z) arrays.
-    The transitions are smooth (width 0.03 in c) so the edges look like images, not masks.
+    c: (x, y, z) density on the anatomy grid. cavity: (x, y, z) bool mask of a resection cavity (fluid: dark on
+    T1c, nulled on FLAIR like CSF), or None. Returns float32 (x, y, z) arrays.
+    The transitions are smooth (width 0.03 in c; the cavity's edge blurred by half a voxel) so the edges look
+    like images, not masks.
     """
     wm_level = white_matter_level(anatomy)
     oed = _step(c, thresholds.flair, 0.03)
@@ -69,6 +73,12 @@ def render_clean(anatomy: Anatomy, c: np.ndarray, thresholds: Thresholds) -> dic
     flair = np.where(anatomy.brain, tissue * wm_level, 0.5 * anatomy.t1 * 1000.0)
     flair = flair * (1.0 - oed) + oed * (1.5 * wm_level)  # oedema is hyperintense
     flair = flair * (1.0 - nec) + nec * (0.8 * wm_level)
+    if cavity is not None and cavity.any():
+        from scipy.ndimage import gaussian_filter
+
+        fluid = np.clip(gaussian_filter(cavity.astype(np.float32), 0.5), 0.0, 1.0)
+        t1c = t1c * (1.0 - fluid) + fluid * (0.15 * wm_level)  # fluid is T1-dark and takes no contrast
+        flair = flair * (1.0 - fluid) + fluid * (0.1 * wm_level)  # FLAIR nulls free water
     return {"T1c": t1c.astype(np.float32), "FLAIR": flair.astype(np.float32)}
 
 

@@ -103,8 +103,10 @@ class FisherKolmogorov:
             raise ValueError(f"c0 shape {c0.shape} != grid shape {self.shape}")
         return np.where(self.domain, np.clip(c0, 0.0, 1.0), 0.0).astype(np.float32)
 
-    def step(self, c: np.ndarray, dt: float) -> None:
-        """Advance ``c`` (float32, grid shape) in place by ``dt`` days (dt <= self.dt for stability)."""
+    def step(self, c: np.ndarray, dt: float, rho_scale: float = 1.0) -> None:
+        """Advance ``c`` (float32, grid shape) in place by ``dt`` days (dt <= self.dt for stability).
+
+        rho_scale: multiplies the proliferation rate for this step (in [0, 1]: e.g. a cytostatic drug)."""
         lap = self._lap
         lap.fill(0.0)
         for axis, (coef, buf) in enumerate(zip(self._coef, self._bufs, strict=True)):
@@ -116,14 +118,17 @@ class FisherKolmogorov:
         lap *= dt
         c += lap
         # Exact logistic over dt: c <- c e / (1 + c (e - 1)).
-        e = math.exp(self.rho * dt)
+        e = math.exp(self.rho * rho_scale * dt)
         np.multiply(c, e - 1.0, out=lap)
         lap += 1.0
         c *= e
         c /= lap
 
-    def advance(self, c: np.ndarray, duration: float) -> np.ndarray:
-        """Advance ``c`` in place by ``duration`` days (>= 0) in equal steps no longer than ``self.dt``."""
+    def advance(self, c: np.ndarray, duration: float, rho_scale: float = 1.0) -> np.ndarray:
+        """Advance ``c`` in place by ``duration`` days (>= 0) in equal steps no longer than ``self.dt``, with the
+        proliferation rate scaled by ``rho_scale`` (in [0, 1]; 1: untreated)."""
+        if not 0.0 <= rho_scale <= 1.0:
+            raise ValueError(f"rho_scale must be in [0, 1], got {rho_scale}")
         if duration < 0:
             raise ValueError(f"duration must be >= 0 days, got {duration}")
         if duration == 0:
@@ -131,7 +136,7 @@ class FisherKolmogorov:
         n = max(1, math.ceil(duration / self.dt - 1e-9))
         h = duration / n
         for _ in range(n):
-            self.step(c, h)
+            self.step(c, h, rho_scale)
         return c
 
     def advance_until(

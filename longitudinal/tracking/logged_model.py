@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from longitudinal.tracking.served import OUTPUT_COLUMNS
 
 MODEL_NAME = "forecaster"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# UserWarnings MLflow prints when logging a pyfunc whose signature is explicit (matched as substrings: the
+# messages start with colour codes).
+_HARMLESS_WARNINGS = ("Add type hints to the `predict` method", "An input example was not provided")
 
 
 def signature(channels: tuple[str, ...] | list[str]) -> ModelSignature:
@@ -29,8 +33,8 @@ def signature(channels: tuple[str, ...] | list[str]) -> ModelSignature:
         + [ColSpec("string", "label", required=False)]
     )
     types = {"patient_id": "string", "pseudonym": "string", "date": "string", "summary_path": "string",
-             "n_context": "long", "n_samples": "long"}
-    outputs = Schema([ColSpec(types.get(c, "double"), c, required=c not in ("date", "summary_path"))
+             "warning": "string", "n_context": "long", "n_samples": "long"}
+    outputs = Schema([ColSpec(types.get(c, "double"), c, required=c not in ("date", "summary_path", "warning"))
                       for c in OUTPUT_COLUMNS])
     params = ParamSchema(
         [
@@ -81,14 +85,22 @@ def log_forecaster(checkpoint: Path | str, run_id: str, tracking_uri: str, name:
         if started:
             mlflow.start_run(run_id=run_id)
         try:
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(PYFUNC_FILE),
-                artifacts={"weights": str(weights), "config": str(cfg_path)},
-                signature=signature(tuple(cfg.get("channels") or ("T1c", "FLAIR"))),
-                pip_requirements=_requirements(),
-                tags={"model_kind": str(cfg["kind"])},
-            )
+            # The signature is given explicitly, and an input example would have to be real scan files:
+            # MLflow's advice to add type hints or an input example does not apply to this model. MLflow adds
+            # its own warning filters while logging, so the warnings are recorded and the others passed on.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={"weights": str(weights), "config": str(cfg_path)},
+                    signature=signature(tuple(cfg.get("channels") or ("T1c", "FLAIR"))),
+                    pip_requirements=_requirements(),
+                    tags={"model_kind": str(cfg["kind"])},
+                )
+            for w in caught:
+                if not any(p in str(w.message) for p in _HARMLESS_WARNINGS):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         finally:
             if started:
                 mlflow.end_run()

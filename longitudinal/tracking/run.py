@@ -5,6 +5,12 @@ config and store finds the folder, resumes ``fit`` from its checkpoint, reopens 
 kept in ``tracking.json`` and as the run tag ``run_key``) and registers at most one version per run (the
 registry is searched for a version of that run before one is created). The candidate is gated on the
 validation split against LCI and the current champion, all scored on the same targets.
+
+Under torchrun (WORLD_SIZE > 1) every rank calls ``run_training``: all of them train (``fit`` is data-parallel),
+but only rank 0 opens the tracking store (creates or reopens the run, logs, evaluates, calibrates, registers
+and gates). The other ranks never touch MLflow -- two processes opening a fresh sqlite database migrate its
+schema at once and break it -- they learn the run folder from rank 0, train, wait until rank 0 is done and
+return None.
 """
 
 from __future__ import annotations
@@ -110,9 +116,12 @@ def store_hash(store_url: str) -> str:
     return h.hexdigest()
 
 
-def run_key(config: dict[str, Any], store_digest: str) -> str:
-    """Key of a run folder: config + store content (16 hex chars)."""
+def run_key(config: dict[str, Any], store_digest: str, world_size: int = 1) -> str:
+    """Key of a run folder: config + store content (+ the number of data-parallel processes when more than
+    one: a step then averages ``world_size`` batches, so it is another training) (16 hex chars)."""
     blob = json.dumps(config, sort_keys=True) + "|" + store_digest
+    if world_size > 1:
+        blob += f"|world={int(world_size)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -184,30 +193,76 @@ def run_training(
     experiment: str = uri_mod.EXPERIMENT_NAME,
     system_metrics_interval_s: float = 2.0,
     eval_samples: int = 8,
-) -> TrainOutcome:
+    engine: Any = None,
+) -> TrainOutcome | None:
     """Split, fit (resuming), evaluate on validation (gate) and test (report), log, register once, promote.
 
     train_config: ``longitudinal.training.TrainConfig``, a dict of its fields, or a YAML/JSON path.
     register_as: registered model name (default ``Settings.registered_model_name``).
     flow_run_id: Prefect flow-run id recorded as a tag when the flow calls this.
     eval_samples: forecast samples per target for stochastic models in the gate/test evaluation and figures.
+    engine: a ``longitudinal.evaluation.distributed.DaskEngine``: the end-of-training calibration and the
+        validation/test evaluation run on that Dask cluster (same figures as in this process).
+
+    Under torchrun: the outcome on rank 0, None on the other ranks (module docstring).
     """
+    from contextlib import nullcontext
+
+    from longitudinal.training.steps import DistContext, init_distributed, leave_distributed
+
+    cfg = _train_config(train_config)
+    dist_ctx = DistContext.from_env()
+    own_group = init_distributed(dist_ctx, cfg.device)
+    try:
+        if not dist_ctx.is_main:
+            _follow_main(cfg, store_url, dist_ctx)
+            return None
+        with engine if engine is not None else nullcontext():
+            return _run_training_main(settings, store_url, cfg, register_as, flow_run_id, experiment,
+                                      system_metrics_interval_s, eval_samples, dist_ctx)
+    finally:
+        if own_group:
+            leave_distributed()
+
+
+def _follow_main(cfg: Any, store_url: str, dist_ctx: Any) -> None:
+    """A non-zero rank of a tracked torchrun launch: train in rank 0's run folder (or not at all when rank 0
+    found the run finished), then wait for rank 0's evaluation and registration. No tracking call at all."""
+    from longitudinal.training.fit import fit
+    from longitudinal.training.steps import broadcast_from_main, wait_for_all
+
+    plan = broadcast_from_main(None, dist_ctx)
+    if plan["train"]:
+        fit(cfg, store_url, Path(plan["run_dir"]), None, resume=True, progress=None)
+    wait_for_all(dist_ctx)
+
+
+def _run_training_main(
+    settings: Settings, store_url: str, cfg: Any, register_as: str | None, flow_run_id: str | None,
+    experiment: str, system_metrics_interval_s: float, eval_samples: int, dist_ctx: Any,
+) -> TrainOutcome:
+    """``run_training`` of rank 0 (or of the one process)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from longitudinal.training.fit import fit
+    from longitudinal.training.steps import broadcast_from_main, wait_for_all
 
     t0 = time.perf_counter()
     name = register_as or settings.registered_model_name
-    cfg = _train_config(train_config)
     cfg_dict = config_dict(cfg)
     kind = str(cfg.model)
     digest = store_hash(store_url)
-    key = run_key(cfg_dict, digest)
+    key = run_key(cfg_dict, digest, dist_ctx.world)
     run_dir = settings.runs_path / f"{kind}-{key}"
     tracking_uri = uri_mod.configure(settings)
     experiment_id = uri_mod.ensure_experiment(settings, experiment)
     run_id, resumed = _open_run(settings, run_dir, key, experiment_id, f"{kind}-{key[:8]}")
-    if resumed and (done := _finished(settings, name, run_id, run_dir, experiment_id, t0)) is not None:
+    done = _finished(settings, name, run_id, run_dir, experiment_id, t0) if resumed else None
+    # The other ranks train only when this rank does, in this run folder (they never compute it themselves:
+    # one place decides it).
+    broadcast_from_main({"run_dir": str(run_dir), "train": done is None}, dist_ctx)
+    if done is not None:
+        wait_for_all(dist_ctx)
         return done
     logger = MlflowLogger(run_id, tracking_uri)
     logger.log_params(flatten(cfg_dict))
@@ -215,6 +270,8 @@ def run_training(
             "registered_name": name, "run_dir": str(run_dir)}
     if flow_run_id:
         tags["prefect_flow_run_id"] = str(flow_run_id)
+    if dist_ctx.active:
+        tags["distributed.world_size"] = str(dist_ctx.world)
     logger.set_tags(tags)
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=system_metrics_interval_s, resume_logging=resumed,
@@ -242,6 +299,8 @@ def run_training(
     finally:
         _stop_monitor(monitor, logger)
         mlflow.end_run(status="FINISHED" if ok else "FAILED")
+    # Only after success: a failed rank 0 exits and torchrun ends the waiting ranks.
+    wait_for_all(dist_ctx)
     model_uri, version, created, aliases, decision, val_rows, test_rows = outcome
     return TrainOutcome(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri, run_dir=run_dir,
                         checkpoint=model_ckpt, model_uri=model_uri, registered_name=name, version=version,
@@ -384,12 +443,16 @@ def default_train_config() -> Any:
 
 
 def evaluate_model_ref(
-    ref: str, settings: Settings, store_url: str, patient_ids: list[str] | None = None, n_samples: int = 8
+    ref: str, settings: Settings, store_url: str, patient_ids: list[str] | None = None, n_samples: int = 8,
+    engine: Any = None, progress: Any = None,
 ) -> Any:
     """``longitudinal evaluate --model REF``: REF is a baseline kind (``lci``, ``linear``), a local checkpoint,
     ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...`` or ``runs:/...``; registry references are resolved (and
-    downloaded) with ``resolve_model_ref``. Returns the harness's EvaluationReport."""
-    from longitudinal.evaluation.harness import BASELINES, evaluate_ref
+    downloaded) with ``resolve_model_ref``. ``engine``: a ``DaskEngine`` to forecast the patients on (the same
+    table); ``progress``: called with a line as targets (serial) or patients (Dask) finish. Returns the
+    harness's EvaluationReport."""
+    from longitudinal.evaluation.harness import evaluate_ref
+    from longitudinal.models.base import closed_form_kinds
 
-    local = ref if (ref in BASELINES or Path(ref).exists()) else str(resolve_model_ref(ref, settings).checkpoint)
-    return evaluate_ref(local, store_url, patient_ids, n_samples=n_samples)
+    local = ref if (ref in closed_form_kinds() or Path(ref).exists()) else str(resolve_model_ref(ref, settings).checkpoint)
+    return evaluate_ref(local, store_url, patient_ids, progress=progress, n_samples=n_samples, engine=engine)

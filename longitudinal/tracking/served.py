@@ -11,7 +11,9 @@ Params (the same names as the CLI's options and ``longitudinal.forecast.Queries`
 latest scan), ``at`` (dates), ``days_since_baseline``, ``n_samples``, ``seed``, ``out_dir`` (where the maps, JSON
 and plot are written, as the CLI writes them; empty: nothing written).
 
-Output: one row per (patient, query), columns ``output_columns()``; volumes in ml.
+Output: one row per (patient, query), columns ``output_columns()``; volumes in ml; ``warning`` says why a
+forecast cannot be trusted (the tumour does not fit the model's field of view), empty when nothing is known
+against it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ QUERY_PARAMS = ("in_days", "at", "days_since_baseline")
 OUTPUT_COLUMNS = (
     ["patient_id", "pseudonym", "days_since_baseline", "days_after_last_scan", "date", "n_context", "n_samples"]
     + [f"volume_{k}_ml_{q}" for k in VOLUME_KINDS for q in QUANTILES]
-    + ["summary_path"]
+    + ["summary_path", "warning"]
 )
 # Scans given by days only are dated from this origin (any date inside ingest's plausible window works).
 DAYS_ORIGIN = dt.datetime(2000, 1, 1)
@@ -155,6 +157,8 @@ class ServedForecaster:
                     "days_after_last_scan": q.days_after_last_scan, "date": q.date, "n_context": q.n_context,
                     "n_samples": result.n_samples,
                     "summary_path": str(result.summary_path) if result.summary_path else None,
+                    # why the forecast cannot be trusted (the tumour does not fit the model's field of view)
+                    "warning": "; ".join(q.warnings()) or None,
                 }
                 for kind, iv in (("whole", q.volume_whole_ml), ("enhancing", q.volume_enhancing_ml)):
                     for name in QUANTILES:

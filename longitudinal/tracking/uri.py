@@ -7,6 +7,7 @@ workspace (``Settings.mlflow_artifacts_path``) so nothing lands wherever a comma
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,12 +18,17 @@ from mlflow import MlflowClient
 from longitudinal.settings import Settings
 
 EXPERIMENT_NAME = "tumor-growth-forecasting"
+# MLflow announces at INFO level that it creates or upgrades its database tables and starts or stops sampling
+# system metrics (and that it skips GPU metrics on a machine without one): nothing for a user to act on.
+_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics")
 _REMOTE_SCHEMES = ("http", "https", "databricks")
 
 
 def configure(settings: Settings) -> str:
     """Set the tracking and registry URI from settings (creating a sqlite file's folder); return the URI."""
     uri = settings.tracking_uri
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which Settings reads: restore the caller's

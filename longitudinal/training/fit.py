@@ -58,9 +58,12 @@ from longitudinal.training.steps import (
     DistContext,
     LossModule,
     all_true,
+    init_distributed,
+    leave_distributed,
     lr_at,
     seed_everything,
     select_precision,
+    wait_for_all,
 )
 from longitudinal.training.validation import ValidationSet, calibrate_checkpoint, validate, validation_set
 
@@ -130,19 +133,17 @@ def fit(
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel: gloo on CPU / NCCL on CUDA (one GPU per
     LOCAL_RANK), each rank takes every WORLD_SIZE-th batch of the sample stream, gradients are averaged by
     DistributedDataParallel, and only rank 0 validates, logs, prints and writes files; ``steps`` counts
-    global steps (WORLD_SIZE x batch_size samples each).
+    global steps (WORLD_SIZE x batch_size samples each). The process group is joined here unless the caller
+    joined it already (``tracking.run.run_training`` does, to keep the ranks together after training); the
+    other ranks wait for rank 0's final validation and calibration on a long-timeout barrier.
     """
     dist_ctx = DistContext.from_env()
-    own_group = False
-    if dist_ctx.active and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu"
-                                             else "gloo")
-        own_group = True
+    own_group = init_distributed(dist_ctx, config.device)
     try:
         return _fit(config, store_url, Path(run_dir), logger, resume, progress, reader, dist_ctx)
     finally:
         if own_group:
-            torch.distributed.destroy_process_group()
+            leave_distributed()
 
 
 def _fit(
@@ -359,8 +360,8 @@ def _fit(
                     logger.log_metrics({"calib_n_targets": cal["whole"].n,
                                         "calib_n_patients": cal["whole"].n_patients}, step=step)
         logger.log_artifact(final_path)
-    if dist_ctx.active:
-        torch.distributed.barrier()
+    # Calibration on rank 0 can outlast a collective's timeout: the others wait on the long barrier.
+    wait_for_all(dist_ctx)
     wall = elapsed_before + train_s
     say(f"trained {step} steps in {wall:.0f} s; checkpoint {checkpoint}")
     return FitResult(checkpoint=checkpoint, final_checkpoint=final_path, best_metric=best, best_step=best_step,

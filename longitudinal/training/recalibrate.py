@@ -1,7 +1,7 @@
 """Refit the volume-interval calibration of a finished run on more held-out patients, without retraining.
 
 Training calibrates a sampled model on its validation split, which is small (15% of the cohort: 19 patients of
-128), and per-bin coverage rests on the number of calibration *patients* (benchmarks/calibration_heldout.py
+128), and per-bin coverage rests on the number of calibration *patients* (``benchmarks/calibration_study.py heldout``
 measures how much it moves with 10, 19 and 40 of them). Patients who arrive after training, or a site's own
 held-out patients, can calibrate the same weights: this module rewrites ``meta["volume_calibration"]`` of the
 run's ``checkpoints/best.pt`` and ``model.pt`` from the patients given, through the same path as the

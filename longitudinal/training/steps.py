@@ -1,5 +1,5 @@
-"""Pieces of the fit loop that hold no loop state: the weight EMA, the data-parallel context, precision, the
-learning-rate schedule and seeding."""
+"""Pieces of the fit loop that hold no loop state: the weight EMA, the data-parallel context and its process
+group, precision, the learning-rate schedule and seeding."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,57 @@ class DistContext:
 
         return cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
                    int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# How long the other ranks may wait for rank 0's work outside the training steps (final validation, volume
+# calibration, evaluation, MLflow logging and registration of a tracked run): hours on a large cohort, far past
+# the default collective timeout (10 minutes for NCCL). They wait on a CPU (gloo) barrier, which costs nothing;
+# if rank 0 dies instead, torchrun ends them at once.
+WAIT_TIMEOUT = timedelta(hours=12)
+_wait_group: Any = None
+
+
+def init_distributed(dist_ctx: DistContext, device: str | torch.device = "auto") -> bool:
+    """Join the torchrun process group: NCCL when ``device`` resolves to CUDA (one GPU per LOCAL_RANK), else
+    gloo; plus a gloo group with ``WAIT_TIMEOUT`` for ``wait_for_all`` and ``broadcast_from_main``.
+
+    Returns True when this call joined (the caller leaves with ``leave_distributed``); False without
+    distribution or when a process group exists already (its owner leaves it). Collective: every rank calls it.
+    """
+    global _wait_group
+    if not dist_ctx.active or torch.distributed.is_initialized():
+        return False
+    from longitudinal.predict import resolve_device
+
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        # Bind the rank's GPU before NCCL starts, so its collectives never guess the device.
+        torch.cuda.set_device(dist_ctx.local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    _wait_group = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return True
+
+
+def leave_distributed() -> None:
+    """Destroy the process group joined by ``init_distributed`` (and its wait group)."""
+    global _wait_group
+    _wait_group = None
+    torch.distributed.destroy_process_group()
+
+
+def wait_for_all(dist_ctx: DistContext) -> None:
+    """Barrier of every rank with the long ``WAIT_TIMEOUT`` (the default group's when another owner joined)."""
+    if dist_ctx.active:
+        torch.distributed.barrier(group=_wait_group)
+
+
+def broadcast_from_main(obj: Any, dist_ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; other ranks pass anything (collective)."""
+    if not dist_ctx.active:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=_wait_group)
+    return box[0]
 
 
 class LossModule(torch.nn.Module):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +86,36 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
         return dict(ckpt.calibration)
     t = time.perf_counter()
-    cals = fit_volume_calibration(ckpt, store_url, patient_ids,
-                                  calibration_eval_config(config, device), max_targets=config.calib_targets,
-                                  form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
+    memo = json.dumps([_weights_digest(ckpt), key, store_url, config.seed, config.calib_difficulty_ml])
+    reused = memo in _FITTED
+    if reused:
+        cals = _FITTED[memo]
+    else:
+        say(f"calibrating the volume intervals of {path.name} on the validation patients")
+        cals = fit_volume_calibration(ckpt, store_url, patient_ids,
+                                      calibration_eval_config(config, device), max_targets=config.calib_targets,
+                                      form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
+        _FITTED[memo] = cals
     ckpt.with_calibration(cals, volume_calibration_fit=key).save(path)
     w = cals["whole"]
     say(f"calibrated volume intervals of {path.name} on {w.summary()}, "
-        f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} ({time.perf_counter() - t:.0f} s)")
+        f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} "
+        + ("(same weights as a checkpoint calibrated before: its calibration reused)" if reused
+           else f"({time.perf_counter() - t:.0f} s)"))
     return cals
+
+
+# Calibrations fitted in this process by (weights, fit settings): the best and the final checkpoint of a run hold
+# the same weights when the best validation score was the last one, and a second fit would cost minutes.
+_FITTED: dict[str, dict[str, VolumeCalibration]] = {}
+
+
+def _weights_digest(ckpt: Checkpoint) -> str:
+    h = hashlib.sha256(ckpt.kind.encode())
+    for name in sorted(ckpt.state_dict):
+        h.update(name.encode())
+        h.update(ckpt.state_dict[name].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> EvalConfig:

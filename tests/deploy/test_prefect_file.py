@@ -32,7 +32,7 @@ def test_deployments_schedules_and_pools() -> None:
     assert specs["nightly-ingest"].schedules == ({"cron": "0 2 * * *", "timezone": "UTC"},)
     assert specs["weekly-retrain"].schedules == ({"cron": "0 4 * * 0", "timezone": "UTC"},)
     assert specs["forecast-on-demand"].schedules == ()
-    assert set(specs["nightly-ingest"].parameters) == {"source", "store"}
+    assert set(specs["nightly-ingest"].parameters) == {"source", "store", "treatments"}
 
 
 def test_pull_step_points_workers_at_their_checkout() -> None:
@@ -50,6 +50,7 @@ def test_placeholders_filled_from_settings_and_environment(tmp_path: Path) -> No
     assert fill_placeholders(spec.parameters, env, missing) == {
         "source": "/data/incoming",
         "store": str(tmp_path.resolve() / "cohort.zarr"),
+        "treatments": "",  # no treatments CSV unless LONGITUDINAL_INGEST_TREATMENTS names one
     }
     assert missing == set()
     fill_placeholders({"a": ["{{ $NOPE_ONE }}", "x{{$NOPE_TWO}}"]}, {}, missing)

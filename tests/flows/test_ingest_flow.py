@@ -36,7 +36,7 @@ def prefect_env(tmp_path: Path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     with temporary_settings(updates={PREFECT_HOME: prefect_home, PREFECT_LOCAL_STORAGE_PATH: prefect_home / "storage"}):
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=180):  # a loaded CI machine starts it slowly
             yield prefect_home
 
 
@@ -77,7 +77,7 @@ def test_flow_and_cli_give_the_same_index(tiny_bids: Path, tmp_path: Path, prefe
         # Parameters are the source/store strings and options only: no patient id parameter on the flow.
         (flow_run,) = client.read_flow_runs()
         assert set(flow_run.parameters) <= {"source", "store", "home", "reports_dir", "target_spacing_mm",
-                                            "registration", "allowed_root"}
+                                            "registration", "allowed_root", "treatments"}
 
     # A rerun changes nothing: every session is already stored.
     again = ingest_cohort_flow(source=str(tiny_bids), store=flow_store, home=str(home), target_spacing_mm=4.0)

@@ -53,7 +53,7 @@ def test_xarray_default_consolidated_still_opens(written):
 def test_zarr_sees_dimension_names_and_attrs(written):
     path, (rec, _) = written
     root = zarr.open_group(path, mode="r")
-    assert root.attrs["schema_version"] == 1 and root.attrs["created_by"] == "tests"
+    assert root.attrs["schema_version"] == 2 and root.attrs["created_by"] == "tests"
     image = zarr.open_array(path, path="patients/p001/image", mode="r")
     assert image.metadata.dimension_names == ("time", "channel", "z", "y", "x")
     np.testing.assert_array_equal(image[1], rec.image[1])

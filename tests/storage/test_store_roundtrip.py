@@ -142,7 +142,7 @@ def test_info_summary(tmp_path):
     assert info["patients"] == 2 and info["sessions"] == 5
     assert info["channels"] == ["T1c", "FLAIR"]
     assert info["grids_zyx"] == ["12x14x10"] and info["spacings_mm_zyx"] == ["2x2x2"]
-    assert info["schema_version"] == 1 and info["size_bytes"] > 0
+    assert info["schema_version"] == SCHEMA_VERSION and not info["read_only"] and info["size_bytes"] > 0
 
 
 def test_non_finite_metric_round_trips_as_strict_json(tmp_path):

@@ -5,10 +5,11 @@ The test patients of the split are never touched here, so the defaults picked fr
 honestly by benchmarks/forecast_quality.py afterwards. The cohort is the one forecast_quality.py caches
 under --work (run that first, or with ``--models ""`` to only synthesise and ingest).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune.py --work W --budget-s 1500 --samplers euler:8,midpoint:2 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tuning/tune.py --work W --budget-s 1500 --samplers euler:8,midpoint:2 \\
         --variant 'plain={"steps": 500, "model_options": {"rate_head": false}}' --variant 'default={"steps": 500}'
 
-(the README lists the exact sweep behind the shipped tfm defaults).
+A tuning tool, not a product benchmark (``make bench`` does not run it): docs/RESULTS.md lists the exact sweep
+behind the shipped tfm defaults, docs/decisions/tfm-sampler.md what it decided.
 
 Each variant's run folder is <work>/tune/<name> (resumable); rows go to <work>/tune/<name>.json.
 """
