@@ -346,14 +346,16 @@ def _latest_volume_ml(store: Any, pid: str) -> float:
 
 
 def run_forecast(settings: Settings, groups: Sequence[Sequence[str]], model_ref: str) -> Any:
-    """Forecast the first patient (group by group, smallest latest tumour first in each) whose forecast fits the
-    model's field of view; the last one tried when none does (its warnings are printed)."""
+    """Forecast the first patient (group by group; in each, treated patients first, so the summary shows a treatment
+    history, then the smallest latest tumour first) whose forecast fits the model's field of view; the last one
+    tried when none does (its warnings are printed)."""
     from longitudinal.commands.forecast import print_forecast_table
     from longitudinal.forecast import ForecastRequest, Queries, forecast_patient
     from storage.store import CohortStore
 
     store = CohortStore.open(settings.store_url, recover=False)
-    order = [p for group in groups for p in sorted(group, key=lambda p: _latest_volume_ml(store, p))]
+    order = [p for group in groups
+             for p in sorted(group, key=lambda p: (not store.patient_treatments(p), _latest_volume_ml(store, p)))]
     result = None
     for pid in order:
         request = ForecastRequest(pid, Queries(in_days=(90.0, 180.0, 365.0)), store_url=settings.store_url,
