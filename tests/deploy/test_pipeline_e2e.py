@@ -86,7 +86,9 @@ def test_nightly_ingest_then_weekly_retrain_then_forecast(pipeline) -> None:
     assert "forecast-patient/forecast-on-demand" in pipeline["deployed"]
     nightly = api(base, "GET", "/deployments/name/ingest-cohort/nightly-ingest")
     weekly = api(base, "GET", "/deployments/name/train-forecaster/weekly-retrain")
-    assert nightly["parameters"] == {"source": str(bids), "store": store}
+    # No treatments table configured for this site: the deployment passes "" (none).
+    assert nightly["parameters"] == {"source": str(bids), "store": store, "treatments": ""}
+    assert weekly["parameters"]["nproc_per_node"] == "auto"
     assert (nightly["work_pool_name"], weekly["work_pool_name"]) == ("cpu", "gpu")
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 4 * * 0"
