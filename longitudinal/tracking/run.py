@@ -27,12 +27,9 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from longitudinal.data.context import PatientSeries
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
-from longitudinal.predict.patient import trajectory
 from longitudinal.settings import Settings
-from longitudinal.tracking import figures
 from longitudinal.tracking import uri as uri_mod
 from longitudinal.tracking.logged_model import log_forecaster, slim_checkpoint
 from longitudinal.tracking.logger import MlflowLogger, flatten
@@ -47,6 +44,7 @@ from longitudinal.tracking.registry import (
     register_version,
     resolve_model_ref,
 )
+from longitudinal.tracking.run_figures import log_run_figures
 
 log = logging.getLogger(__name__)
 STATE_FILE = "tracking.json"
@@ -362,7 +360,7 @@ def _evaluate_register_promote(
     tick = time.perf_counter()
     logger.log_table(val.rows, "validation", prefix="val")
     logger.log_table(test.rows, "test", prefix="test")
-    _log_figures(logger, candidate, store_url, list(split.test) or val_ids, test.rows, n_samples=eval_cfg.n_samples)
+    log_run_figures(logger, candidate, store_url, list(split.test) or val_ids, test.rows, n_samples=eval_cfg.n_samples)
     timing["timing/tables_figures_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
 
@@ -393,46 +391,6 @@ def intervals_tag(predictor: Predictor) -> str:
     if cal is not None:
         return f"calibrated: {cal.summary()} ({cal.form} scores)"
     return "uncalibrated samples" if predictor.stochastic else "point forecast"
-
-
-# --- figures -------------------------------------------------------------------------------------------
-def _log_figures(logger: MlflowLogger, predictor: Predictor, store_url: str, patient_ids: list[str],
-                 rows: list[dict[str, Any]], n_samples: int = 8, max_patients: int = 2) -> None:
-    """Skill per horizon (from ``rows``), a forecast montage and volume trajectories for a few patients.
-
-    A figure that cannot be drawn is recorded as the tag ``figures.error``: it never costs the trained model.
-    """
-    try:
-        from storage.store import CohortStore
-
-        store = CohortStore.open(store_url)
-        logger.log_figure(figures.skill_per_horizon(rows), "skill_vs_lci.png")
-        trajs = []
-        for i, pid in enumerate(patient_ids[:max_patients]):
-            tr, montage = _patient_forecast(predictor, PatientSeries(store.arrays(pid)), n_samples)
-            if tr is None:
-                continue
-            trajs.append(tr)
-            if i == 0:
-                logger.log_figure(figures.forecast_montage(*montage, title=f"{pid}: day {tr['target_day']:g}"),
-                                  "forecast_montage.png")
-        if trajs:
-            logger.log_figure(figures.volume_trajectories(trajs), "volume_trajectories.png")
-    except Exception as exc:  # noqa: BLE001 -- figures are secondary; record and go on
-        log.warning("figures failed: %s", exc)
-        logger.set_tags({"figures.error": f"{type(exc).__name__}: {exc}"[:500]})
-
-
-def _patient_forecast(predictor: Predictor, series: PatientSeries, n_samples: int
-                      ) -> tuple[dict[str, Any] | None, tuple]:
-    """The volume trajectory and forecast montage of one stored patient (``predict.patient.trajectory``)."""
-    tr = trajectory(predictor, series, n_samples)
-    if tr is None:
-        return None, ()
-    data = {"patient_id": tr.patient_id, "observed_days": tr.observed_days, "observed_ml": tr.observed_ml,
-            "query_days": tr.query_days, "target_day": tr.target_day,
-            **{k: [getattr(iv, k) for iv in tr.intervals] for k in ("median", "lo80", "hi80", "lo95", "hi95")}}
-    return data, (tr.context_image, tr.truth_image, tr.forecast_image, tr.forecast_prob)
 
 
 def default_train_config() -> Any:
