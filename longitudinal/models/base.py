@@ -9,6 +9,9 @@ Shapes (B batch, K context scans, Q query times, S samples, C channels, D/H/W cr
     query_times     [B, Q]             float32 days since the patient's baseline (after the last context)
 
 Models never see raw days: ``scale_days`` is the single place where days become model time (years).
+
+Beside the scans a model may read ``Conditions`` (treatment events, the crop's voxel size, tissue maps); every
+model accepts them and a model that does not use them ignores them.
 """
 
 from __future__ import annotations
@@ -23,11 +26,63 @@ from torch import Tensor, nn
 
 N_CLASSES = 3  # 0 background, 1 oedema/non-enhancing, 2 enhancing
 DAYS_PER_YEAR = 365.25
+# Treatment kinds in the order of their code in ``Conditions.treatments`` (the store's kinds, same spelling).
+TREATMENT_KINDS = ("surgery", "radiotherapy", "chemotherapy")
+NO_EVENT = -1.0  # kind code of a padding row
 
 
 def scale_days(days: Tensor) -> Tensor:
     """Days -> model time in years. The only place the time scale is defined."""
     return days / DAYS_PER_YEAR
+
+
+@dataclass
+class Conditions:
+    """What a model may know beside the scans, per batch item (B as in the module docstring).
+
+    treatments: [B, E, 3] float32 rows (start day, end day, kind code), days since the patient's baseline like
+        ``context_times``; the kind code indexes ``TREATMENT_KINDS``; an event without an end (a surgery) has
+        end = start; padding rows have kind ``NO_EVENT``. The recorded history plus, for a counterfactual query,
+        the planned events. None: no treatment information (a model treats the patient as untreated).
+    spacing_mm: [B, 3] float32 (z, y, x) size of one crop voxel in mm (the store spacing times the crop's stride,
+        which adapts to the tumour's size). None: the model's own default.
+    tissue: [B, 2, D, H, W] float32 white- and grey-matter probabilities on the crop, or None when unknown.
+    """
+
+    treatments: Tensor | None = None
+    spacing_mm: Tensor | None = None
+    tissue: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Conditions:
+        return Conditions(*(v.to(device) if isinstance(v, Tensor) else v
+                            for v in (self.treatments, self.spacing_mm, self.tissue)))
+
+    def item(self, i: int) -> Conditions:
+        """The conditions of batch item ``i``, keeping the batch axis (size 1)."""
+        return Conditions(*(v[i:i + 1] if isinstance(v, Tensor) else v
+                            for v in (self.treatments, self.spacing_mm, self.tissue)))
+
+    def events(self, i: int) -> list[tuple[float, float, str]]:
+        """Batch item ``i``'s events as (start day, end day, kind), in start order (empty when none)."""
+        if self.treatments is None:
+            return []
+        rows = [(float(r[0]), float(r[1]), TREATMENT_KINDS[int(r[2])]) for r in self.treatments[i].tolist()
+                if int(r[2]) >= 0]
+        return sorted(rows)
+
+
+def encode_treatments(events: list[list[tuple[float, float, str]]], min_rows: int = 1) -> Tensor:
+    """Per batch item lists of (start day, end day, kind) -> ``Conditions.treatments`` [B, E, 3], padded with
+    ``NO_EVENT`` rows (E >= ``min_rows``). Raises ValueError naming an unknown kind."""
+    width = max([min_rows, *(len(e) for e in events)])
+    out = torch.zeros(len(events), width, 3)
+    out[..., 2] = NO_EVENT
+    for b, evs in enumerate(events):
+        for j, (start, end, kind) in enumerate(sorted(evs)):
+            if kind not in TREATMENT_KINDS:
+                raise ValueError(f"unknown treatment kind {kind!r}; valid kinds: {list(TREATMENT_KINDS)}")
+            out[b, j] = torch.tensor([float(start), float(end), float(TREATMENT_KINDS.index(kind))])
+    return out
 
 
 @dataclass
@@ -46,9 +101,11 @@ class Batch:
     target_images: Tensor | None = None
     target_labels: Tensor | None = None
     voxel_volume_ml: Tensor | None = None
+    conditions: Conditions | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        kw = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)}
+        kw = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor | Conditions) else v)
+              for f in fields(self)}
         return Batch(**kw)
 
     def check(self) -> None:
@@ -152,8 +209,10 @@ class ForecastModel(nn.Module, ABC):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
     ) -> Forecast:
-        """Forecast at ``query_times`` from the context. Shapes in the module docstring."""
+        """Forecast at ``query_times`` from the context. Shapes in the module docstring; ``conditions`` (optional)
+        as in ``Conditions``."""
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able config that rebuilds this model with ``build_model(kind, config)``."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longitudinal.models.base import Batch, Forecast, ForecastModel, check_context, register_model
+from longitudinal.models.base import Batch, Conditions, Forecast, ForecastModel, check_context, register_model
 from longitudinal.models.blocks import gather_k, last_context_index, one_hot_labels, previous_context_index
 
 
@@ -52,6 +52,7 @@ class LastContextImage(_Baseline):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
     ) -> Forecast:
         """Forecast: images [B,Q,S,C,D,H,W] = last image; probs [B,Q,S,3,D,H,W] = one-hot of last label."""
         check_context(context_images, context_labels, context_times, context_mask, query_times)
@@ -190,6 +191,7 @@ class LinearExtrapolation(_Baseline):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
     ) -> Forecast:
         """Forecast: images [B,Q,S,C,D,H,W]; probs [B,Q,S,3,D,H,W] one-hot of the resized last label."""
         check_context(context_images, context_labels, context_times, context_mask, query_times)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longitudinal.models.base import Batch, Forecast, ForecastModel, check_context, register_model
+from longitudinal.models.base import Batch, Conditions, Forecast, ForecastModel, check_context, register_model
 from longitudinal.models.fk_solver import BatchedFisherKolmogorov
 
 
@@ -181,6 +181,7 @@ class FisherKolmogorovModel(ForecastModel):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
     ) -> Forecast:
         """images [B,Q,S,C,D,H,W] (the last context image), probs [B,Q,S,3,D,H,W] (one-hot class masks of each
         sampled parameter set's density at the query time)."""

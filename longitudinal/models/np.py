@@ -31,6 +31,7 @@ from torch.distributions import Normal, kl_divergence
 from longitudinal.models.base import (
     N_CLASSES,
     Batch,
+    Conditions,
     Forecast,
     ForecastModel,
     check_context,
@@ -347,6 +348,7 @@ class NeuralProcess(ForecastModel):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
     ) -> Forecast:
         """Draw ``n_samples`` trajectories z ~ p(z | context), each decoded at every query time.
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from longitudinal.models.base import (
     N_CLASSES,
     Batch,
+    Conditions,
     Forecast,
     ForecastModel,
     check_context,
@@ -270,6 +271,7 @@ class TemporalFlowMatching(ForecastModel):
         query_times: Tensor,
         n_samples: int = 1,
         generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
         *,
         solver: str | None = None,
         steps: int | None = None,
