@@ -41,6 +41,19 @@ class CropBox:
         return float(np.prod(self.size)) * float(np.prod(spacing_mm)) / 1000.0
 
 
+Event = tuple[float, float, str]  # (start day, end day, kind); days since baseline; end = start without an end
+
+
+def recorded_events(treatments: Sequence[Any]) -> list[Event]:
+    """The store's ``TreatmentRecord``s as (start day, end day, kind) events, in start order."""
+    out = []
+    for t in treatments:
+        start = float(t.start_days)
+        end = float(t.end_days) if getattr(t, "end_days", None) is not None else start
+        out.append((start, end, str(t.kind)))
+    return sorted(out)
+
+
 @dataclass
 class PatientSeries:
     """One patient's registered scans as a model sees them: the first ``n`` time points of ``arrays``.
@@ -53,6 +66,7 @@ class PatientSeries:
     arrays: Any
     n: int | None = None
     _boxes: dict[int, BBox | None] = field(default_factory=dict, repr=False)
+    plan: tuple[Event, ...] = ()
 
     def __post_init__(self) -> None:
         total = len(self.arrays.days)
@@ -80,6 +94,26 @@ class PatientSeries:
     @property
     def voxel_ml(self) -> float:
         return float(np.prod(self.spacing_mm)) / 1000.0
+
+    @property
+    def recorded_events(self) -> list[Event]:
+        """The stored treatment history (empty for an untreated patient or a store without treatments)."""
+        return recorded_events(getattr(self.arrays, "treatments", None) or [])
+
+    @property
+    def events(self) -> list[Event]:
+        """Recorded history plus the planned events of a counterfactual query, in start order."""
+        return sorted([*self.recorded_events, *self.plan])
+
+    def with_plan(self, plan: Sequence[Event]) -> PatientSeries:
+        """The same scans with ``plan`` (planned events, days since baseline) added to the recorded history;
+        the treatment history of one counterfactual query. Raises ValueError for an event before the last scan."""
+        last = float(self.days[-1])
+        early = [e for e in plan if float(e[0]) < last]
+        if early:
+            raise ValueError(f"a plan starts after the last scan (day {last:g}); planned events on days "
+                             f"{[float(e[0]) for e in early]} start before it")
+        return replace(self, plan=tuple((float(a), float(b), str(k)) for a, b, k in plan), _boxes=self._boxes)
 
     def upto(self, n: int) -> PatientSeries:
         """The first ``n`` scans only."""

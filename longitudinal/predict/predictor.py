@@ -22,7 +22,7 @@ import torch
 
 from longitudinal.data.context import CropBox, PatientSeries, context_indices, crop_box, normalisation_scale
 from longitudinal.data.crops import read_crop
-from longitudinal.models.base import ForecastModel, build_model
+from longitudinal.models.base import Conditions, ForecastModel, build_model, encode_treatments
 from longitudinal.models.baselines import linear_volumes_ml
 from longitudinal.models.calibration import VolumeCalibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
@@ -199,9 +199,11 @@ class Predictor:
         qt = torch.tensor(qdays, dtype=torch.float32)[None]
         gen = torch.Generator(device=dev).manual_seed(_call_seed(seed, context_days))
         voxel_ml = series.voxel_ml
+        cond = Conditions(treatments=encode_treatments([series.events]),
+                          spacing_mm=torch.tensor([series.spacing_mm], dtype=torch.float32))
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             fc = self.model.sample(images[None].to(dev), labels[None].to(dev), times.to(dev), mask.to(dev),
-                                   qt.to(dev), n_samples=n_samples, generator=gen)
+                                   qt.to(dev), n_samples=n_samples, generator=gen, conditions=cond.to(dev))
         probs = fc.probs[0].float()  # [Q, S, 3, D, H, W]
         vols = sample_volumes_ml(probs, voxel_ml)  # (Q, S, 2)
         lin = linear_volumes_ml(labels[None], times, mask, qt, voxel_ml)[0].numpy()  # (Q, 2)
