@@ -5,7 +5,11 @@ so a model is applied exactly as it was trained:
 
 - context: the (up to K) most recent scans strictly before the query day (:func:`context_indices`);
 - crop: a box of the model's crop size centred on the union of the CONTEXT tumours' bounding boxes, or on the
-  grid centre when no context scan shows tumour; targets never enter (:func:`crop_box`);
+  grid centre when no context scan shows tumour; targets never enter (:func:`crop_box`). With an adaptive field
+  of view the box spans ``stride`` store voxels per crop voxel, the smallest whole stride whose box holds the
+  context tumours plus a growth margin (:func:`fov_stride`); the crop is read at that coarser spacing
+  (:func:`read_box`: mean of each stride^3 block for images, the majority class for labels), so a tumour larger
+  than the fixed crop is still seen and forecast whole;
 - normalisation: "none" keeps store intensities; "context_mean" divides each channel by the mean of the non-zero
   voxels of the context crops, and targets get the same factor (:func:`normalisation_scale`).
 
@@ -21,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longitudinal.data.crops import BBox, context_crop_centre, crop_start, tumour_bbox
+from longitudinal.data.crops import BBox, context_crop_centre, crop_start, read_crop, tumour_bbox, union_bbox
 
 # Query days are rounded to 1e-6 (query resolution), which can lift a query at a scan's own day just past it:
 # a scan counts as "before" a query only when it is earlier by more than that rounding.
@@ -31,14 +35,35 @@ SAME_DAY_DAYS = 1e-6
 @dataclass(frozen=True)
 class CropBox:
     """start: (z, y, x) voxel of the store grid at crop index (0, 0, 0) (may be negative: zero padding);
-    size: (D, H, W) voxels."""
+    size: (D, H, W) crop voxels; stride: store voxels per crop voxel along each axis (1: the store's spacing).
+    The box covers ``size * stride`` store voxels."""
 
     start: tuple[int, int, int]
     size: tuple[int, int, int]
+    stride: int = 1
+
+    @property
+    def extent(self) -> tuple[int, int, int]:
+        """(z, y, x) store voxels covered by the box."""
+        return tuple(int(n) * self.stride for n in self.size)  # type: ignore[return-value]
+
+    def spacing_mm(self, store_spacing_mm: Sequence[float]) -> tuple[float, float, float]:
+        """(z, y, x) size of one crop voxel in mm."""
+        return tuple(float(s) * self.stride for s in store_spacing_mm)  # type: ignore[return-value]
+
+    def voxel_ml(self, store_spacing_mm: Sequence[float]) -> float:
+        return float(np.prod(self.spacing_mm(store_spacing_mm))) / 1000.0
 
     def volume_ml(self, spacing_mm: Sequence[float]) -> float:
-        """The crop's volume in ml: the largest tumour a forecast on it can show."""
-        return float(np.prod(self.size)) * float(np.prod(spacing_mm)) / 1000.0
+        """The crop's volume in ml (``spacing_mm``: the store's): the largest tumour a forecast on it can show."""
+        return float(np.prod(self.size)) * self.voxel_ml(spacing_mm)
+
+    def upsample(self, crop: np.ndarray) -> np.ndarray:
+        """A crop-grid array (..., D, H, W) repeated onto the store voxels it covers (..., *extent)."""
+        out = crop
+        for axis in (-3, -2, -1):
+            out = np.repeat(out, self.stride, axis=axis)
+        return out
 
 
 Event = tuple[float, float, str]  # (start day, end day, kind); days since baseline; end = start without an end
@@ -132,12 +157,70 @@ def context_indices(days: Sequence[float], query_day: float, max_context: int) -
     return tuple(before[-int(max_context):])
 
 
+MAX_STRIDE = 4  # 32 crop voxels at 2 mm x 4 = 256 mm: a whole head
+
+
+def fov_stride(context_boxes: Sequence[BBox | None], size: Sequence[int], spacing_mm: Sequence[float],
+               margin_mm: float) -> int:
+    """The smallest stride (1..MAX_STRIDE) whose box of ``size`` crop voxels holds the union of the context
+    tumours plus ``margin_mm`` of growth room on every side; 1 when no context scan shows tumour."""
+    box = union_bbox(list(context_boxes))
+    if box is None:
+        return 1
+    need = [(hi - lo) + 2 * float(margin_mm) / float(sp) for lo, hi, sp in zip(box[0], box[1], spacing_mm,
+                                                                                 strict=True)]
+    stride = max(int(np.ceil(n / int(s) - 1e-9)) for n, s in zip(need, size, strict=True))
+    return int(min(max(stride, 1), MAX_STRIDE))
+
+
 def crop_box(context_boxes: Sequence[BBox | None], grid: Sequence[int], size: Sequence[int],
-             shift: Sequence[int] = (0, 0, 0)) -> CropBox:
-    """The crop of ``size`` centred on the context tumours (module docstring); ``shift`` is training's jitter."""
+             shift: Sequence[int] = (0, 0, 0), stride: int = 1) -> CropBox:
+    """The crop of ``size`` crop voxels of ``stride`` store voxels each, centred on the context tumours (module
+    docstring); ``shift`` is training's jitter in crop voxels."""
     size3 = tuple(int(s) for s in size)
-    start = crop_start(context_crop_centre(list(context_boxes), tuple(grid)), size3, tuple(shift))
-    return CropBox(start, size3)  # type: ignore[arg-type]
+    extent = tuple(n * int(stride) for n in size3)
+    start = crop_start(context_crop_centre(list(context_boxes), tuple(grid)), extent,
+                       tuple(int(d) * int(stride) for d in shift))
+    return CropBox(start, size3, int(stride))  # type: ignore[arg-type]
+
+
+def context_crop(series: PatientSeries, ctx: Sequence[int], size: Sequence[int], data: Any) -> CropBox:
+    """The crop of a forecast from the scans ``ctx`` of ``series`` under ``data`` (``DataSettings``-like:
+    ``fov`` "fixed" or "adaptive", ``fov_margin_mm``)."""
+    return adapted_crop([series.box(t) for t in ctx], series.grid, size, series.spacing_mm, data)
+
+
+def adapted_crop(context_boxes: Sequence[BBox | None], grid: Sequence[int], size: Sequence[int],
+                 spacing_mm: Sequence[float], data: Any, shift: Sequence[int] = (0, 0, 0)) -> CropBox:
+    """:func:`crop_box` with the stride ``data`` asks for (``fov`` "adaptive": :func:`fov_stride`; else 1)."""
+    stride = 1
+    if getattr(data, "fov", "fixed") == "adaptive":
+        stride = fov_stride(context_boxes, size, spacing_mm, float(data.fov_margin_mm))
+    return crop_box(context_boxes, grid, size, shift, stride)
+
+
+def read_box(array: Any, leading: tuple[Any, ...], box: CropBox, labels: bool = False) -> np.ndarray:
+    """``array[leading..., box]`` on the crop grid (zero padded outside the array), see :func:`pool_box`."""
+    return pool_box(read_crop(array, leading, box.start, box.extent), box, labels)
+
+
+def pool_box(raw: np.ndarray, box: CropBox, labels: bool = False) -> np.ndarray:
+    """Store voxels (..., *box.extent) -> the crop grid (..., *box.size): unchanged when the stride is 1;
+    otherwise the mean of each stride^3 block (images), or for ``labels`` (integer classes 0..2) tumour where at
+    least half the block is tumour (so the whole-tumour volume is kept, not split between its classes), and
+    within it enhancing (2) where enhancing voxels are at least as many as the other tumour voxels."""
+    k = box.stride
+    if k == 1:
+        return raw
+    lead = raw.shape[:-3]
+    blocks = raw.reshape(*lead, box.size[0], k, box.size[1], k, box.size[2], k)
+    axes = (-5, -3, -1)
+    if not labels:
+        return blocks.mean(axis=axes, dtype=np.float64).astype(raw.dtype)
+    tumour = (blocks > 0).sum(axis=axes)
+    enhancing = (blocks == 2).sum(axis=axes)
+    out = np.where(2 * tumour >= k**3, np.where(2 * enhancing >= tumour, 2, 1), 0)
+    return out.astype(raw.dtype)
 
 
 def normalisation_scale(context_images: torch.Tensor, normalize: str) -> torch.Tensor:

@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from longitudinal.data.augment import AugmentConfig, apply_augment, make_augment
-from longitudinal.data.context import crop_box, normalisation_scale
+from longitudinal.data.context import Event, adapted_crop, normalisation_scale, pool_box, recorded_events
 from longitudinal.data.reader import StoreReader
-from longitudinal.models.base import Batch
+from longitudinal.models.base import Batch, Conditions, encode_treatments
 
 Normalize = Literal["none", "context_mean"]
 
@@ -35,7 +35,9 @@ class DataConfig:
     """How samples are cut.
 
     crop_size: (D, H, W) voxels of every crop. max_context: K slots. n_queries: Q slots (training).
-    crop_jitter: max random shift (voxels, per axis) of the training crop centre; evaluation never jitters.
+    crop_jitter: max random shift (crop voxels, per axis) of the training crop centre; evaluation never jitters.
+    fov / fov_margin_mm: the field of view ("adaptive": the crop's stride grows until the context tumours plus
+        the margin fit; "fixed": the store's spacing), as in ``DataSettings`` and ``data.context``.
     normalize: "none" keeps store intensities; "context_mean" divides each channel by the mean of the non-zero
         voxels of the context crops (targets get the same factor, so growth is not normalised away).
     augment: None disables augmentation.
@@ -48,6 +50,8 @@ class DataConfig:
     n_queries: int = 2
     crop_jitter: int = 3
     normalize: Normalize = "none"
+    fov: str = "adaptive"
+    fov_margin_mm: float = 16.0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     samples_per_patient: int = 1
     read_cache_mb: float = 512.0
@@ -63,6 +67,8 @@ class DataConfig:
             problems.append(f"n_queries must be >= 1, got {self.n_queries}")
         if self.crop_jitter < 0:
             problems.append(f"crop_jitter must be >= 0, got {self.crop_jitter}")
+        if self.fov not in ("adaptive", "fixed"):
+            problems.append(f"fov must be 'adaptive' or 'fixed', got {self.fov!r}")
         if self.normalize not in ("none", "context_mean"):
             problems.append(f"normalize must be 'none' or 'context_mean', got {self.normalize!r}")
         if self.read_cache_mb < 0 or self.cache_margin < 0:
@@ -90,7 +96,9 @@ class Sample:
     """One sample as tensors (shapes as in longitudinal.models.base, without the batch axis) plus provenance.
 
     brain_mask [Q, D, H, W] bool: voxels where the raw target image is non-zero (the evaluation region).
-    crop_start: (z, y, x) voxel of the store grid at crop index (0, 0, 0). spacing_mm: (z, y, x).
+    crop_start: (z, y, x) voxel of the store grid at crop index (0, 0, 0). spacing_mm: (z, y, x) size of one
+    CROP voxel (the store's spacing times the crop's stride). events: the patient's recorded treatment events
+    (start day, end day, kind), days since baseline.
     """
 
     context_images: Tensor
@@ -108,6 +116,7 @@ class Sample:
     target_idx: tuple[int, ...]
     crop_start: tuple[int, int, int]
     spacing_mm: tuple[float, float, float]
+    events: list[Event] = field(default_factory=list)
 
 
 def build_sample(
@@ -139,10 +148,13 @@ def build_sample(
     shift = (0, 0, 0)
     if rng is not None and cfg.crop_jitter > 0:
         shift = tuple(int(v) for v in rng.integers(-cfg.crop_jitter, cfg.crop_jitter + 1, size=3))
-    start = crop_box([reader.bbox(pid, t) for t in ctx], grid, size, shift).start
+    box = adapted_crop([reader.bbox(pid, t) for t in ctx], grid, size, arr.spacing_mm, cfg, shift)
+    start = box.start
     idx = ctx + tgt  # strictly increasing, so one orthogonal read fetches every time point
-    images = torch.from_numpy(reader.read(pid, "image", idx, start, size).astype(np.float32))
-    labels = torch.from_numpy(reader.read(pid, "label", idx, start, size).astype(np.int64))
+    images = torch.from_numpy(pool_box(reader.read(pid, "image", idx, start, box.extent), box)
+                              .astype(np.float32))
+    labels = torch.from_numpy(pool_box(reader.read(pid, "label", idx, start, box.extent), box, labels=True)
+                              .astype(np.int64))
     brain = images[len(ctx):].abs().sum(1) > 0
     images = images / normalisation_scale(images[: len(ctx)], cfg.normalize).view(1, -1, 1, 1, 1)
     if augment is not None and rng is not None:
@@ -165,12 +177,13 @@ def build_sample(
     q_t[:nt] = torch.as_tensor(days[tgt], dtype=torch.float32)
     q_m = torch.zeros(q, dtype=torch.bool)
     q_m[:nt] = True
-    spacing = tuple(float(s) for s in arr.spacing_mm)
+    spacing = box.spacing_mm(arr.spacing_mm)
     return Sample(
         context_images=c_img, context_labels=c_lab, context_times=c_t, context_mask=c_m, query_times=q_t,
         query_mask=q_m, target_images=t_img, target_labels=t_lab, brain_mask=b_m,
         voxel_volume_ml=float(np.prod(spacing)) / 1000.0, patient_id=pid, context_idx=tuple(ctx),
         target_idx=tuple(tgt), crop_start=start, spacing_mm=spacing,  # type: ignore[arg-type]
+        events=recorded_events(getattr(arr, "treatments", None) or []),
     )
 
 
@@ -313,6 +326,8 @@ def collate_batch(samples: Sequence[Sample]) -> Batch:
         target_images=torch.stack([s.target_images for s in samples]),
         target_labels=torch.stack([s.target_labels for s in samples]),
         voxel_volume_ml=torch.tensor([s.voxel_volume_ml for s in samples], dtype=torch.float32),
+        conditions=Conditions(treatments=encode_treatments([s.events for s in samples]),
+                              spacing_mm=torch.tensor([s.spacing_mm for s in samples], dtype=torch.float32)),
     )
 
 

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longitudinal.data.context import PatientSeries
-from longitudinal.data.crops import read_crop
+from longitudinal.data.context import PatientSeries, read_box
 from longitudinal.data.dataset import EvalItem, enumerate_targets
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model, closed_form_kinds
@@ -70,13 +69,15 @@ def evaluation_progress(callback: Callable[[str], None] | None) -> Iterator[None
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """crop_size / max_context / normalize: how bare models (not Predictors, which carry their checkpoint's
-    settings) are applied. n_samples: draws for sampled models (deterministic models use 1). seed: the sampling
+    """crop_size / max_context / normalize / fov / fov_margin_mm: how bare models (not Predictors, which carry
+    their checkpoint's settings) are applied (``DataSettings``). n_samples: draws for sampled models (deterministic models use 1). seed: the sampling
     seed (see ``longitudinal.predict.predictor``). device: "auto" picks CUDA when present."""
 
     crop_size: tuple[int, int, int] = (32, 32, 32)
     max_context: int = 3
     normalize: str = "none"
+    fov: str = "adaptive"
+    fov_margin_mm: float = 16.0
     n_samples: int = 8
     seed: int = 0
     device: str = "auto"
@@ -128,7 +129,8 @@ def score_target(pred: QueryPrediction, target_image: torch.Tensor, target_label
     """Metrics for one target from one model's prediction of it (kept samples, see ``Predictor.predict``).
 
     target_image [C, D, H, W] (normalised like the model's inputs), target_label [D, H, W] (int), brain
-    [D, H, W] bool, all on the prediction's crop. Returns the per-target metric dict (volumes in ml, HD95 in mm).
+    [D, H, W] bool, all on the prediction's crop grid; spacing_mm: that grid's voxel size (the store's times the
+    crop's stride). Returns the per-target metric dict (volumes in ml, HD95 in mm).
 
     Interval metrics of a sampled model: ``coverage80`` / ``coverage95`` use the prediction's intervals (the
     model's calibration when it has one, else its raw samples' quantiles) and ``crps_ml`` the calibrated
@@ -252,7 +254,8 @@ def predictors_for(models: Mapping[str, ForecastModel | Predictor], cfg: EvalCon
                    ) -> dict[str, Predictor]:
     """Name -> Predictor: the given ones, bare models wrapped with ``cfg``'s settings, and (``baselines``) the
     ``lci`` and ``linear`` baselines first, with the settings of the first model given."""
-    data = DataSettings(max_context=cfg.max_context, normalize=cfg.normalize)
+    data = DataSettings(max_context=cfg.max_context, normalize=cfg.normalize, fov=cfg.fov,
+                        fov_margin_mm=cfg.fov_margin_mm)
     wrapped = {name: m if isinstance(m, Predictor) else Predictor(m, cfg.crop_size, data, device=cfg.device)
                for name, m in models.items()}
     first = next(iter(wrapped.values()), None)
@@ -310,12 +313,11 @@ def _score_group(name: str, predictor: Predictor, series: PatientSeries, cut: in
     out = []
     for it, q in zip(items, prediction.queries, strict=True):
         ch = _channel_index(predictor, arr.channels)
-        raw = torch.from_numpy(read_crop(arr.image, (it.target_idx, slice(None)), q.crop.start, q.crop.size)
-                               .astype(np.float32)[ch])
-        label = torch.from_numpy(read_crop(arr.label, (it.target_idx,), q.crop.start, q.crop.size).astype(np.int64))
+        raw = torch.from_numpy(read_box(arr.image, (it.target_idx, slice(None)), q.crop).astype(np.float32)[ch])
+        label = torch.from_numpy(read_box(arr.label, (it.target_idx,), q.crop, labels=True).astype(np.int64))
         brain = raw.abs().sum(0) > 0
         target = raw / torch.from_numpy(q.scale).view(-1, 1, 1, 1)
-        rec = score_target(q, target, label, brain, series.spacing_mm, predictor.stochastic,
+        rec = score_target(q, target, label, brain, q.crop.spacing_mm(series.spacing_mm), predictor.stochastic,
                            predictor.calibration)
         out.append({"model": name, "patient_id": it.patient_id, "target_idx": it.target_idx,
                     "last_context_idx": q.last_context, "n_context": q.n_context,

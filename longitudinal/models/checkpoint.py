@@ -6,8 +6,8 @@ pickled code)::
 
     {"kind", "config", "state_dict", "channels", "spacing_mm", "crop_size", "meta"}
 
-``meta`` holds the data settings (``meta["data"]``: max_context, normalize), the volume calibration
-(``meta["volume_calibration"]``) and provenance (step, split id, ...). :class:`Checkpoint` is its typed form;
+``meta`` holds the data settings (``meta["data"]``: max_context, normalize, fov, fov_margin_mm), the volume
+calibration (``meta["volume_calibration"]``) and provenance (step, split id, ...). :class:`Checkpoint` is its typed form;
 :meth:`Checkpoint.load` is the only reader and :meth:`Checkpoint.save` the only writer of model checkpoints, and
 :func:`read_torch_file` the one ``torch.load`` of the library (training state files go through it too).
 """
@@ -28,6 +28,7 @@ from longitudinal.models.calibration import VolumeCalibration, calibrations_from
 
 CHECKPOINT_KEYS = ("kind", "config", "state_dict", "channels", "spacing_mm", "crop_size", "meta")
 NORMALIZE_CHOICES = ("none", "context_mean")
+FOV_CHOICES = ("adaptive", "fixed")
 
 
 def read_torch_file(src: str | Path | IO[bytes], map_location: str | torch.device = "cpu") -> Any:
@@ -49,13 +50,21 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 class DataSettings:
     """How the model's inputs are cut: up to ``max_context`` scans, intensities normalised by ``normalize``
     ("none" keeps store intensities; "context_mean" divides each channel by the mean of the non-zero voxels of
-    the context crops)."""
+    the context crops); the field of view ``fov`` "adaptive" (the crop's stride grows until the context
+    tumours plus ``fov_margin_mm`` of growth room on every side fit) or "fixed" (the store's spacing; what
+    checkpoints saved without the setting were trained with)."""
 
     max_context: int = 3
     normalize: str = "none"
+    fov: str = "adaptive"
+    fov_margin_mm: float = 16.0
 
     def problems(self) -> list[str]:
         out = []
+        if self.fov not in FOV_CHOICES:
+            out.append(f"fov must be one of {list(FOV_CHOICES)}, got {self.fov!r}")
+        if float(self.fov_margin_mm) < 0:
+            out.append(f"fov_margin_mm must be >= 0, got {self.fov_margin_mm}")
         if int(self.max_context) < 1:
             out.append(f"max_context must be >= 1, got {self.max_context}")
         if self.normalize not in NORMALIZE_CHOICES:
@@ -113,7 +122,9 @@ class Checkpoint:
         meta = dict(ckpt.get("meta") or {})
         raw_data = dict(meta.pop("data", None) or {})
         data = DataSettings(max_context=int(raw_data.get("max_context", 3)),
-                            normalize=str(raw_data.get("normalize", "none")))
+                            normalize=str(raw_data.get("normalize", "none")),
+                            fov=str(raw_data.get("fov", "fixed")),
+                            fov_margin_mm=float(raw_data.get("fov_margin_mm", 16.0)))
         problems = data.problems()
         try:
             spacing = _three(ckpt["spacing_mm"], float)
@@ -145,7 +156,8 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (module docstring)."""
         meta = dict(self.provenance)
-        meta["data"] = {"max_context": int(self.data.max_context), "normalize": self.data.normalize}
+        meta["data"] = {"max_context": int(self.data.max_context), "normalize": self.data.normalize,
+                        "fov": self.data.fov, "fov_margin_mm": float(self.data.fov_margin_mm)}
         if self.calibration:
             meta["volume_calibration"] = calibrations_to_meta(self.calibration)
         return {"kind": self.kind, "config": dict(self.config), "state_dict": dict(self.state_dict),

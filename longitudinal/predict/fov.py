@@ -1,7 +1,9 @@
 """Does a forecast fit the model's field of view?
 
 A model sees, and forecasts, one crop of the store grid centred on the context tumours (``data.context``): 32^3
-voxels at 2 mm for the shipped models, 64 mm a side and 262 ml. A tumour larger than the crop is cut at its
+crop voxels; at the store's 2 mm that is 64 mm a side and 262 ml. With the adaptive field of view (the default
+for models trained now) the crop's stride grows with the tumour, so these signs become rare; models trained with
+a fixed field of view keep the 262 ml limit. A tumour larger than the crop is cut at its
 border, and a forecast tumour cannot grow past it, so the forecast volume of such a tumour is wrong, usually far
 too small (it can even seem to shrink). Three signs, each computed per query:
 
@@ -22,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from longitudinal.data.context import CropBox
+from longitudinal.data.crops import BBox, union_bbox
+
 # A forecast whose tumour reaches the crop's border in at least this share of its samples is flagged.
 BORDER_SAMPLE_SHARE = 0.1
 # Interval ends within this of the crop volume count as capped (ml).
 CAP_TOLERANCE_ML = 1e-6
 
-BBox = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,6 @@ def _ml(v: float) -> str:
     return f"{v:.0f} ml" if v >= 10 else f"{v:.2g} ml"
 
 
-def union_box(boxes: Sequence[BBox | None]) -> BBox | None:
-    """Smallest box holding every non-None (lo, hi) voxel box (hi exclusive); None when there is none."""
-    real = [b for b in boxes if b is not None]
-    if not real:
-        return None
-    lo = tuple(min(int(b[0][i]) for b in real) for i in range(3))
-    hi = tuple(max(int(b[1][i]) for b in real) for i in range(3))
-    return lo, hi  # type: ignore[return-value]
-
-
 def box_at_border(box: BBox | None, start: Sequence[int], size: Sequence[int]) -> bool:
     """True when the voxel box touches or passes the border of the crop at ``start`` of ``size``."""
     if box is None:
@@ -122,19 +116,19 @@ def border_share(probs: torch.Tensor) -> np.ndarray:
     return touch.float().mean(1).cpu().numpy().astype(np.float64)
 
 
-def field_of_view(start: Sequence[int], size: Sequence[int], spacing_mm: Sequence[float],
-                  context_boxes: Sequence[BBox | None], samples_at_border: float, n_samples: int,
-                  whole_hi_ml: float, max_ml: float) -> FieldOfView:
-    """The check of one query (module docstring). start / size: the crop (voxels, z y x); context_boxes: the
-    tumour boxes of the context scans; whole_hi_ml: the upper end of the whole-tumour 95% interval."""
+def field_of_view(crop: CropBox, spacing_mm: Sequence[float], context_boxes: Sequence[BBox | None],
+                  samples_at_border: float, n_samples: int, whole_hi_ml: float, max_ml: float) -> FieldOfView:
+    """The check of one query (module docstring). crop: the crop of the store grid; spacing_mm: the store's
+    (z, y, x) voxel size; context_boxes: the tumour boxes (store voxels) of the context scans; whole_hi_ml: the
+    upper end of the whole-tumour 95% interval."""
     sp = [float(s) for s in spacing_mm]
-    box = union_box(context_boxes)
+    box = union_bbox(list(context_boxes))
     tumour = None if box is None else tuple((box[1][i] - box[0][i]) * sp[i] for i in range(3))
     return FieldOfView(
-        crop_mm=tuple(int(size[i]) * sp[i] for i in range(3)),  # type: ignore[arg-type]
+        crop_mm=tuple(int(crop.extent[i]) * sp[i] for i in range(3)),  # type: ignore[arg-type]
         crop_ml=float(max_ml),
         tumour_mm=tumour,  # type: ignore[arg-type]
-        context_at_border=box_at_border(box, start, size),
+        context_at_border=box_at_border(box, crop.start, crop.extent),
         samples_at_border=float(samples_at_border),
         n_samples=int(n_samples),
         capped=bool(whole_hi_ml >= max_ml - CAP_TOLERANCE_ML),

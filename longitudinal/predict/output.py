@@ -79,11 +79,11 @@ class ForecastWriter:
             self._context_images[last] = np.asarray(self.arr.image[last], dtype=np.float32)  # (C, Z, Y, X)
         for ci, (ch, cs) in enumerate(zip(self.channels, self.ch_store, strict=True)):
             full = self._context_images[last][cs].copy()
-            paste(full, q.mean_image[ci], q.crop.start)
+            paste(full, q.crop.upsample(q.mean_image[ci]), q.crop.start)
             files[f"forecast_{ch}"] = str(self._save(full, f"{stem}_forecast_{ch}.nii.gz"))
         for kind, prob in (("prob_whole", q.prob_whole), ("prob_enhancing", q.prob_enhancing)):
             full = np.zeros(self.grid, np.float32)
-            paste(full, prob.astype(np.float32), q.crop.start)
+            paste(full, q.crop.upsample(prob.astype(np.float32)), q.crop.start)
             files[kind] = str(self._save(full, f"{stem}_{kind}.nii.gz"))
         return files
 

@@ -168,7 +168,7 @@ class Trajectory:
 def trajectory(predictor: Predictor, series: PatientSeries, n_samples: int, horizon_days: float = 180.0,
                n_grid: int = 8) -> Trajectory | None:
     """The figure data of one patient (``Trajectory``); None when it has fewer than 2 scans."""
-    from longitudinal.data.crops import read_crop
+    from longitudinal.data.context import read_box
 
     days = series.days
     if len(days) < 2:
@@ -183,7 +183,7 @@ def trajectory(predictor: Predictor, series: PatientSeries, n_samples: int, hori
         patient_id=series.patient_id, observed_days=days.tolist(),
         observed_ml=[float((np.asarray(arr.label[t]) > 0).sum() * voxel_ml) for t in range(len(days))],
         query_days=grid.tolist(), intervals=[p.whole for p in pred.queries], target_day=last,
-        context_image=read_crop(arr.image, (q.last_context, ch), q.crop.start, q.crop.size),
-        truth_image=read_crop(arr.image, (len(days) - 1, ch), q.crop.start, q.crop.size),
+        context_image=read_box(arr.image, (q.last_context, ch), q.crop),
+        truth_image=read_box(arr.image, (len(days) - 1, ch), q.crop),
         forecast_image=q.mean_image[0], forecast_prob=q.prob_whole,
     )

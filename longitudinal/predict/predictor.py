@@ -20,8 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from longitudinal.data.context import CropBox, PatientSeries, context_indices, crop_box, normalisation_scale
-from longitudinal.data.crops import read_crop
+from longitudinal.data.context import (
+    CropBox,
+    PatientSeries,
+    context_crop,
+    context_indices,
+    normalisation_scale,
+    read_box,
+)
 from longitudinal.models.base import Conditions, ForecastModel, build_model, encode_treatments
 from longitudinal.models.baselines import linear_volumes_ml
 from longitudinal.models.calibration import VolumeCalibration
@@ -186,10 +192,9 @@ class Predictor:
         store_channels = list(arr.channels)
         ch = [store_channels.index(c) for c in self.channels] if self.channels is not None \
             else list(range(len(store_channels)))
-        box = crop_box([series.box(t) for t in idx], series.grid, self.crop_size)
-        images = torch.from_numpy(read_crop(arr.image, (idx, slice(None)), box.start, box.size)
-                                  .astype(np.float32)[:, ch])
-        labels = torch.from_numpy(read_crop(arr.label, (idx,), box.start, box.size).astype(np.int64))
+        box = context_crop(series, idx, self.crop_size, self.data)
+        images = torch.from_numpy(read_box(arr.image, (idx, slice(None)), box).astype(np.float32)[:, ch])
+        labels = torch.from_numpy(read_box(arr.label, (idx,), box, labels=True).astype(np.int64))
         scale = normalisation_scale(images, self.data.normalize)
         images = images / scale.view(1, -1, 1, 1, 1)
         dev = self.device
@@ -198,9 +203,10 @@ class Predictor:
         mask = torch.ones(1, len(idx), dtype=torch.bool)
         qt = torch.tensor(qdays, dtype=torch.float32)[None]
         gen = torch.Generator(device=dev).manual_seed(_call_seed(seed, context_days))
-        voxel_ml = series.voxel_ml
+        voxel_ml = box.voxel_ml(series.spacing_mm)
         cond = Conditions(treatments=encode_treatments([series.events]),
-                          spacing_mm=torch.tensor([series.spacing_mm], dtype=torch.float32))
+                          spacing_mm=torch.tensor([box.spacing_mm(series.spacing_mm)], dtype=torch.float32),
+                          tissue=self._tissue(series, box))
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             fc = self.model.sample(images[None].to(dev), labels[None].to(dev), times.to(dev), mask.to(dev),
                                    qt.to(dev), n_samples=n_samples, generator=gen, conditions=cond.to(dev))
@@ -228,10 +234,22 @@ class Predictor:
                 max_ml=max_ml,
                 images=fc.images[0, j].float().cpu() if keep_samples else None,
                 probs=probs[j].cpu() if keep_samples else None,
-                field_of_view=field_of_view(box.start, box.size, series.spacing_mm, context_boxes,
+                field_of_view=field_of_view(box, series.spacing_mm, context_boxes,
                                             float(at_border[j]), n_samples, whole.hi95, max_ml),
             ))
         return out
+
+
+    @staticmethod
+    def _tissue(series: PatientSeries, box: CropBox) -> torch.Tensor | None:
+        """[1, 2, D, H, W] white/grey-matter probabilities on the crop, or None when the store holds none."""
+        tissue = getattr(series.arrays, "tissue", None)
+        if tissue is None:
+            return None
+        crop = read_box(tissue, (slice(None),), box).astype(np.float32)
+        if np.issubdtype(np.asarray(tissue[:0]).dtype, np.integer):
+            crop = crop / 255.0  # stored as uint8 0..255
+        return torch.from_numpy(crop)[None]
 
 
 def _call_seed(seed: int, context_days: np.ndarray) -> int:

@@ -30,7 +30,8 @@ class TrainConfig(BaseModel):
     """One training run.
 
     model / model_options: kind in the model registry and its config dict (``in_channels`` is filled from the
-        store). crop_size: (D, H, W) voxels; max_context K; n_queries Q; crop_jitter voxels.
+        store). crop_size: (D, H, W) crop voxels; max_context K; n_queries Q; crop_jitter crop voxels. fov /
+        fov_margin_mm: the field of view ("adaptive" grows the crop's stride with the tumour; see DataSettings).
     steps / epochs / budget_s: stop at whichever comes first (at least one must be set); budget_s is wall-clock
         seconds of training, summed over resumes. lr: AdamW peak rate after ``warmup_steps`` linear warm-up;
         "cosine" decays to 10% over ``steps`` (needs steps), "constant" keeps it.
@@ -56,6 +57,8 @@ class TrainConfig(BaseModel):
     n_queries: int = Field(2, ge=1)
     crop_jitter: int = Field(3, ge=0)
     normalize: Literal["none", "context_mean"] = "none"
+    fov: Literal["adaptive", "fixed"] = "adaptive"
+    fov_margin_mm: float = Field(16.0, ge=0)
     augment: AugmentSettings | None = Field(default_factory=AugmentSettings)
     samples_per_patient: int = Field(1, ge=1)
     read_cache_mb: float = Field(512.0, ge=0)
@@ -106,6 +109,7 @@ class TrainConfig(BaseModel):
         return DataConfig(crop_size=tuple(self.crop_size), max_context=self.max_context,  # type: ignore[arg-type]
                           n_queries=self.n_queries if train else 1,
                           crop_jitter=self.crop_jitter if train else 0, normalize=self.normalize, augment=aug,
+                          fov=self.fov, fov_margin_mm=self.fov_margin_mm,
                           samples_per_patient=self.samples_per_patient, read_cache_mb=self.read_cache_mb)
 
     def to_dict(self) -> dict[str, Any]:

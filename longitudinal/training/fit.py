@@ -193,7 +193,8 @@ def _fit(
     model = build_model(config.model, dict(config.model_options), in_channels=len(channels)).to(device)
     ema = EMA(model, config.ema_decay)
     ema_model = copy.deepcopy(model).eval()
-    data = DataSettings(max_context=config.max_context, normalize=config.normalize)
+    data = DataSettings(max_context=config.max_context, normalize=config.normalize, fov=config.fov,
+                        fov_margin_mm=config.fov_margin_mm)
     meta_base = {"split_id": split.split_id, "store_url": store_url, "train_config": config.to_dict()}
 
     if state is None:

@@ -62,7 +62,8 @@ def validate(models: dict[str, ForecastModel], val: ValidationSet, cfg: TrainCon
     from longitudinal.evaluation.harness import EvalConfig, aggregate, evaluate_items, predictors_for
 
     ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context,  # type: ignore[arg-type]
-                      normalize=cfg.normalize, n_samples=cfg.val_samples, seed=cfg.seed, device=str(device))
+                      normalize=cfg.normalize, fov=cfg.fov, fov_margin_mm=cfg.fov_margin_mm,
+                      n_samples=cfg.val_samples, seed=cfg.seed, device=str(device))
     report = evaluate_items(predictors_for(models, ecfg, baselines=False), val.series, val.items, ecfg)
     rows = [r for r in aggregate(report.records, list(models)) if r["horizon"] == "all"]
     keys = ("dice_whole", "dice_enhancing", "volume_error_ml", "hd95_mm", "mse")
@@ -124,7 +125,8 @@ def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> 
     from longitudinal.evaluation.harness import EvalConfig
 
     return EvalConfig(crop_size=tuple(config.crop_size), max_context=config.max_context,  # type: ignore[arg-type]
-                      normalize=config.normalize, n_samples=config.calib_samples, seed=config.seed + 1,
+                      normalize=config.normalize, fov=config.fov, fov_margin_mm=config.fov_margin_mm,
+                      n_samples=config.calib_samples, seed=config.seed + 1,
                       device=str(device))
 
 

@@ -39,7 +39,7 @@ def cohort(tmp_path_factory):
     [(1, 1, (16, 16, 16)), (3, 2, (16, 16, 16)), (4, 3, (12, 20, 16))],
 )
 def test_sample_shapes_masks_and_times(cohort, k, q, crop):
-    cfg = DataConfig(crop_size=crop, max_context=k, n_queries=q, augment=None)
+    cfg = DataConfig(crop_size=crop, max_context=k, n_queries=q, augment=None, fov="fixed")
     ds = ForecastDataset(cohort.url, list(cohort.patients), cfg, seed=0)
     samples = [ds[i] for i in range(len(ds) * 2)]  # two epochs' worth of draws
     batch = collate_batch(samples)
@@ -86,7 +86,7 @@ def _moving_tumour_store(path, target_centre):
 def test_crop_is_centred_on_context_tumour_and_ignores_target(tmp_path):
     url_a = _moving_tumour_store(tmp_path / "a.zarr", (24, 24, 24))
     url_b = _moving_tumour_store(tmp_path / "b.zarr", (20, 8, 26))
-    cfg = DataConfig(crop_size=(16, 16, 16), max_context=2, n_queries=1, augment=None)
+    cfg = DataConfig(crop_size=(16, 16, 16), max_context=2, n_queries=1, augment=None, fov="fixed")
     sa = build_sample(StoreReader(url_a), "MOVE", (0, 1), (2,), cfg, 1)
     sb = build_sample(StoreReader(url_b), "MOVE", (0, 1), (2,), cfg, 1)
     # Context tumours' union bounding box is z 9..15, y 10..16, x 9..15 (voxels), centred at (12, 13, 12):
@@ -118,7 +118,7 @@ def test_tumour_at_the_border_gives_a_padded_crop(tmp_path):
     store = CohortStore.open(str(tmp_path / "e.zarr"), create=True)
     store.write_patient(rec)
     s = build_sample(StoreReader(str(tmp_path / "e.zarr")), "EDGE", (0,), (1,),
-                     DataConfig(crop_size=(16, 16, 16), augment=None), 1)
+                     DataConfig(crop_size=(16, 16, 16), augment=None, fov="fixed"), 1)
     assert min(s.crop_start) < 0
     assert s.context_images.shape[-3:] == (16, 16, 16)
     pad = -s.crop_start[0]

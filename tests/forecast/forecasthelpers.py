@@ -104,12 +104,14 @@ def write_manifest(path: Path, patients: list[NativePatient]) -> Path:
 
 
 def baseline_checkpoint(path: Path, kind: str = "linear", channels: tuple[str, ...] = ("T1c", "FLAIR"),
-                        crop: int = 32, normalize: str = "none") -> Path:
-    """A model-only checkpoint of a closed-form baseline (no training needed)."""
+                        crop: int = 32, normalize: str = "none", fov: str | None = None) -> Path:
+    """A model-only checkpoint of a closed-form baseline (no training needed); ``fov`` None writes no field-of-view
+    setting (a checkpoint saved before the field of view could adapt: fixed)."""
     model = build_model(kind)
+    data = {"max_context": 3, "normalize": normalize} | ({"fov": fov} if fov is not None else {})
     torch.save({"kind": kind, "config": model.config_dict(), "state_dict": model.state_dict(),
                 "channels": list(channels), "spacing_mm": [SPACING] * 3, "crop_size": [crop] * 3,
-                "meta": {"data": {"max_context": 3, "normalize": normalize}}}, path)
+                "meta": {"data": data}}, path)
     return path
 
 

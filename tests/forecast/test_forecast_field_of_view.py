@@ -14,12 +14,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from longitudinal.cli import app
+from longitudinal.data.context import CropBox
 from longitudinal.predict.fov import BORDER_SAMPLE_SHARE, border_share, box_at_border, field_of_view
 
 
-def _forecast(cohort: Cohort, tmp_path: Path, crop: int) -> tuple[object, dict, Path]:
-    ckpt = baseline_checkpoint(tmp_path / f"linear{crop}.pt", crop=crop)
-    out = tmp_path / f"out{crop}"
+def _forecast(cohort: Cohort, tmp_path: Path, crop: int, fov: str | None = None) -> tuple[object, dict, Path]:
+    ckpt = baseline_checkpoint(tmp_path / f"linear{crop}{fov}.pt", crop=crop, fov=fov)
+    out = tmp_path / f"out{crop}{fov}"
     cwd = tmp_path / "cwd"
     cwd.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:  # nothing lands where the command runs (no ./mlruns, ...)
@@ -53,6 +54,16 @@ def test_tumour_larger_than_the_crop_is_flagged_everywhere(cohort: Cohort, tmp_p
     assert "not trustworthy" in description and "field of view" in description
 
 
+def test_adaptive_field_of_view_holds_a_tumour_larger_than_the_crop(cohort: Cohort, tmp_path: Path) -> None:
+    # An 8-voxel crop (16 mm at the store's 2 mm), adaptive: the stride grows until the 16 mm tumour plus 16 mm
+    # of margin a side fit.
+    res, body, _ = _forecast(cohort, tmp_path, crop=8, fov="adaptive")
+    fov = [q["field_of_view"] for q in body["queries"]]
+    assert all(f["ok"] for f in fov), fov
+    assert fov[0]["crop_mm"][0] >= 16.0 + 2 * 16.0 and body["warnings"] == []
+    assert not _forecast(cohort, tmp_path, crop=8)[1]["queries"][0]["field_of_view"]["ok"]
+
+
 def test_tumour_inside_the_crop_gets_no_warning(cohort: Cohort, tmp_path: Path) -> None:
     res, body, plot = _forecast(cohort, tmp_path, crop=32)
     assert all(q["field_of_view"]["ok"] for q in body["queries"]), body["queries"]
@@ -75,8 +86,9 @@ def test_field_of_view_signs() -> None:
     probs[:, :, 0, 3:5, 3:5, 3:5], probs[:, :, 1, 3:5, 3:5, 3:5] = 0.0, 1.0
     probs[1, 0, 0, 3:5, 3:5, 7], probs[1, 0, 1, 3:5, 3:5, 7] = 0.0, 1.0
     np.testing.assert_allclose(border_share(probs), [0.0, 0.5])
-    ok = field_of_view(start, size, (2.0, 2.0, 2.0), [((12, 12, 12), (16, 16, 16))], 0.0, 32, 2.0, 4.096)
+    crop = CropBox(start, size)
+    ok = field_of_view(crop, (2.0, 2.0, 2.0), [((12, 12, 12), (16, 16, 16))], 0.0, 32, 2.0, 4.096)
     assert ok.ok and ok.warnings() == [] and ok.tumour_mm == (8.0, 8.0, 8.0)
-    bad = field_of_view(start, size, (2.0, 2.0, 2.0), [None], BORDER_SAMPLE_SHARE, 10, 4.096, 4.096)
+    bad = field_of_view(crop, (2.0, 2.0, 2.0), [None], BORDER_SAMPLE_SHARE, 10, 4.096, 4.096)
     assert not bad.ok and len(bad.warnings()) == 2 and "in 1 of 10 samples" in bad.warnings()[0]
     assert "capped at 4.1 ml" in bad.warnings()[1]
