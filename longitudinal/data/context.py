@@ -79,6 +79,12 @@ def recorded_events(treatments: Sequence[Any]) -> list[Event]:
     return sorted(out)
 
 
+def treatment_in_gap(events: Sequence[Event], last_day: float, query_day: float) -> bool:
+    """Whether a treatment acts between the last context scan and the query: an event whose days [start, end]
+    overlap (``last_day``, ``query_day``] (a course that began before the last scan and is still running counts)."""
+    return any(float(end) > float(last_day) and float(start) <= float(query_day) for start, end, _ in events)
+
+
 @dataclass
 class PatientSeries:
     """One patient's registered scans as a model sees them: the first ``n`` time points of ``arrays``.
