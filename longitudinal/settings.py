@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,18 @@ DEFAULT_MAX_IMAGE_BYTES = 2 << 30
 # Earliest plausible scan date; the latest defaults to today + LATEST_DATE_MARGIN_DAYS.
 DEFAULT_EARLIEST_DATE = dt.date(1900, 1, 1)
 LATEST_DATE_MARGIN_DAYS = 366
+
+# LUMIERE layout (``ingest/lumiere.py``): a file in a week folder (".nii.gz" added to a name without a NIfTI
+# extension) -> channel; only the project CHANNELS are read. The segmentation's path is relative to the week
+# folder; its label values map to the store's classes (DeepBraTumIA: 1 necrosis/non-enhancing, 2 enhancing,
+# 3 oedema -> 1 oedema/non-enhancing, 2 enhancing). LUMIERE gives weeks, not dates: scan N of week W is dated
+# LUMIERE_ANCHOR + 7 W + N - 1 days (then date-shifted like any source).
+DEFAULT_LUMIERE_CHANNEL_MAP: dict[str, str] = {"CT1": "T1c", "T1": "T1", "T2": "T2", "FLAIR": "FLAIR"}
+DEFAULT_LUMIERE_SEGMENTATION = "DeepBraTumIA-segmentation/atlas/segmentation/seg_mask.nii.gz"
+DEFAULT_LUMIERE_LABEL_MAP: dict[int, int] = {0: 0, 1: 1, 2: 2, 3: 1}
+LUMIERE_ANCHOR = dt.date(2000, 1, 3)
+# Source layouts ingest reads; "auto" detects the layout (``ingest.sources.detect_kind``).
+SOURCE_KINDS: tuple[str, ...] = ("auto", "bids", "manifest", "dicom", "lumiere")
 
 # DICOM SeriesDescription (case-insensitive substring) -> project channel.
 DEFAULT_DICOM_CHANNEL_MAP: dict[str, str] = {
@@ -119,6 +132,12 @@ class Settings(BaseSettings):
     target_spacing_mm: float = Field(default=2.0, gt=0, description="Isotropic spacing of the store (mm).")
     bids_channel_map: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(DEFAULT_BIDS_CHANNEL_MAP))
     dicom_channel_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DICOM_CHANNEL_MAP))
+    source_kind: Literal["auto", "bids", "manifest", "dicom", "lumiere"] = Field(
+        default="auto", description="Source layout ingest reads; auto detects it.")
+    lumiere_channel_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LUMIERE_CHANNEL_MAP))
+    lumiere_segmentation: str = Field(default=DEFAULT_LUMIERE_SEGMENTATION,
+                                      description="Segmentation of a LUMIERE week folder, relative to it.")
+    lumiere_label_map: dict[int, int] = Field(default_factory=lambda: dict(DEFAULT_LUMIERE_LABEL_MAP))
     registered_model_name: str = "tumor-growth-forecaster"
     tune_malloc: bool = Field(default=True, description="Keep freed large blocks in glibc's heap (runtime.py).")
     max_voxels: int = Field(default=DEFAULT_MAX_VOXELS, gt=0,

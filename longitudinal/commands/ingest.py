@@ -1,5 +1,6 @@
 """CLI commands for the 'ingest' area: ``longitudinal ingest SOURCE [--store STORE] [--workers N | --dask-address
-tcp://HOST:PORT] [--allowed-root DIR] [--treatments FILE.csv]``.
+tcp://HOST:PORT] [--allowed-root DIR] [--treatments FILE.csv] [--source auto|bids|manifest|dicom|lumiere]
+[--lumiere-segmentation NAME|PATH]``.
 
 The CLI twin of the ``ingest-cohort`` flow: both call ``longitudinal.ingest`` (this one through
 ``ingest_cohort``). Exit status: 0 when the run completed, even with quarantined sessions (their number is
@@ -14,6 +15,7 @@ from pathlib import Path
 import typer
 
 from longitudinal.commands._common import console, fail, print_locations, settings_of, with_store
+from longitudinal.settings import SOURCE_KINDS, Settings
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +24,8 @@ def register(app: typer.Typer) -> None:
     @app.command("ingest")
     def ingest(
         ctx: typer.Context,
-        source: Path = typer.Argument(..., help="BIDS folder, manifest CSV, or folder of DICOM series."),
+        source: Path = typer.Argument(
+            ..., help="BIDS folder, manifest CSV, folder of DICOM series, or LUMIERE folder (Patient-*/week-*)."),
         store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: the workspace's)."),
         workers: int = typer.Option(1, "--workers", min=1, help="Patients processed in parallel."),
         spacing: float | None = typer.Option(None, "--spacing", min=0.1, help="Target isotropic spacing (mm)."),
@@ -43,6 +46,16 @@ def register(app: typer.Typer) -> None:
                  "radiotherapy or chemotherapy; ISO dates; ids as in the source). BIDS subjects' "
                  "sub-*_treatments.tsv are read anyway.",
         ),
+        source_kind: str | None = typer.Option(
+            None, "--source",
+            help="Source layout: auto, bids, manifest, dicom or lumiere (default: LONGITUDINAL_SOURCE_KIND, "
+                 "else auto: detected).",
+        ),
+        lumiere_segmentation: str | None = typer.Option(
+            None, "--lumiere-segmentation",
+            help="LUMIERE mask: deepbratumia (default), deepbratumia-atlas (with the atlas-space images) or "
+                 "hd-glio-auto, or a path relative to the week folder.",
+        ),
     ) -> None:
         """Discover, de-identify, validate, register and store a cohort (idempotent; appends new sessions)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -56,6 +69,7 @@ def register(app: typer.Typer) -> None:
             settings = settings.model_copy(update={"target_spacing_mm": spacing})
         settings = with_store(settings, store)
         print_locations(settings, ("store", "reports"))
+        settings = _with_layout(settings, source_kind, lumiere_segmentation)
         if not source.exists():
             fail(f"source {source} does not exist")
         if treatments is not None and not treatments.exists():
@@ -110,3 +124,26 @@ def register(app: typer.Typer) -> None:
                 if p.error:  # e.g. "StoreFullError: disk full (no space left on the store's device) ..."
                     console.print(f"[red]store write failed[/red] {p.patient_id}: {p.error}")
             fail(f"the store could not be written for {len(report.failed_patients)} patient(s)", code=2)
+
+
+def _with_layout(settings: Settings, source_kind: str | None, lumiere_segmentation: str | None) -> Settings:
+    """``settings`` with ``--source`` and ``--lumiere-segmentation`` applied; exits naming every bad value."""
+    from longitudinal.ingest.lumiere import LumiereLayout, segmentation_settings
+
+    problems: list[str] = []
+    update: dict[str, object] = {}
+    if source_kind is not None and source_kind not in SOURCE_KINDS:
+        problems.append(f"--source {source_kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    elif source_kind is not None:
+        update["source_kind"] = source_kind
+    if lumiere_segmentation is not None:
+        try:
+            update.update(segmentation_settings(lumiere_segmentation))
+        except ValueError as exc:
+            problems.append(str(exc))
+    settings = settings.model_copy(update=update)
+    if settings.source_kind == "lumiere" or lumiere_segmentation is not None:
+        problems += LumiereLayout.of(settings).problems()
+    if problems:
+        fail("; ".join(problems))
+    return settings

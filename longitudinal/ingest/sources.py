@@ -1,4 +1,6 @@
-"""Source discovery: a BIDS dataset, a manifest CSV, or a folder of DICOM series -> typed records.
+"""Source discovery: a BIDS dataset, a manifest CSV, a folder of DICOM series (``dicom.py``) or a LUMIERE
+``Patient-*/week-*`` tree (``lumiere.py``) -> typed records. The kind is detected, or set by
+``Settings.source_kind``.
 
 Discovery only lists files and dates; it reads no voxels. Problems found here (a missing file, an unparseable
 date, an unknown channel, a hostile patient id) are attached to the session or patient they belong to, so that
@@ -30,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from longitudinal.ingest.deid import hostile_id_problems, pseudonym, session_label, shift_date
-from longitudinal.ingest.files import FileLimits, RefusedFile, check_file, open_text
-from longitudinal.settings import CHANNELS, Settings
+from longitudinal.ingest.deid import hostile_id_problems, pseudonym
+from longitudinal.ingest.files import FileLimits, RefusedFile, open_text
+from longitudinal.settings import CHANNELS, SOURCE_KINDS, Settings
 
 if TYPE_CHECKING:
     from longitudinal.ingest.treatments import RefusedRow, TreatmentRow
 
-SourceKind = Literal["bids", "manifest", "dicom"]
+SourceKind = Literal["bids", "manifest", "dicom", "lumiere"]
 MANIFEST_COLUMNS = ("patient_id", "date", "channel", "path", "label_path")
 LABEL_KEY = "label"
 
@@ -49,6 +51,8 @@ class ScanFile:
     display: the file named relative to the source root (what reports show); a DICOM series by session label,
         series number and channel.
     where: where the source lists the file, when that is not its path (a manifest's "m.csv line 5"), else "".
+    values: for a label in another coding, (source value, stored class) pairs (every value the file holds must
+        be listed, ``validate.relabel``); empty: the values are the store's classes already.
     """
 
     channel: str
@@ -56,6 +60,7 @@ class ScanFile:
     paths: tuple[Path, ...]
     display: str
     where: str = ""
+    values: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -117,10 +122,18 @@ class CohortSource:
         raise KeyError(f"no patient {patient_id} in this source")
 
 
-def detect_kind(source: str | os.PathLike) -> SourceKind:
-    """What kind of source this is: 'bids' (has dataset_description.json), 'manifest' (.csv), else 'dicom'."""
+def detect_kind(source: str | os.PathLike, kind: str = "auto") -> SourceKind:
+    """What kind of source this is: 'bids' (has dataset_description.json), 'manifest' (.csv), 'lumiere'
+    (``lumiere.is_lumiere``), else 'dicom'. An explicit ``kind`` (``Settings.source_kind``) is checked against the
+    path (a manifest is a file, the others folders) and returned; "auto" detects."""
+    from longitudinal.ingest.lumiere import is_lumiere
+
     path = Path(source)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source kind {kind!r} (valid: {', '.join(SOURCE_KINDS)})")
     if path.is_file():
+        if kind not in ("auto", "manifest"):
+            raise ValueError(f"source {path} is a file, not a {kind} source (a folder)")
         if path.suffix.lower() in {".csv", ".tsv"}:
             return "manifest"
         raise ValueError(f"{path} is a file but not a manifest (.csv)")
@@ -128,28 +141,33 @@ def detect_kind(source: str | os.PathLike) -> SourceKind:
         if path.exists():
             raise ValueError(f"source {path} is neither a folder nor a regular file")
         raise FileNotFoundError(f"source {path} does not exist")
+    if kind != "auto":
+        if kind not in ("bids", "dicom", "lumiere"):
+            raise ValueError(f"source {path} is a folder, not a {kind} source")
+        return kind  # type: ignore[return-value]
     if (path / "dataset_description.json").is_file():
         return "bids"
-    return "dicom"
+    return "lumiere" if is_lumiere(path) else "dicom"
 
 
 def discover(
     source: str | os.PathLike, settings: Settings, treatments: str | os.PathLike | None = None
 ) -> CohortSource:
     """Discover every patient and session of a source (no voxels read), with the treatment histories of its
-    BIDS subjects and of the CSV ``treatments`` (``treatments.attach_treatments``). Patients are sorted by
-    pseudonym."""
+    BIDS subjects and of the CSV ``treatments`` (``treatments.attach_treatments``; a LUMIERE source adds its
+    implied surgeries). Patients are sorted by pseudonym. Raises ValueError for a kind that does not fit the
+    source, or for an invalid LUMIERE configuration."""
+    from longitudinal.ingest.dicom import discover_dicom
+    from longitudinal.ingest.lumiere import discover_lumiere
     from longitudinal.ingest.treatments import attach_treatments
 
-    kind = detect_kind(source)
+    kind = detect_kind(source, settings.source_kind)
     root = Path(source).resolve()
-    if kind == "bids":
-        cohort = _discover_bids(root, settings)
-    elif kind == "manifest":
-        cohort = _discover_manifest(root, settings)
+    if kind == "lumiere":
+        cohort = discover_lumiere(root, settings, treatments)
     else:
-        cohort = _discover_dicom(root, settings)
-    attach_treatments(cohort, settings, treatments)
+        cohort = {"bids": _discover_bids, "manifest": _discover_manifest, "dicom": discover_dicom}[kind](root, settings)
+        attach_treatments(cohort, settings, treatments)
     cohort.patients.sort(key=lambda p: p.patient_id)
     return cohort
 
@@ -165,7 +183,7 @@ def _stamp(path: Path | None) -> tuple[int, int]:
 
 def discover_cached(source: str, settings: Settings, treatments: str | os.PathLike | None = None) -> CohortSource:
     """``discover`` memoised per process on (source, its mtime, the treatments CSV and its mtime and size, key,
-    channel maps), for per-patient tasks that are given only the source and a pseudonym."""
+    source kind and layout settings), for per-patient tasks that are given only the source and a pseudonym."""
     root = Path(source).resolve()
     stamp = _stamp(root)[0]
     table = Path(treatments).resolve() if treatments else None
@@ -177,6 +195,8 @@ def discover_cached(source: str, settings: Settings, treatments: str | os.PathLi
         settings.pseudonym_secret,
         json.dumps(settings.bids_channel_map, sort_keys=True),
         json.dumps(settings.dicom_channel_map, sort_keys=True),
+        json.dumps([settings.source_kind, settings.lumiere_channel_map, settings.lumiere_segmentation,
+                    sorted(settings.lumiere_label_map.items())], sort_keys=True),
         FileLimits.of(settings),
         settings.date_window(),
     )
@@ -417,106 +437,3 @@ def _manifest_file(base: Path, channel: str, text: str, where: str, session: Ses
     except (ValueError, RuntimeError):  # outside the manifest's folder, or a symlink loop
         display = text
     return ScanFile(channel, "nifti", (full,), display if text else f"(empty path at {where})", where)
-
-
-# --- DICOM folders ----------------------------------------------------------------------------------------
-
-
-_DICOM_TAGS = ("PatientID", "AcquisitionDate", "StudyDate", "SeriesDate", "SeriesDescription",
-               "SeriesNumber")
-
-
-def _dicom_channel(description: str, channel_map: dict[str, str]) -> str | None:
-    text = description.lower()
-    # Longest key first, so "t1 post" wins over a shorter key contained in it.
-    for key in sorted(channel_map, key=len, reverse=True):
-        if key.lower() in text:
-            return channel_map[key]
-    return None
-
-
-def _discover_dicom(root: Path, settings: Settings) -> CohortSource:
-    import pydicom
-    import SimpleITK as sitk
-
-    cohort = CohortSource(kind="dicom", root=root, patients=[])
-    limits = FileLimits.of(settings)
-    # raw id -> date text -> [(channel, the series' files in order, series number)]
-    found: dict[str, dict[str, list[tuple[str, tuple[Path, ...], str]]]] = defaultdict(lambda: defaultdict(list))
-    dirs = sorted({Path(d) for d, _, files in os.walk(root) if files})
-    for folder in dirs:
-        try:
-            # GDCM's scan reads regular files only: devices and pipes in the folder are skipped, not opened.
-            series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        except RuntimeError:
-            series_ids = ()
-        for sid in series_ids:
-            files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))
-            if not files:
-                continue
-            # Folders are never named in problems: exports often name them after the patient. The file name is.
-            what = f"a series of {len(files)} file{'s' if len(files) > 1 else ''} ({files[0].name})"
-            try:
-                check_file(files[0], limits)
-                # Only the tags discovery needs are parsed: names, birth dates, institutions never enter memory.
-                ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=list(_DICOM_TAGS))
-            except RefusedFile as exc:
-                cohort.problems.append(exc.about(what))
-                continue
-            except Exception as exc:  # noqa: BLE001 - any parse failure is a reportable problem
-                cohort.problems.append(f"unreadable DICOM header in {what}: {type(exc).__name__}")
-                continue
-            raw_id = str(getattr(ds, "PatientID", "") or "")
-            date_text = ""
-            for tag in ("AcquisitionDate", "StudyDate", "SeriesDate"):
-                date_text = str(getattr(ds, tag, "") or "").strip()
-                if date_text:
-                    break
-            channel = _dicom_channel(str(getattr(ds, "SeriesDescription", "") or ""), settings.dicom_channel_map)
-            if channel is None:
-                # Localisers and other contrasts are expected in a DICOM export: not a problem, just unused.
-                continue
-            number = str(getattr(ds, "SeriesNumber", "") or "").strip()
-            found[raw_id][date_text].append((channel, files, number))
-
-    for raw_id, by_date in found.items():
-        patient = new_patient(raw_id, settings)
-        if not raw_id:
-            patient.problems.append("missing PatientID")
-        for n, (date_text, items) in enumerate(sorted(by_date.items()), start=1):
-            when, origin, problem = _dicom_session_date(date_text, n, raw_id, settings)
-            session = SessionSource(origin=origin, date=when)
-            if problem:
-                session.problems.append(problem)
-            for k, (channel, files, number) in enumerate(items, start=1):
-                series = f"series {number}" if number else f"unnumbered series {k}"
-                count = f"{len(files)} file{'s' if len(files) > 1 else ''}"
-                scan = ScanFile(channel, "dicom", files, f"{origin} {series} ({channel}, {count})")
-                if channel in session.scans:
-                    session.problems.append(f"duplicate channel {channel}: {session.scans[channel].display} and {scan.display}")
-                else:
-                    session.scans[channel] = scan
-            patient.sessions.append(session)
-        cohort.patients.append(patient)
-    return cohort
-
-
-def _dicom_session_date(
-    date_text: str, n: int, raw_id: str, settings: Settings
-) -> tuple[dt.datetime | None, str, str | None]:
-    """(date, origin, problem) of the ``n``-th session (1-based, in date order) of a DICOM patient.
-
-    origin: the session label of the shifted date, as stored ("ses-YYYYMMDD"); "undated session n" when the
-    date is missing, unparseable or implausible (then date is None and problem says why).
-    """
-    when = parse_date(date_text)
-    undated = f"undated session {n}"
-    if when is None:
-        kind = "missing" if not date_text else "unparseable"
-        return None, undated, f"{kind} study/acquisition date in {undated}"
-    if (why := date_problem(when, settings, f"{undated} (study/acquisition date)")) is not None:
-        return None, undated, why
-    try:
-        return when, session_label(shift_date(when, raw_id, settings.pseudonym_secret)), None
-    except OverflowError:  # only with a date window configured down to year 1
-        return None, undated, f"date out of range in {undated}: it cannot be shifted"

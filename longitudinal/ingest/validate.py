@@ -5,10 +5,11 @@ a named pipe); larger on disk than ``FileLimits.max_file_bytes`` (``files.py``).
 a header claiming more than ``FileLimits.max_voxels`` voxels or ``max_image_bytes`` decoded bytes (a
 decompression bomb: a tiny gzip stream can claim and expand to gigabytes). Then: unreadable or truncated;
 dimensionality (3D, or 4D with one volume); empty (no voxels, or every voxel equal); non-finite voxels;
-implausible spacing; label values outside the schema; a label grid that does not match its session's image.
-Per session: a missing, unparseable or implausible date (found by discovery), a duplicate session date, a
-channel missing. Per patient: a hostile id. Every problem names the file (relative to the source, with the
-manifest line that lists it) so a person can find it; none echoes a raw patient id, a raw date or a DICOM tag.
+implausible spacing; label values outside the schema (a source's own coding mapped first, ``relabel``); a label
+grid that does not match its session's image. Per session: a missing, unparseable or implausible date (found
+by discovery), a duplicate session date, a channel missing. Per patient: a hostile id. Every problem names the
+file (relative to the source, with the manifest line that lists it) so a person can find it; none echoes a raw
+patient id, a raw date or a DICOM tag.
 """
 
 from __future__ import annotations
@@ -238,6 +239,29 @@ def check_image(image: sitk.Image, what: str, is_label: bool = False) -> tuple[s
     return image, problems
 
 
+def relabel(image: sitk.Image, values: tuple[tuple[int, int], ...], what: str) -> tuple[sitk.Image, list[str]]:
+    """A label in a source's own coding -> the store's classes (``ScanFile.values``: (source value, class)
+    pairs), on the same grid. Problems (the image is then returned as it was): several components per voxel,
+    a value that is not a finite integer, or a value the pairs do not list (another coding than configured)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return image, [f"label {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel, need 1"]
+    data = sitk.GetArrayFromImage(image)
+    integral = np.isfinite(data).all() and np.array_equal(data, np.round(data))
+    if np.issubdtype(data.dtype, np.floating) and not integral:
+        return image, [f"label values in {what} are not all finite integers"]
+    table = dict(values)
+    keys = np.array(sorted(table), dtype=np.int64)
+    found = np.unique(data).astype(np.int64)
+    unknown = found[~np.isin(found, keys)].tolist()
+    if unknown:
+        return image, [f"label values {unknown[:5]} in {what} are not in the configured label map "
+                       f"{dict(sorted(table.items()))}"]
+    classes = np.array([table[k] for k in keys.tolist()], dtype=np.uint8)
+    out = sitk.GetImageFromArray(classes[np.searchsorted(keys, data.astype(np.int64))])
+    out.CopyInformation(image)
+    return out, []
+
+
 def grids_match(a: sitk.Image, b: sitk.Image) -> bool:
     """Same size, spacing, origin and direction within GRID_TOLERANCE."""
     return (
@@ -289,6 +313,11 @@ def validate_session(
             # The library's message can quote the absolute path; the relative name and the error kind suffice.
             out.problems.append(f"unreadable or truncated file: {what} ({type(exc).__name__})")
             continue
+        if key == LABEL_KEY and scan.values:
+            raw, unmapped = relabel(raw, scan.values, what)
+            if unmapped:
+                out.problems.extend(pre + unmapped)
+                continue
         image, problems = check_image(raw, what, is_label=key == LABEL_KEY)
         problems = pre + [p for p in problems if not (pre and p.startswith("non-finite"))]
         out.problems.extend(problems)
