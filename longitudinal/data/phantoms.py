@@ -179,3 +179,31 @@ def make_phantom_store(
             enhancing_ml=tuple(float((lab == 2).sum()) * vox_ml for lab in rec.label),
         )
     return cohort
+
+
+@dataclass
+class InMemoryPatient:
+    """A ``PatientArrays``-like patient held in numpy (what ``data.context.PatientSeries`` reads), for tests and
+    benchmarks that need no store. image (T, C, Z, Y, X) float32, label (T, Z, Y, X) uint8, days (T,) days since
+    baseline, spacing_mm (z, y, x); treatments: ``TreatmentRecord``-like events."""
+
+    image: np.ndarray
+    label: np.ndarray
+    days: np.ndarray
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    channels: tuple[str, ...] = ("T1c",)
+    patient_id: str = "phantom"
+    treatments: list = field(default_factory=list)
+
+
+def sphere_patient(radii_mm: Sequence[float], days: Sequence[float], grid: int = 100,
+                   spacing_mm: float = 2.0) -> InMemoryPatient:
+    """A centred spherical tumour of radius ``radii_mm[t]`` (enhancing core: half the radius) at ``days[t]`` in a
+    cubic ``grid`` of ``spacing_mm`` voxels, inside a 90 mm brain; one T1c channel."""
+    axis = (np.arange(grid) - grid / 2 + 0.5) * spacing_mm
+    zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij")
+    r = np.sqrt(zz**2 + yy**2 + xx**2)
+    label = np.stack([np.where(r <= rad, np.where(r <= rad / 2, 2, 1), 0) for rad in radii_mm]).astype(np.uint8)
+    image = (label[:, None] * 0.5 + (r <= 90)[None, None]).astype(np.float32)
+    return InMemoryPatient(image=image, label=label, days=np.asarray(days, np.float64),
+                           spacing_mm=(spacing_mm,) * 3)

@@ -217,3 +217,44 @@ class LinearExtrapolation(_Baseline):
         labels = whole_q.long() + (enh_q & whole_q).long()
         probs = one_hot_labels(labels.view(b, q, *spatial), context_images.dtype)
         return Forecast(images=_expand_samples(images, n_samples), probs=_expand_samples(probs, n_samples))
+
+
+def post_event_mask(context_times: Tensor, context_mask: Tensor, conditions: Conditions | None) -> Tensor:
+    """context_mask [B, K] without the scans taken on or before the start of the latest treatment event that
+    started before the last context scan: what the tumour did before a resection or a course of radiotherapy
+    says little about what it does after. The last scan is always kept."""
+    if conditions is None or conditions.treatments is None:
+        return context_mask
+    keep = context_mask.clone()
+    last = last_context_index(context_times, context_mask)
+    for i in range(context_times.shape[0]):
+        t_last = float(context_times[i, last[i]])
+        starts = [start for start, _end, _kind in conditions.events(i) if start < t_last]
+        if starts:
+            keep[i] &= context_times[i] > max(starts)
+            keep[i, last[i]] = True
+    return keep
+
+
+@register_model("linear_restart")
+class LinearRestart(LinearExtrapolation):
+    """``linear`` restarted after treatment: extrapolates from the scans after the latest event that began before
+    the last context scan (``post_event_mask``); the last scan alone (LCI) when it is the only one since."""
+
+    kind = "linear_restart"
+
+    def sample(
+        self,
+        context_images: Tensor,
+        context_labels: Tensor,
+        context_times: Tensor,
+        context_mask: Tensor,
+        query_times: Tensor,
+        n_samples: int = 1,
+        generator: torch.Generator | None = None,
+        conditions: Conditions | None = None,
+    ) -> Forecast:
+        """As ``linear`` on the post-event scans."""
+        mask = post_event_mask(context_times, context_mask, conditions)
+        return super().sample(context_images, context_labels, context_times, mask, query_times, n_samples,
+                              generator, conditions)

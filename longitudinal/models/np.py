@@ -39,6 +39,7 @@ from longitudinal.models.base import (
     scale_days,
 )
 from longitudinal.models.np_blocks import ConvBlock, FiLMBlock, TimeAttention, TimeEmbedding
+from longitudinal.models.treatment_features import N_TREATMENT_FEATURES, treatment_features
 
 # The crop is halved twice by the encoder.
 SPATIAL_MULTIPLE = 4
@@ -58,6 +59,9 @@ class NPConfig:
     min_sigma: floor of the latent standard deviations (keeps the KL finite).
     head_init_std: std of the output head's initial weights; small so the untrained model is about LCI.
     decode_chunk: at most this many volumes (B*Q*samples) are decoded at once, bounding memory.
+    treatment_aware: the decoder's FiLM conditioning also sees each query's treatment features
+        (``treatment_features``); False is the treatment-blind setting (and what checkpoints without the key
+        are).
     """
 
     in_channels: int = 2
@@ -73,6 +77,7 @@ class NPConfig:
     min_sigma: float = 1e-3
     head_init_std: float = 1e-3
     decode_chunk: int = 32
+    treatment_aware: bool = True
 
     def problems(self) -> list[str]:
         """Every invalid value, as messages (empty when the config is sound)."""
@@ -137,7 +142,8 @@ class NeuralProcess(ForecastModel):
         self.lat_phi = nn.Sequential(nn.Linear(2 * chans[2] + e, 2 * lat), nn.SiLU(), nn.Linear(2 * lat, 2 * lat))
         self.lat_rho = nn.Sequential(nn.SiLU(), nn.Linear(2 * lat, 2 * lat), nn.SiLU(), nn.Linear(2 * lat, 2 * lat))
         cond = 4 * w
-        self.cond = nn.Sequential(nn.Linear(e + lat, cond), nn.SiLU(), nn.Linear(cond, cond))
+        n_treat = N_TREATMENT_FEATURES if self.cfg.treatment_aware else 0
+        self.cond = nn.Sequential(nn.Linear(e + lat + n_treat, cond), nn.SiLU(), nn.Linear(cond, cond))
         self.dec2 = FiLMBlock(2 * chans[2], chans[2], cond)
         self.dec1 = FiLMBlock(chans[2] + 2 * chans[1], chans[1], cond)
         self.dec0 = FiLMBlock(chans[1] + chans[0], chans[0], cond)
@@ -151,6 +157,22 @@ class NeuralProcess(ForecastModel):
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)
+
+    @classmethod
+    def upgrade_checkpoint(cls, config: dict[str, Any], state_dict: dict[str, Tensor]
+                           ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Checkpoints written before treatment conditioning are the treatment-blind setting."""
+        if "treatment_aware" not in config:
+            config = {**config, "treatment_aware": False}
+        return config, state_dict
+
+    def query_features(self, times: Tensor, mask: Tensor, query_times: Tensor,
+                       conditions: Conditions | None) -> Tensor | None:
+        """[B, Q, N_TREATMENT_FEATURES] treatment features of each query (None when treatment-blind)."""
+        if not self.cfg.treatment_aware:
+            return None
+        t_last_days = times.masked_fill(~mask, float("-inf")).amax(dim=1)
+        return treatment_features(conditions, t_last_days, query_times)
 
     # ---- validation -------------------------------------------------------------------------------------
 
@@ -244,12 +266,13 @@ class NeuralProcess(ForecastModel):
         return gap if query_mask is None else torch.where(query_mask, gap, torch.zeros_like(gap))
 
     def decode(self, ctx: NPContext, query_times: Tensor, z: Tensor,
-               query_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               query_mask: Tensor | None = None, treat: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Decode every (query, latent sample) pair.
 
         query_times [B, Q] days, z [B, S, L] -> images [B, Q, S, C, D, H, W], logits [B, Q, S, 3, D, H, W].
         Each output depends only on (context, its own query time, its own z): the queries of one trajectory
-        share z and differ only through time. Masked queries (``query_mask`` False) decode at gap 0.
+        share z and differ only through time. Masked queries (``query_mask`` False) decode at gap 0. treat:
+        [B, Q, N_TREATMENT_FEATURES] (``query_features``; zeros when None and the model is treatment-aware).
         """
         b, q = query_times.shape
         s = z.shape[1]
@@ -261,7 +284,11 @@ class NeuralProcess(ForecastModel):
                                              strict=True):
             a = module(feats, ctx.mask, ctx_emb, q_emb, summ)  # [B, Q, ch, X]
             attn.append(a.reshape(b, q, *last.shape[1:]))
-        cond_all = torch.cat([q_emb[:, :, None].expand(b, q, s, -1), z[:, None].expand(b, q, s, -1)], dim=-1)
+        parts = [q_emb[:, :, None].expand(b, q, s, -1), z[:, None].expand(b, q, s, -1)]
+        if self.cfg.treatment_aware:
+            t = treat if treat is not None else q_emb.new_zeros(b, q, N_TREATMENT_FEATURES)
+            parts.append(t.to(q_emb.dtype)[:, :, None].expand(b, q, s, -1))
+        cond_all = torch.cat(parts, dim=-1)
         # Chunk over samples so that B*Q*chunk volumes are decoded at once.
         chunk = max(1, self.cfg.decode_chunk // max(1, b * q))
         images, logits = [], []
@@ -323,7 +350,9 @@ class NeuralProcess(ForecastModel):
         prior = self.prior(ctx)
         post = self.posterior(ctx, tgt_img, tgt_lab, batch.query_times, qmask)
         z = post.rsample().unsqueeze(1)  # [B, 1, L]: one z for every query of the trajectory
-        img, logits = self.decode(ctx, batch.query_times, z, qmask)
+        treat = self.query_features(batch.context_times, batch.context_mask.bool(), batch.query_times,
+                                    batch.conditions)
+        img, logits = self.decode(ctx, batch.query_times, z, qmask, treat)
         img, logits = img[:, :, 0], logits[:, :, 0]
         mse = (img - tgt_img).pow(2).flatten(2).mean(-1)  # [B, Q]
         ce = F.cross_entropy(logits.flatten(0, 1), tgt_lab.flatten(0, 1), reduction="none").flatten(1).mean(-1)
@@ -360,7 +389,8 @@ class NeuralProcess(ForecastModel):
         self._check(context_images, context_labels, context_times, context_mask, query_times)
         ctx = self.encode_context(context_images, context_labels, context_times, context_mask.bool())
         z = self.draw_latent(self.prior(ctx), n_samples, generator)
-        images, logits = self.decode(ctx, query_times, z)
+        treat = self.query_features(context_times, context_mask.bool(), query_times, conditions)
+        images, logits = self.decode(ctx, query_times, z, treat=treat)
         return Forecast(images=images, probs=logits.softmax(dim=3))
 
     @staticmethod

@@ -48,6 +48,7 @@ from longitudinal.models.blocks import (
     masked_mean,
     one_hot_labels,
 )
+from longitudinal.models.treatment_features import N_TREATMENT_FEATURES, treatment_features
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 _FLOW_FREQS = 4  # flow time t in [0, 1]: frequencies 1/2 .. 4 cycles per unit of t
@@ -71,6 +72,9 @@ class TFMConfig:
         dopri5. skip_mode / out_kernel: the U-Net's skip joins and output kernel (``FiLMUNet3d``).
     max_batch: flows integrated at once when sampling (bounds memory; results do not depend on it for
         fixed-step solvers).
+    treatment_aware: the embedding also sees the treatment features of each flow (``treatment_features``:
+        events in the gap, exposure, time since, history, and the crop's voxel size). False is the
+        treatment-blind setting, kept so the gain is measured (and what checkpoints without the key are).
     The shipped solver, steps, rate head, skips and output kernel were tuned on validation patients only:
     docs/decisions/tfm-sampler.md.
     """
@@ -92,6 +96,7 @@ class TFMConfig:
     rtol: float = 1e-3
     atol: float = 1e-4
     max_batch: int = 16
+    treatment_aware: bool = True
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -166,7 +171,9 @@ class TemporalFlowMatching(ForecastModel):
         n_time = 2 * c.n_freqs + 1
         self.context = _ContextEncoder(self.state_ch, c.ctx_width, n_time, c.n_freqs, c.max_freq)
         # gap to query (years), time of the last scan (years), flow time t
-        self.embed = nn.Sequential(nn.Linear(2 * n_time + 2 * _FLOW_FREQS + 1, c.emb_dim), nn.SiLU(), nn.Linear(c.emb_dim, c.emb_dim))
+        n_treat = N_TREATMENT_FEATURES if c.treatment_aware else 0
+        self.embed = nn.Sequential(nn.Linear(2 * n_time + 2 * _FLOW_FREQS + 1 + n_treat, c.emb_dim), nn.SiLU(),
+                                   nn.Linear(c.emb_dim, c.emb_dim))
         out_ch = 2 * self.state_ch if c.rate_head else self.state_ch
         self.net = FiLMUNet3d(self.state_ch, out_ch, c.width, c.channel_mult, c.emb_dim,
                               cond_channels=self.state_ch + c.ctx_width, skip_mode=c.skip_mode,
@@ -187,6 +194,8 @@ class TemporalFlowMatching(ForecastModel):
         splits exactly into the x_t part and the conditioning part that the current net keeps apart."""
         if "rate_head" not in config:
             config = {**config, "rate_head": False, "skip_mode": "concat", "out_kernel": 3}
+        if "treatment_aware" not in config:
+            config = {**config, "treatment_aware": False}
         if "net.stem.weight" in state_dict and "net.cond_stem.weight" not in state_dict:
             state_ch = int(config.get("in_channels", TFMConfig.in_channels)) + N_CLASSES
             w = state_dict["net.stem.weight"]
@@ -213,13 +222,17 @@ class TemporalFlowMatching(ForecastModel):
         ctx = self.context(states, last_state, age, mask)
         return last_state, ctx, scale_days(t_last)
 
-    def _embedding(self, gap_years: Tensor, t_last_years: Tensor, flow_t: Tensor) -> Tensor:
+    def _embedding(self, gap_years: Tensor, t_last_years: Tensor, flow_t: Tensor,
+                   treat: Tensor | None = None) -> Tensor:
         c = self.config
         feats = [
             fourier_features(gap_years, c.n_freqs, c.max_freq, 1 / 8),
             fourier_features(t_last_years, c.n_freqs, c.max_freq, 1 / 8),
             fourier_features(flow_t, _FLOW_FREQS, 4.0, 0.5),
         ]
+        if c.treatment_aware:
+            feats.append(treat.to(feats[0].dtype) if treat is not None
+                         else feats[0].new_zeros(feats[0].shape[0], N_TREATMENT_FEATURES))
         return self.embed(torch.cat(feats, dim=1))
 
     def condition(self, last_state: Tensor, ctx: Tensor) -> Tensor:
@@ -227,10 +240,10 @@ class TemporalFlowMatching(ForecastModel):
         return self.net.condition(torch.cat([last_state, ctx], dim=1))
 
     def velocity(self, x: Tensor, flow_t: Tensor, cond: Tensor, gap_years: Tensor,
-                 t_last_years: Tensor) -> Tensor:
+                 t_last_years: Tensor, treat: Tensor | None = None) -> Tensor:
         """v(x_t, t) [N, C+3, D, H, W] for states x [N, C+3, D, H, W] and per-flow conditioning ([N, ...];
-        ``cond`` = ``condition(last_state, ctx)``)."""
-        emb = self._embedding(gap_years, t_last_years, flow_t)
+        ``cond`` = ``condition(last_state, ctx)``; ``treat`` [N, N_TREATMENT_FEATURES] or None)."""
+        emb = self._embedding(gap_years, t_last_years, flow_t, treat)
         out = self.net(x, emb, cond)
         if not self.config.rate_head:
             return out
@@ -256,7 +269,8 @@ class TemporalFlowMatching(ForecastModel):
         t = torch.rand(x1.shape[0], device=x1.device)
         tb = t.view(-1, 1, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * x1
-        v = self.velocity(xt, t, self.condition(last_state[bi], ctx[bi]), gap, t_last[bi])
+        treat = treatment_features(batch.conditions, t_last_days, batch.query_times)[bi, qi]
+        v = self.velocity(xt, t, self.condition(last_state[bi], ctx[bi]), gap, t_last[bi], treat)
         err = (v - (x1 - x0)) ** 2
         c = self.config.in_channels
         return err[:, :c].mean() + self.config.seg_weight * err[:, c:].mean()
@@ -293,6 +307,8 @@ class TemporalFlowMatching(ForecastModel):
         gap = scale_days((query_times - t_last_days[:, None]).float())  # [B, Q]
         bi = torch.arange(b, device=device).repeat_interleave(q * n_samples)
         gap_n = gap.repeat_interleave(n_samples, dim=1).flatten()
+        treat_n = treatment_features(conditions, t_last_days, query_times).repeat_interleave(n_samples, dim=1)
+        treat_n = treat_n.flatten(0, 1)
         # Noise drawn up front, in one call, so samples do not depend on max_batch; one draw per (patient,
         # sample), shared by all of its query times, so sample s is one trajectory over the query times (its
         # flows differ only by the gap) rather than unrelated draws per time.
@@ -306,7 +322,7 @@ class TemporalFlowMatching(ForecastModel):
         for s in range(0, bi.numel(), mb):
             sl = slice(s, s + mb)
             out.append(self._integrate(x0[sl], last_state[bi[sl]], ctx[bi[sl]], gap_n[sl], t_last[bi[sl]], solver,
-                                       steps))
+                                       steps, treat_n[sl]))
         x1 = torch.cat(out).view(b, q, n_samples, self.state_ch, *last_state.shape[-3:])
         c = self.config.in_channels
         p = x1[:, :, :, c:].clamp(0, 1)
@@ -314,18 +330,19 @@ class TemporalFlowMatching(ForecastModel):
         return Forecast(images=x1[:, :, :, :c].contiguous(), probs=p / p.sum(dim=3, keepdim=True))
 
     def _integrate(self, x0: Tensor, last_state: Tensor, ctx: Tensor, gap: Tensor, t_last: Tensor, solver: str,
-                   steps: int) -> Tensor:
+                   steps: int, treat: Tensor) -> Tensor:
         if x0.shape[0] == 1 and x0.device.type == "cpu":
             # A batch of one makes ATen's CPU conv3d pick its slow reference kernel at these channel counts
             # (oneDNN only for batch > 1 or large planes); two copies of the flow cost less than one alone
             # (~0.4 s vs ~1 s of CPU for 8 steps at 32^3). Flows are independent, so the copy changes nothing.
             pair = self._integrate(x0.expand(2, *x0.shape[1:]), last_state.expand(2, *last_state.shape[1:]),
-                                   ctx.expand(2, *ctx.shape[1:]), gap.expand(2), t_last.expand(2), solver, steps)
+                                   ctx.expand(2, *ctx.shape[1:]), gap.expand(2), t_last.expand(2), solver, steps,
+                                   treat.expand(2, *treat.shape[1:]))
             return pair[:1]
         cond = self.condition(last_state, ctx)
 
         def func(t: Tensor, x: Tensor) -> Tensor:
-            return self.velocity(x, t.expand(x.shape[0]).to(x.dtype), cond, gap, t_last)
+            return self.velocity(x, t.expand(x.shape[0]).to(x.dtype), cond, gap, t_last, treat)
 
         # Imported here: torchdiffeq pulls in scipy.integrate, about a second of every cold start of the other kinds.
         from torchdiffeq import odeint

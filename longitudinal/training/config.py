@@ -32,6 +32,8 @@ class TrainConfig(BaseModel):
     model / model_options: kind in the model registry and its config dict (``in_channels`` is filled from the
         store). crop_size: (D, H, W) crop voxels; max_context K; n_queries Q; crop_jitter crop voxels. fov /
         fov_margin_mm: the field of view ("adaptive" grows the crop's stride with the tumour; see DataSettings).
+    serve_baselines: after training, per horizon bin, serve ``lci`` or ``linear`` where the model did worse on the
+        validation targets (``predict.serving``; fitted before the calibration).
     steps / epochs / budget_s: stop at whichever comes first (at least one must be set); budget_s is wall-clock
         seconds of training, summed over resumes. lr: AdamW peak rate after ``warmup_steps`` linear warm-up;
         "cosine" decays to 10% over ``steps`` (needs steps), "constant" keeps it.
@@ -59,6 +61,7 @@ class TrainConfig(BaseModel):
     normalize: Literal["none", "context_mean"] = "none"
     fov: Literal["adaptive", "fixed"] = "adaptive"
     fov_margin_mm: float = Field(16.0, ge=0)
+    serve_baselines: bool = True
     augment: AugmentSettings | None = Field(default_factory=AugmentSettings)
     samples_per_patient: int = Field(1, ge=1)
     read_cache_mb: float = Field(512.0, ge=0)

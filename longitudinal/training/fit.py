@@ -53,6 +53,7 @@ from longitudinal.training.checkpoint import (
 )
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.logger import MetricLogger, NullLogger
+from longitudinal.training.serving import fit_serving
 from longitudinal.training.steps import (
     EMA,
     DistContext,
@@ -354,6 +355,9 @@ def _fit(
     if main:
         save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
                               {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
+        if config.serve_baselines and model.trainable:
+            for path in dict.fromkeys([checkpoint, final_path]):
+                fit_serving(path, val_batches, config, device, say)
         if model.stochastic and split.val and config.calib_targets > 0:
             for path in dict.fromkeys([checkpoint, final_path]):
                 cal = calibrate_checkpoint(path, store_url, split.val, config, device, say)

@@ -3,12 +3,11 @@ forecast at its own size through the one Predictor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 
 from longitudinal.data.context import CropBox, PatientSeries, fov_stride, pool_box, read_box
+from longitudinal.data.phantoms import sphere_patient
 from longitudinal.models.base import build_model
 from longitudinal.models.checkpoint import DataSettings
 from longitudinal.predict import Predictor
@@ -56,30 +55,9 @@ def test_read_box_pads_outside_the_array() -> None:
     assert out.shape == (2, 2, 2) and (out[0] == 0).all() and (out[1] == 1).all()
 
 
-@dataclass
-class _Arrays:
-    """A PatientArrays-like patient in memory (what ``PatientSeries`` reads)."""
-
-    image: np.ndarray
-    label: np.ndarray
-    days: np.ndarray
-    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    channels: tuple[str, ...] = ("T1c",)
-    patient_id: str = "big"
-    treatments: list = field(default_factory=list)
-
-
-def _sphere_patient(radii_mm: list[float], days: list[float], grid: int = 100) -> _Arrays:
-    zz, yy, xx = np.meshgrid(*[(np.arange(grid) - grid / 2 + 0.5) * 2.0] * 3, indexing="ij")
-    r = np.sqrt(zz**2 + yy**2 + xx**2)
-    label = np.stack([np.where(r <= rad, np.where(r <= rad / 2, 2, 1), 0) for rad in radii_mm]).astype(np.uint8)
-    image = (label[:, None] * 0.5 + (r <= 90)[None, None]).astype(np.float32)
-    return _Arrays(image=image, label=label, days=np.asarray(days, np.float64))
-
-
 @pytest.mark.parametrize("kind", ["lci", "linear"])
 def test_a_tumour_larger_than_the_fixed_crop_is_forecast_above_it(kind: str) -> None:
-    arrays = _sphere_patient([38.0, 41.0, 43.0], [0.0, 60.0, 120.0])
+    arrays = sphere_patient([38.0, 41.0, 43.0], [0.0, 60.0, 120.0])
     truth_ml = float((arrays.label[-1] > 0).sum()) * 0.008
     assert truth_ml > 300.0
     series = PatientSeries(arrays)

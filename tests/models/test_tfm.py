@@ -9,6 +9,7 @@ import torch
 
 from longitudinal.models.base import build_model
 from longitudinal.models.tfm import SOLVERS, TFMConfig
+from longitudinal.models.treatment_features import N_TREATMENT_FEATURES
 
 TINY = {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16, "in_channels": 1}
 
@@ -138,10 +139,11 @@ def test_a_lone_flow_integrates_as_it_does_inside_a_batch():
     last = torch.rand(3, 4, 8, 8, 8, generator=g)
     ctx = torch.rand(3, 4, 8, 8, 8, generator=g)
     gap, t_last = torch.tensor([0.3, 0.5, 1.0]), torch.tensor([0.2, 0.4, 0.1])
+    treat = torch.rand(3, N_TREATMENT_FEATURES, generator=g)
     with torch.no_grad():
-        together = model._integrate(x0, last, ctx, gap, t_last, "euler", 4)
+        together = model._integrate(x0, last, ctx, gap, t_last, "euler", 4, treat)
         for i in range(3):
             alone = model._integrate(x0[i:i + 1], last[i:i + 1], ctx[i:i + 1], gap[i:i + 1], t_last[i:i + 1],
-                                     "euler", 4)
+                                     "euler", 4, treat[i:i + 1])
             assert alone.shape == (1, 4, 8, 8, 8)
             torch.testing.assert_close(alone, together[i:i + 1])

@@ -1,0 +1,45 @@
+"""After training: choose, per horizon, whether the model or a simple baseline serves (``predict.serving``).
+
+The trained checkpoint, ``lci`` and ``linear`` forecast the validation targets through the one Predictor; the
+policy fitted on those records is written into the checkpoint (``provenance["serving"]``) before its volume
+intervals are calibrated, so the calibration is fitted on the forecasts that will be served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from longitudinal.models.base import build_model
+from longitudinal.models.checkpoint import Checkpoint
+from longitudinal.predict import Predictor
+from longitudinal.predict.serving import ServingPolicy, fit_serving_policy
+from longitudinal.training.config import TrainConfig
+from longitudinal.training.validation import ValidationSet, calibration_eval_config
+
+
+def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: torch.device,
+                say: Callable[[str], None] = lambda _m: None) -> ServingPolicy | None:
+    """Fit the serving policy of the checkpoint at ``path`` on the validation targets ``val`` and save it into
+    the checkpoint (atomically). None (and the checkpoint unchanged) when there are no validation targets."""
+    from longitudinal.evaluation.harness import HORIZON_BINS, evaluate_items
+
+    if not val:
+        return None
+    ckpt = Checkpoint.load(path)
+    ecfg = calibration_eval_config(config, device)
+    # The model's own forecasts choose: no earlier policy, no calibration (intervals do not enter the choice).
+    model = Predictor(ckpt.build(), ckpt.crop_size, ckpt.data, ckpt.channels, ckpt.spacing_mm, device)
+    model.model.volume_calibration = None
+    predictors = {"model": model, "lci": model.like(build_model("lci")), "linear": model.like(build_model("linear"))}
+    say(f"choosing, per horizon, the model or a baseline on {len(val.items)} validation targets")
+    report = evaluate_items(predictors, val.series, val.items, ecfg,
+                            progress=lambda m: say(f"serving choice: {m}"))
+    edges = [hi for _lo, hi in HORIZON_BINS[:-1]]
+    policy = fit_serving_policy(report.records, {k: k for k in predictors}, edges)
+    replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
+    say(f"served per horizon ({path.name}): {policy.describe()}")
+    return policy
