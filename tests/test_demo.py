@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from longitudinal import demo
+from longitudinal import demo, demo_progress
 
 ROWS = [
     {"model": "lci", "horizon": "all", "n": 58, "dice_whole": 0.48, "volume_error_ml": 25.0},
@@ -28,10 +28,10 @@ def test_training_is_budgeted_in_steps_with_a_safety_stop() -> None:
 
 
 def test_threads_follow_the_load() -> None:
-    assert demo.choose_threads(2, 0.2, {})[0] == 2
-    assert demo.choose_threads(2, 4.0, {})[0] == 1
-    assert demo.choose_threads(2, 4.0, {"OMP_NUM_THREADS": "2"})[0] == 2
-    assert demo.choose_threads(8, 4.0, {"LONGITUDINAL_DEMO_THREADS": "3"}) == (3, "LONGITUDINAL_DEMO_THREADS=3")
+    assert demo_progress.choose_threads(2, 0.2, {})[0] == 2
+    assert demo_progress.choose_threads(2, 4.0, {})[0] == 1
+    assert demo_progress.choose_threads(2, 4.0, {"OMP_NUM_THREADS": "2"})[0] == 2
+    assert demo_progress.choose_threads(8, 4.0, {"LONGITUDINAL_DEMO_THREADS": "3"}) == (3, "LONGITUDINAL_DEMO_THREADS=3")
 
 
 def test_verdict_champion() -> None:
@@ -57,7 +57,7 @@ def test_verdict_safety_stop_is_loud() -> None:
 
 def test_reporter_turns_lines_into_progress_in_a_log() -> None:
     out = io.StringIO()
-    rep = demo.Reporter(Console(file=out, width=120), steps=20, every_s=0.0)
+    rep = demo_progress.Reporter(Console(file=out, width=120), steps=20, every_s=0.0)
     for line in ("step 5/20 loss 0.3 lr 1e-4 2.0 samples/s 3 s", "calibrating the volume intervals of best.pt",
                  "evaluated 3/10 targets", "evaluated 10/10 targets", "trained 20 steps in 40 s; checkpoint x",
                  "evaluated 4/8 targets", "evaluated 8/8 targets", "evaluated 2/9 targets",
