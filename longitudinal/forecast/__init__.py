@@ -10,6 +10,8 @@ Public API::
 
 ``Queries(in_days=...)`` are days after the latest scan; ``at=("2027-03-01",)`` and ``days_since_baseline=(...)``
 are the other query forms (calendars: ``longitudinal.predict.queries``). Errors: ``longitudinal.predict.errors``.
+A counterfactual: ``ForecastRequest(..., plan=[PlannedTreatment("radiotherapy", "+14", "+56")])`` forecasts every
+query under the recorded treatment history and under the history plus the plan.
 """
 
 from longitudinal.forecast.api import (
@@ -30,6 +32,7 @@ from longitudinal.predict.errors import (
     StoreUnreadableError,
     UnknownPatientError,
 )
+from longitudinal.predict.plan import PlannedTreatment
 from longitudinal.predict.queries import Queries
 from longitudinal.predict.result import (
     QUANTILE_LEVELS,
@@ -53,6 +56,7 @@ __all__ = [
     "ModelNotFoundError",
     "NativeSpace",
     "ObservedScan",
+    "PlannedTreatment",
     "Queries",
     "QueryForecast",
     "ScanInput",

@@ -12,7 +12,8 @@ Steps (each failure is a ``ForecastError`` with every problem in one message, se
    ``Predictor`` applied (context, crop, normalisation, samples, volumes, calibrated intervals), and the files
    written by the one writer (``predict/output.py``): per query the mean forecast image per channel and the mean
    P(whole tumour) / P(enhancing) maps in the NATIVE grid of the latest scan (or of ``native_session``),
-   ``<patient>_forecast.json`` and ``<patient>_volumes.png``.
+   ``<patient>_forecast.json`` and ``<patient>_volumes.png``. With a treatment plan (``predict/plan.py``) every
+   query is also forecast under the recorded history plus the plan, same seed: a counterfactual forecast.
 
 Intensities of the forecast images are those of the store (per channel normalised to [0, 1], ingest's
 ``normalise``), not the scanner's units.
@@ -34,6 +35,7 @@ from longitudinal.predict.errors import (
     UnknownPatientError,
 )
 from longitudinal.predict.patient import ModelInfo, forecast_scans, forecast_stored
+from longitudinal.predict.plan import PlannedTreatment, parse_plan
 from longitudinal.predict.queries import Queries, patient_calendar
 from longitudinal.predict.result import ForecastResult
 from longitudinal.settings import Settings
@@ -201,6 +203,10 @@ class ForecastRequest:
     native_session: the stored session (e.g. ``ses-20240419``) whose native grid the output images are written
         on; default the latest scan. With a retrospective query at that session's own day the maps compare voxel
         by voxel with that session's own label as acquired.
+    plan: planned treatments for a counterfactual forecast ("what if we treat on date D?"):
+        ``PlannedTreatment(kind, start, end)`` with start / end ``YYYY-MM-DD`` in the same calendar as ``at`` or
+        ``+N`` days after the latest scan (``predict/plan.py``; ``KIND@START[:END]`` strings are read the same
+        way). Every query is then forecast under the recorded history and under the history plus the plan.
     """
 
     patient: str
@@ -216,6 +222,7 @@ class ForecastRequest:
     native_session: str | None = None
     scans: Sequence[Any] = field(default_factory=tuple)
     scans_csv: str | Path | None = None
+    plan: Sequence[PlannedTreatment] = ()
 
 
 def forecast_patient(settings: Settings, request: ForecastRequest) -> ForecastResult:
@@ -228,6 +235,7 @@ def forecast_patient(settings: Settings, request: ForecastRequest) -> ForecastRe
         raise InvalidQueryError(f"--samples must be >= 1, got {request.n_samples}")
     if not request.queries:
         raise InvalidQueryError("no query: give at least one --at YYYY-MM-DD or --in DAYS")
+    plan = parse_plan(request.plan)
     if request.scans or request.scans_csv is not None:
         from longitudinal.predict.scans import parse_scans
 
@@ -236,11 +244,11 @@ def forecast_patient(settings: Settings, request: ForecastRequest) -> ForecastRe
         # Ingest asks for exactly the model's channels, so a missing one quarantines its session (ScanInputError).
         out = (Path(request.out_dir) if request.out_dir is not None else "default") if request.write else None
         result = forecast_scans(settings, model.predictor, model.info, request.patient, inputs, request.queries,
-                                int(request.n_samples), int(request.seed), out)  # type: ignore[arg-type]
+                                int(request.n_samples), int(request.seed), out, plan)  # type: ignore[arg-type]
     else:
         store = open_store(request.store_url or settings.store_url)
         pid, raw_id = resolve_patient(settings, store, request.patient, request.allow_raw_id)
-        result = _forecast(settings, store, pid, raw_id, _model(settings, request), request)
+        result = _forecast(settings, store, pid, raw_id, _model(settings, request), request, plan)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -251,7 +259,7 @@ def _model(settings: Settings, request: ForecastRequest) -> LoadedModel:
 
 
 def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, model: LoadedModel,
-              request: ForecastRequest) -> ForecastResult:
+              request: ForecastRequest, plan: Sequence[PlannedTreatment]) -> ForecastResult:
     try:
         arrays = store.arrays(pid)
     except Exception as exc:  # noqa: BLE001
@@ -262,4 +270,4 @@ def _forecast(settings: Settings, store: Any, pid: str, raw_id: str | None, mode
     if request.write:
         out = Path(request.out_dir) if request.out_dir is not None else settings.forecasts_path / pid
     return forecast_stored(model.predictor, model.info, arrays, calendar, request.queries, int(request.n_samples),
-                           int(request.seed), out, request.native_session)
+                           int(request.seed), out, request.native_session, plan)

@@ -9,6 +9,8 @@ NATIVE grid of one stored session through its stored registration (``native.py``
     <patient>_day<D>_prob_enhancing.nii.gz       (D: whole days since baseline)
 
 Two queries of one call that fall on the same whole day get ``_day<D>_2``, ``_day<D>_3``, ... in query order.
+The forecast under a treatment plan (``predict.plan``) is written as ``<patient>_day<D>_plan_...``, beside the
+forecast under the recorded history.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ class ForecastWriter:
         self.pid = pid
         self._stems: set[str] = set()
 
-    def write(self, q: QueryPrediction) -> dict[str, str]:
-        """The query's files (kind -> path): ``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``."""
+    def write(self, q: QueryPrediction, plan: bool = False) -> dict[str, str]:
+        """The query's files (kind -> path): ``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``; ``plan``:
+        the forecast under a treatment plan (file stem ``..._day<D>_plan``)."""
         from longitudinal.predict.native import paste
 
         self.out.mkdir(parents=True, exist_ok=True)
-        stem = base = f"{self.pid}_day{round(q.days)}"
+        stem = base = f"{self.pid}_day{round(q.days)}" + ("_plan" if plan else "")
         n = 1
         while stem in self._stems:
             n += 1

@@ -6,7 +6,8 @@ both end here, so both give the same volumes and write the same files for the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import numpy as np
 from longitudinal.data.context import PatientSeries
 from longitudinal.predict.errors import InvalidQueryError, ModelDataMismatchError, StoreUnreadableError
 from longitudinal.predict.output import ForecastWriter, output_geometry, write_summary
-from longitudinal.predict.predictor import Predictor
-from longitudinal.predict.queries import PatientCalendar, Queries
+from longitudinal.predict.plan import PlannedEvent, PlannedTreatment, resolve_plan
+from longitudinal.predict.predictor import Predictor, QueryPrediction
+from longitudinal.predict.queries import PatientCalendar, Queries, ResolvedQuery
 from longitudinal.predict.result import (
     ForecastResult,
     NativeSpace,
@@ -46,12 +48,15 @@ def forecast_stored(
     seed: int = 0,
     out_dir: Path | None = None,
     native_session: str | None = None,
+    plan: Sequence[PlannedTreatment] = (),
 ) -> ForecastResult:
     """Forecast the stored patient ``arrays`` (``storage.store.PatientArrays``) at ``queries``.
 
     calendar: how dates map to days for this patient (``queries.patient_calendar``). out_dir: where the maps, the
     JSON and the plot go (None: nothing is written). native_session: the session whose native grid the maps are
-    written on (default the latest). Raises InvalidQueryError / ModelDataMismatchError / StoreUnreadableError.
+    written on (default the latest). plan: planned treatments (``predict.plan``); with one, every query is also
+    forecast under the recorded history plus the plan, with the same seed, so the two differ by the plan only
+    (``QueryForecast.counterfactual``). Raises InvalidQueryError / ModelDataMismatchError / StoreUnreadableError.
     """
     pid = str(arrays.patient_id)
     try:
@@ -60,7 +65,7 @@ def forecast_stored(
         raise StoreUnreadableError(f"cannot read patient {pid}: {type(exc).__name__}: {exc}") from None
     sessions = arrays.sessions
     days = np.asarray(arrays.days, dtype=np.float64)
-    resolved = queries.resolve(calendar, float(days[-1]))
+    resolved, events = _resolve(queries, plan, calendar, float(days[-1]))
     names = [s.session for s in sessions]
     if native_session is not None and native_session not in names:
         raise InvalidQueryError(f"native_session {native_session!r} is not a session of {pid}; stored: {names}")
@@ -78,6 +83,10 @@ def forecast_stored(
     series = PatientSeries(_WithLabels(arrays, labels_all))
     try:
         prediction = predictor.predict(series, [q.days for q in resolved], n_samples, seed)
+        # The same seed: the sampling noise depends on the seed and the context only, so the two forecasts
+        # differ by the plan alone.
+        planned = predictor.predict(series.with_plan([e.event for e in events]), [q.days for q in resolved],
+                                    n_samples, seed) if events else None
     except ValueError as exc:
         raise InvalidQueryError(str(exc)) from None
 
@@ -88,19 +97,50 @@ def forecast_stored(
         patient=pid, model=model.name, version=model.version, model_kind=model.kind,
         n_samples=prediction.n_samples, seed=seed, queries=[], observed=observed,
         native=NativeSpace(out_session.session, shape_xyz, affine.tolist(), grid_kind), channels=tuple(channels),
-        intervals=interval_basis(predictor.calibration, prediction.n_samples),
+        intervals=interval_basis(predictor.calibration, prediction.n_samples), plan=list(events),
     )
     writer = ForecastWriter(arrays, out_session, channels, out_dir, pid) if out_dir is not None else None
-    for r, p in zip(resolved, prediction.queries, strict=True):
-        result.queries.append(QueryForecast(
-            days=r.days, days_after_last_scan=round(r.days - float(days[-1]), 6), date=r.date,
-            calendar=calendar.calendar if r.date else None, n_context=p.n_context,
-            volume_whole_ml=p.whole, volume_enhancing_ml=p.enhancing,
-            files=writer.write(p) if writer is not None else {}, field_of_view=p.field_of_view,
-        ))
+    under_plan = planned.queries if planned is not None else [None] * len(resolved)
+    for r, p, c in zip(resolved, prediction.queries, under_plan, strict=True):
+        q = _query(r, p, float(days[-1]), calendar, writer)
+        result.queries.append(q if c is None else replace(q, counterfactual=_query(r, c, float(days[-1]),
+                                                                                    calendar, writer, plan=True)))
     if out_dir is not None:
         write_summary(result, out_dir)
     return result
+
+
+def _resolve(queries: Queries, plan: Sequence[PlannedTreatment], calendar: PatientCalendar,
+             last_day: float) -> tuple[list[ResolvedQuery], list[PlannedEvent]]:
+    """The queries and the plan in days since baseline; the problems of both in one InvalidQueryError."""
+    problems: list[InvalidQueryError] = []
+    resolved: list[ResolvedQuery] = []
+    events: list[PlannedEvent] = []
+    try:
+        resolved = queries.resolve(calendar, last_day)
+    except InvalidQueryError as exc:
+        problems.append(exc)
+    try:
+        events = resolve_plan(plan, calendar, last_day)
+    except InvalidQueryError as exc:
+        problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InvalidQueryError("; ".join(str(p) for p in problems))
+    return resolved, events
+
+
+def _query(r: ResolvedQuery, p: QueryPrediction, last_day: float, calendar: PatientCalendar,
+           writer: ForecastWriter | None, plan: bool = False) -> QueryForecast:
+    """One query's result (its files written when ``writer`` is given; ``plan``: the forecast under a plan)."""
+    return QueryForecast(
+        days=r.days, days_after_last_scan=round(r.days - last_day, 6), date=r.date,
+        calendar=calendar.calendar if r.date else None, n_context=p.n_context,
+        volume_whole_ml=p.whole, volume_enhancing_ml=p.enhancing,
+        files=writer.write(p, plan=plan) if writer is not None else {}, field_of_view=p.field_of_view,
+        served_by=p.served_by,
+    )
 
 
 class _WithLabels:
@@ -123,11 +163,13 @@ def forecast_scans(
     n_samples: int,
     seed: int = 0,
     out_dir: Path | None = None,
+    plan: Sequence[PlannedTreatment] = (),
 ) -> ForecastResult:
     """Forecast a patient given as files (``scans.ScanInput`` list with real dates): ingested exactly as ingest
     does it (de-identification with ``settings``' pseudonym key, validation, registration, QC) into a temporary
-    store, then ``forecast_stored`` in the real calendar. ``out_dir`` None (or "default") writes nothing / to
-    ``settings.forecasts_path/<pseudonym>``. Raises ScanInputError listing every quarantined session."""
+    store, then ``forecast_stored`` in the real calendar (``plan``'s dates too). ``out_dir`` None (or "default")
+    writes nothing / to ``settings.forecasts_path/<pseudonym>``. Raises ScanInputError listing every quarantined
+    session."""
     from longitudinal.predict.queries import patient_calendar
     from longitudinal.predict.scans import ingested
 
@@ -139,7 +181,7 @@ def forecast_scans(
         arrays = CohortStore.open(url, recover=False).arrays(pid)
         calendar = patient_calendar(arrays.sessions[0].shifted_date, raw_id, settings.pseudonym_secret)
         out = settings.forecasts_path / pid if out_dir == "default" else out_dir
-        return forecast_stored(predictor, model, arrays, calendar, queries, n_samples, seed, out)
+        return forecast_stored(predictor, model, arrays, calendar, queries, n_samples, seed, out, plan=plan)
 
 
 @dataclass

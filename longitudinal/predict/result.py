@@ -6,14 +6,17 @@ Units: volumes in ml, days since the patient's baseline scan (float), dates ISO 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from longitudinal.models.calibration import LEVELS, STRUCTURES, VolumeCalibration, volume_quantiles
 from longitudinal.predict.fov import FieldOfView
+
+if TYPE_CHECKING:  # plan.py imports this module (Calendar)
+    from longitudinal.predict.plan import PlannedEvent
 
 # Central intervals: 80% = [q10, q90], 95% = [q2.5, q97.5].
 QUANTILE_LEVELS: dict[str, float] = LEVELS
@@ -89,6 +92,11 @@ class QueryForecast:
     files: output kind -> path (``forecast_<channel>``, ``prob_whole``, ``prob_enhancing``), native space.
     field_of_view: whether the tumour and its forecast fit the model's field of view (``predict.fov``); when
     not, the forecast cannot be trusted and ``warnings()`` says why.
+    counterfactual: with a treatment plan (``predict.plan``), the forecast of the same query time under the
+    recorded history plus the plan, same seed (its files carry ``_plan`` in their names); the fields above are
+    the forecast under the recorded history. None without a plan. served_by: "model", or the simple baseline
+    ("lci", "linear") that the model's serving policy hands this horizon to, because the model did worse there
+    on its validation patients (``predict.serving``).
     """
 
     days: float
@@ -100,6 +108,8 @@ class QueryForecast:
     volume_enhancing_ml: VolumeInterval
     files: dict[str, str] = field(default_factory=dict)
     field_of_view: FieldOfView | None = None
+    counterfactual: QueryForecast | None = None
+    served_by: str = "model"
 
     @property
     def trusted(self) -> bool:
@@ -110,10 +120,15 @@ class QueryForecast:
         return [] if self.field_of_view is None else self.field_of_view.warnings()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The JSON form; ``counterfactual`` is the same form (without its own ``counterfactual``) or None."""
+        d = asdict(replace(self, counterfactual=None))
         d["volume_whole_ml"] = self.volume_whole_ml.to_dict()
         d["volume_enhancing_ml"] = self.volume_enhancing_ml.to_dict()
         d["field_of_view"] = None if self.field_of_view is None else self.field_of_view.to_dict()
+        if self.counterfactual is None:
+            d["counterfactual"] = None
+        else:
+            d["counterfactual"] = {k: v for k, v in self.counterfactual.to_dict().items() if k != "counterfactual"}
         return d
 
 
@@ -144,7 +159,10 @@ class NativeSpace:
 
 @dataclass
 class ForecastResult:
-    """Everything a query produced. ``to_json()`` is what ``<patient>_forecast.json`` holds."""
+    """Everything a query produced. ``to_json()`` is what ``<patient>_forecast.json`` holds.
+
+    plan: the planned treatments of a counterfactual forecast (``predict.plan``; empty: none), in days since
+    baseline with their dates; each query then holds its forecast under the plan in ``counterfactual``."""
 
     patient: str
     model: str
@@ -157,15 +175,32 @@ class ForecastResult:
     native: NativeSpace
     channels: tuple[str, ...]
     intervals: dict[str, Any] = field(default_factory=dict)  # interval_basis(): what the volume intervals rest on
+    plan: list[PlannedEvent] = field(default_factory=list)
     out_dir: Path | None = None
     summary_path: Path | None = None
     plot_path: Path | None = None
     seconds: float = 0.0
 
+    @property
+    def counterfactual(self) -> bool:
+        """Whether the queries also hold a forecast under a treatment plan."""
+        return bool(self.plan)
+
     def warnings(self) -> list[str]:
-        """One line per query that cannot be trusted: ``day D (+G d): not trustworthy: reason; reason``."""
-        return [f"day {q.days:.0f} ({q.days_after_last_scan:+.0f} d): not trustworthy: " + "; ".join(q.warnings())
-                for q in self.queries if q.warnings()]
+        """One line per query that cannot be trusted: ``day D (+G d): not trustworthy: reason; reason``; a
+        forecast under the plan says ``day D (+G d) under the plan: ...``."""
+        out = []
+        for q in self.queries:
+            for f, under in ((q, ""), (q.counterfactual, " under the plan")):
+                if f is not None and f.warnings():
+                    out.append(f"day {f.days:.0f} ({f.days_after_last_scan:+.0f} d){under}: not trustworthy: "
+                               + "; ".join(f.warnings()))
+        return out
+
+    def plan_description(self) -> str:
+        """The plan in days since baseline only ("" without one): e.g. ``surgery day 130; chemotherapy days
+        130-172``."""
+        return "; ".join(e.describe_days() for e in self.plan)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +211,8 @@ class ForecastResult:
             "n_samples": self.n_samples,
             "seed": self.seed,
             "channels": list(self.channels),
+            "counterfactual": self.counterfactual,
+            "plan": [e.to_dict() for e in self.plan],
             "queries": [q.to_dict() for q in self.queries],
             "observed": [asdict(o) for o in self.observed],
             "native_space": {"session": self.native.session, "shape": list(self.native.shape),

@@ -40,6 +40,7 @@ def signature(channels: tuple[str, ...] | list[str]) -> ModelSignature:
         [
             ParamSpec("in_days", "double", [], (-1,)),
             ParamSpec("at", "string", [], (-1,)),
+            ParamSpec("plan", "string", [], (-1,)),
             ParamSpec("days_since_baseline", "double", [], (-1,)),
             ParamSpec("n_samples", "long", 8),
             ParamSpec("out_dir", "string", ""),

@@ -9,11 +9,14 @@ from the environment, validation, registration, QC) and the one Predictor.
 
 Params (the same names as the CLI's options and ``longitudinal.forecast.Queries``): ``in_days`` (days after the
 latest scan), ``at`` (dates), ``days_since_baseline``, ``n_samples``, ``seed``, ``out_dir`` (where the maps, JSON
-and plot are written, as the CLI writes them; empty: nothing written).
+and plot are written, as the CLI writes them; empty: nothing written), ``plan`` (a list of planned treatments
+``KIND@START[:END]``, START/END real dates as ``at`` or ``+DAYS`` after the latest scan, as the CLI's ``--plan``):
+a counterfactual forecast under the recorded history plus the plan.
 
 Output: one row per (patient, query), columns ``output_columns()``; volumes in ml; ``warning`` says why a
 forecast cannot be trusted (the tumour does not fit the model's field of view), empty when nothing is known
-against it.
+against it. ``volume_*`` columns: the forecast under the recorded treatment history; ``plan_volume_*``: the same
+query under the history plus ``plan``, with the same seed (NaN without a plan).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from longitudinal.models.calibration import LEVELS
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
 from longitudinal.predict.patient import ModelInfo, forecast_scans
-from longitudinal.predict.queries import Queries
+from longitudinal.predict.plan import PLAN_SYNTAX, PlannedTreatment, parse_plan, plan_problems
+from longitudinal.predict.queries import Queries, parse_date
+from longitudinal.predict.result import QueryForecast
 from longitudinal.predict.scans import LABEL, ScanInput
 from longitudinal.settings import Settings
 
@@ -43,6 +49,7 @@ OUTPUT_COLUMNS = (
     ["patient_id", "pseudonym", "days_since_baseline", "days_after_last_scan", "date", "n_context", "n_samples"]
     + [f"volume_{k}_ml_{q}" for k in VOLUME_KINDS for q in QUANTILES]
     + ["summary_path", "warning"]
+    + [f"plan_volume_{k}_ml_{q}" for k in VOLUME_KINDS for q in QUANTILES]
 )
 # Scans given by days only are dated from this origin (any date inside ingest's plausible window works).
 DAYS_ORIGIN = dt.datetime(2000, 1, 1)
@@ -64,6 +71,23 @@ def queries_from_params(params: Mapping[str, Any]) -> Queries:
     if not q:
         raise ValueError(f"no query: give one of the params {list(QUERY_PARAMS)}")
     return q
+
+
+def plan_from_params(params: Mapping[str, Any]) -> tuple[PlannedTreatment, ...]:
+    """The planned treatments of the pyfunc's ``plan`` param (absent or empty: none). ValueError for anything but
+    a list of ``KIND@START[:END]`` strings, naming every malformed item."""
+    value = params.get("plan")
+    if value is None:
+        return ()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"param 'plan' must be a list of strings {PLAN_SYNTAX}, got {value!r}")
+    plan = parse_plan(list(value))
+    problems = plan_problems(plan)  # before any scan is ingested
+    if problems:
+        raise ValueError("invalid plan: " + "; ".join(problems))
+    return plan
 
 
 def check_frame(frame: pd.DataFrame, channels: Sequence[str]) -> list[str]:
@@ -138,10 +162,16 @@ class ServedForecaster:
             queries = queries_from_params(params)
         except ValueError as exc:
             problems.append(str(exc))
+        try:
+            plan = plan_from_params(params)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("invalid forecast input: " + "; ".join(problems))
-        if queries.at and "date" not in frame.columns:
-            raise ValueError("invalid forecast input: 'at' dates need a 'date' column (the scans' real dates)")
+        if (queries.at or any(parse_date(d) for p in plan for d in (p.start, p.end) if d)) \
+                and "date" not in frame.columns:
+            raise ValueError("invalid forecast input: 'at' and 'plan' dates need a 'date' column (the scans' real "
+                             "dates); plan with +DAYS after the latest scan instead")
         settings = settings or Settings()
         out_dir = Path(params["out_dir"]) if params.get("out_dir") else None
         rows = []
@@ -150,7 +180,8 @@ class ServedForecaster:
                 scans = scans_of(group, self.channels, stack)
                 result = forecast_scans(settings, self.predictor, self.info, str(raw_id), scans, queries,
                                         n_samples, int(params.get("seed") or 0),
-                                        out_dir / str(_pseudonym(settings, str(raw_id))) if out_dir else None)
+                                        out_dir / str(_pseudonym(settings, str(raw_id))) if out_dir else None,
+                                        plan)
             for q in result.queries:
                 row: dict[str, Any] = {
                     "patient_id": raw_id, "pseudonym": result.patient, "days_since_baseline": q.days,
@@ -158,13 +189,21 @@ class ServedForecaster:
                     "n_samples": result.n_samples,
                     "summary_path": str(result.summary_path) if result.summary_path else None,
                     # why the forecast cannot be trusted (the tumour does not fit the model's field of view)
-                    "warning": "; ".join(q.warnings()) or None,
+                    "warning": "; ".join(_warnings(q)) or None,
                 }
-                for kind, iv in (("whole", q.volume_whole_ml), ("enhancing", q.volume_enhancing_ml)):
-                    for name in QUANTILES:
-                        row[f"volume_{kind}_ml_{name}"] = getattr(iv, name)
+                for prefix, f in (("", q), ("plan_", q.counterfactual)):
+                    for kind in VOLUME_KINDS:
+                        iv = getattr(f, f"volume_{kind}_ml") if f is not None else None
+                        for name in QUANTILES:
+                            row[f"{prefix}volume_{kind}_ml_{name}"] = getattr(iv, name) if iv else math.nan
                 rows.append(row)
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+def _warnings(q: QueryForecast) -> list[str]:
+    """Why a query's forecasts cannot be trusted, the one under the plan marked so."""
+    cf = q.counterfactual
+    return q.warnings() + ([f"under the plan: {w}" for w in cf.warnings()] if cf is not None else [])
 
 
 def _pseudonym(settings: Settings, raw_id: str) -> str:

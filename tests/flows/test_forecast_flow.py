@@ -89,3 +89,35 @@ def test_only_io_errors_are_retried() -> None:
     assert retry_on_io(None, None, _State(FileNotFoundError("gone")))
     for exc in (UnknownPatientError("x"), ModelNotFoundError("x"), StoreUnreadableError("x"), ValueError("x")):
         assert not retry_on_io(None, None, _State(exc))
+
+
+def test_forecast_flow_takes_a_plan_and_names_its_events_by_days(env: Path) -> None:
+    import re
+
+    from prefect.artifacts import Artifact
+
+    from flows.forecast import SUMMARY_KEY, TABLE_KEY, forecast_patient
+    from longitudinal.forecast import InvalidQueryError
+
+    cohort = make_phantom_store(str(env / "cohort.zarr"), n_patients=2, seed=3)
+    ckpt = _checkpoint(env / "linear.pt")
+    body = forecast_patient(patient_id="P001", store=cohort.url, in_days=[60.0], model_ref=str(ckpt),
+                            n_samples=2, out_dir=str(env / "flow-out"), plan=["surgery@+10"])
+    last = cohort.patients["P001"].days[-1]
+    assert body["counterfactual"] is True and body["plan"][0]["start_days"] == pytest.approx(last + 10)
+    # linear ignores treatments: the forecast under the plan is the recorded history's, in files of their own
+    cf = body["queries"][0]["counterfactual"]
+    assert cf["volume_whole_ml"] == body["queries"][0]["volume_whole_ml"]
+    assert all("_plan_" in Path(f).name for f in cf["files"].values())
+    markdown = Artifact.get(SUMMARY_KEY).data
+    assert f"| counterfactual plan | surgery day {last + 10:g} |" in markdown, markdown
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", markdown)  # days since baseline only
+    table = Artifact.get(TABLE_KEY).data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["history"] for r in rows] == ["recorded", "plan"]
+
+    state = forecast_patient(patient_id="P001", store=cohort.url, in_days=[60.0], model_ref=str(ckpt),
+                             plan=["laser@+5"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InvalidQueryError, match="valid kinds: surgery, radiotherapy, chemotherapy"):
+        state.result()
