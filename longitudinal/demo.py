@@ -2,7 +2,8 @@
 
 synth (Fisher-Kolmogorov cohort as BIDS) -> ingest (validate, de-identify, register, Zarr store) -> train a fixed
 number of steps (tracked in MLflow, evaluated against the baselines, registered, gated) -> forecast a held-out
-patient -> a verdict in plain words and the commands to try next.
+patient (a treated one first) under its recorded treatment history and under a radiotherapy plan -> a verdict in
+plain words and the commands to try next.
 
 Training is budgeted in STEPS, so an idle laptop and a busy server train the same model; a busy machine only
 takes longer. A wall-clock safety stop ends training early only if the machine is far slower than expected, and
@@ -46,6 +47,8 @@ DEMO_MAX_TRAIN_S = float(os.environ.get("LONGITUDINAL_DEMO_MAX_TRAIN_S", "3600")
 # Forecast samples per evaluation target: enough for intervals, few enough to keep the demo short.
 DEMO_EVAL_SAMPLES = 4
 DEMO_SEED = 7
+# The counterfactual the demo asks: "and if a six-week course of radiotherapy starts two weeks after the last scan?"
+DEMO_PLAN_TEXT = "radiotherapy@+14:+56"
 # Training prints a line every this many steps (the progress bar's resolution).
 DEMO_LOG_EVERY = 5
 N_STEPS = 5
@@ -140,6 +143,12 @@ def _latest_volume_ml(store: Any, pid: str) -> float:
     return float((np.asarray(arr.label[-1]) > 0).sum()) * float(np.prod(arr.spacing_mm)) / 1000.0
 
 
+def _demo_plan() -> list[Any]:
+    from longitudinal.forecast import PlannedTreatment
+
+    return [PlannedTreatment.parse(DEMO_PLAN_TEXT)]
+
+
 def run_forecast(settings: Settings, groups: Sequence[Sequence[str]], model_ref: str) -> Any:
     """Forecast the first patient (group by group; in each, treated patients first, so the summary shows a treatment
     history, then the smallest latest tumour first) whose forecast fits the model's field of view; the last one
@@ -154,14 +163,15 @@ def run_forecast(settings: Settings, groups: Sequence[Sequence[str]], model_ref:
     result = None
     for pid in order:
         request = ForecastRequest(pid, Queries(in_days=(90.0, 180.0, 365.0)), store_url=settings.store_url,
-                                  model_ref=model_ref, n_samples=32)
+                                  model_ref=model_ref, n_samples=32, plan=_demo_plan())
         result = forecast_patient(settings, request)
         if not result.warnings():
             break
         if pid != order[-1]:
             console.print(f"{pid}: its tumour does not fit the model's field of view; trying another held-out "
                           "patient")
-    console.print(f"held-out patient {result.patient} forecast with {model_ref} at +90, +180 and +365 days")
+    console.print(f"held-out patient {result.patient} forecast with {model_ref} at +90, +180 and +365 days, under "
+                  f"its recorded treatment history and under a plan: {DEMO_PLAN_TEXT}")
     print_forecast_table(result)
     return result
 
@@ -309,7 +319,7 @@ def main() -> None:
     champion = champion_version(settings, name)
     model_ref = f"{name}@champion" if champion == str(version) else f"{name}/{version}"
     split = json.loads((outcome.run_dir / "split.json").read_text())
-    t = _step(4, "forecast a held-out patient")
+    t = _step(4, "forecast a held-out patient, with and without a treatment plan")
     # held out from training: the test patients first, then the validation ones
     result = run_forecast(settings, [split["test"], split["val"]], model_ref)
     _done(t)
@@ -333,6 +343,8 @@ def main() -> None:
     commands = [
         ("patients in the store", f"{cli} store patients"),
         ("forecast this patient again", f"{cli} forecast {result.patient} --in 90 --in 180{model_opt}"),
+        ("and if radiotherapy starts in two weeks?",
+         f"{cli} forecast {result.patient} --in 90 --plan {DEMO_PLAN_TEXT}{model_opt}"),
         ("registered versions and the gate", f"{cli} models list"),
         ("the MLflow UI (then open http://127.0.0.1:5000)",
          f"{_here(Path(sys.executable).parent / 'mlflow')} ui --backend-store-uri {tracking} "
