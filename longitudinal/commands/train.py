@@ -193,6 +193,11 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]calibrated[/bold] {', '.join(str(p) for p in out.checkpoints)} on {w.n} targets of "
                       f"{w.n_patients} patients ({w.form} scores); horizon bins split at {list(w.edges_days)} d "
                       f"holding {w.bin_sizes()} targets")
+        from longitudinal.models.checkpoint import Checkpoint
+
+        own = sorted({k.partition(":")[2] for k in Checkpoint.load(out.checkpoints[-1]).calibration if ":" in k})
+        console.print(f"treatment strata with a calibration of their own: {', '.join(own) or 'none'} "
+                      "(the others use the pooled one)")
 
     @app.command()
     def evaluate(
@@ -200,7 +205,12 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Checkpoint path, a baseline kind (lci, linear), NAME@ALIAS, "
                                                        "NAME/VERSION, models:/... or runs:/..."),
         store: str | None = typer.Option(None, "--store", help="Cohort store URL (default: settings)."),
-        json_path: Path | None = typer.Option(None, "--json", help="Write the per-horizon rows as JSON here."),
+        json_path: Path | None = typer.Option(None, "--json",
+                                              help="Write the rows per (treatment stratum, horizon) as JSON here."),
+        targets_csv: Path | None = typer.Option(None, "--targets-csv",
+                                                help="Write one row per (patient, target, model) as CSV here: "
+                                                     "days after the last context scan, treated_gap, Dice, "
+                                                     "volume error, intervals, coverage."),
         patients: str | None = typer.Option(None, "--patients",
                                             help="Comma-separated patient ids, or a split.json to use its "
                                                  "test patients (default: every patient)."),
@@ -212,7 +222,8 @@ def register(app: typer.Typer) -> None:
                                     help="Forecast the patients on a local Dask cluster of N worker processes "
                                          "(1: in this process); the same table."),
     ) -> None:
-        """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear)."""
+        """Forecast every later scan from the earlier ones; print the per-horizon table (with LCI and linear) of
+        every target, then of the targets with an untreated gap and of those with a treatment in the gap."""
         from rich.markup import escape
 
         from longitudinal.tracking.run import evaluate_model_ref
@@ -231,9 +242,33 @@ def register(app: typer.Typer) -> None:
             fail(escape(str(exc)))
         except OSError as exc:  # the scheduler cannot be reached
             fail(escape(f"{engine.describe() if engine else 'evaluation'}: {type(exc).__name__}: {exc}"))
-        print_evaluation_table(report.rows, f"{report.n_targets} targets, {len(report.patients)} patients")
+        _print_strata_tables(report)
         if json_path is not None:
-            console.print(f"rows written to {report.to_json(json_path)}")
+            from dataclasses import replace
+
+            from longitudinal.evaluation.strata import stratum_rows
+
+            console.print(f"rows written to {replace(report, rows=stratum_rows(report)).to_json(json_path)}")
+        if targets_csv is not None:
+            from longitudinal.evaluation.strata import write_targets_csv
+
+            console.print(f"per-target rows written to {write_targets_csv(report.records, targets_csv)}")
+
+
+def _print_strata_tables(report: Any) -> None:
+    """The evaluation table of every target, then one per treatment stratum (a stratum without targets is named
+    in one line rather than printed as an empty table)."""
+    from longitudinal.evaluation.strata import STRATUM_LABELS, stratum_counts, stratum_rows
+
+    rows, counts = stratum_rows(report), stratum_counts(report)
+    for stratum, label in STRATUM_LABELS.items():
+        mine = [r for r in rows if r["stratum"] == stratum]
+        if stratum == "all":
+            print_evaluation_table(mine, f"{report.n_targets} targets, {len(report.patients)} patients")
+        elif counts[stratum] == 0:
+            console.print(f"{label}: no targets")
+        else:
+            print_evaluation_table(mine, f"{label}: {counts[stratum]} of {report.n_targets} targets")
 
 
 def _engine(dask_address: str | None, workers: int, workers_flag: str = "--workers") -> Any:

@@ -6,8 +6,13 @@ Point forecast of a sampled model: the class probabilities averaged over samples
 Dice, HD95 and the point volume) and the mean image (MSE, SSIM). Its per-sample whole-tumour volumes give the
 80% / 95% interval coverage and the volume CRPS; its per-sample masks give the generalized energy distance.
 
-Rows (`EvaluationReport.rows`, JSON list): model, horizon (bin label), horizon_lo, horizon_hi (days; null =
-open-ended), n, dice_whole, dice_enhancing, hd95_mm, hd95_undefined, volume_error_ml, volume_error_enh_ml,
+Records (`EvaluationReport.records`): one dict per (model, target) with patient_id, target_idx,
+last_context_idx, horizon_days = days_after_last_context (days from the last context scan to the target),
+treated_gap (a treatment event lies in that gap: ``longitudinal.data.context.treatment_in_gap``) and the metrics.
+
+Rows (`EvaluationReport.rows`, JSON list): model, stratum (``all`` here; ``aggregate(..., strata=...)`` and
+``longitudinal.evaluation.strata`` add ``untreated`` / ``treated``), horizon (bin label), horizon_lo, horizon_hi
+(days; null = open-ended), n, dice_whole, dice_enhancing, hd95_mm, hd95_undefined, volume_error_ml, volume_error_enh_ml,
 mse, ssim, and for sampled models coverage80, coverage95, crps_ml, ged; plus skill columns
 ``skill_<metric>`` = 1 - err(model) / err(lci) with err = 1 - Dice for Dice and the metric itself otherwise
 (mean over the bin; NaN when LCI's error is 0). Bins are [lo, hi) in days from the last context scan; the
@@ -28,15 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from longitudinal.data.context import PatientSeries, read_box
+from longitudinal.data.context import PatientSeries, read_box, treatment_in_gap
 from longitudinal.data.dataset import EvalItem, enumerate_targets
 from longitudinal.evaluation import metrics as M
 from longitudinal.models.base import ForecastModel, build_model, closed_form_kinds
-from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.models.calibration import STRATA, STRUCTURES, VolumeCalibration, select_calibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict import Predictor, QueryPrediction
 
 HORIZON_BINS: tuple[tuple[float, float], ...] = ((0, 90), (90, 180), (180, 365), (365, math.inf))
+ALL_STRATUM = "all"  # every target, whatever its gap holds
 BASELINES = ("lci", "linear")
 # metric -> how it becomes an error for skill (None: not a skill column).
 _SKILL: dict[str, Callable[[float], float]] = {
@@ -87,7 +93,8 @@ class EvalConfig:
 
 @dataclass
 class EvaluationReport:
-    """records: one dict per (model, target); rows: per (model, horizon bin); models in report order."""
+    """records: one dict per (model, target); rows: per (model, horizon bin) of the ``all`` stratum (per
+    treatment stratum: ``longitudinal.evaluation.strata.stratum_rows``); models in report order."""
 
     rows: list[dict[str, Any]]
     records: list[dict[str, Any]]
@@ -179,19 +186,44 @@ def score_target(pred: QueryPrediction, target_image: torch.Tensor, target_label
     return rec
 
 
+def in_stratum(record: Mapping[str, Any], stratum: str) -> bool:
+    """Whether a record belongs to ``stratum``: ``all``, or ``treated`` / ``untreated`` by its ``treated_gap``
+    (a record without the flag belongs to ``all`` only)."""
+    if stratum == ALL_STRATUM:
+        return True
+    if stratum not in STRATA:
+        raise ValueError(f"stratum must be {ALL_STRATUM!r} or one of {STRATA}, got {stratum!r}")
+    flag = record.get("treated_gap")
+    return flag is not None and bool(flag) == (stratum == "treated")
+
+
 def aggregate(records: Sequence[Mapping[str, Any]], models: Sequence[str],
-              bins: Sequence[tuple[float, float]] = HORIZON_BINS) -> list[dict[str, Any]]:
-    """Per (model, bin) means of the per-target records, plus skill against ``lci`` on the same targets."""
+              bins: Sequence[tuple[float, float]] = HORIZON_BINS,
+              strata: Sequence[str] = (ALL_STRATUM,)) -> list[dict[str, Any]]:
+    """Per (model, stratum, bin) means of the per-target records, plus skill against ``lci`` on the same targets
+    (same stratum and bin). ``strata``: ``all`` (the default, the only rows of ``EvaluationReport.rows``) and
+    any of ``untreated`` / ``treated``, in the order given."""
     rows: list[dict[str, Any]] = []
-    # Columns per model come from all its records, so an empty bin still has every column (as NaN).
+    # Columns per model come from all its records, so an empty bin or stratum still has every column (as NaN).
     model_keys = {m: {k for r in records if r["model"] == m for k in _MEAN_KEYS if k in r} for m in models}
     all_bins = [(bin_label(lo, hi), lo, hi) for lo, hi in bins] + [("all", 0.0, math.inf)]
+    for stratum in strata:
+        mine = [r for r in records if in_stratum(r, stratum)]
+        rows.extend(_aggregate_stratum(mine, models, all_bins, model_keys, stratum))
+    return rows
+
+
+def _aggregate_stratum(records: Sequence[Mapping[str, Any]], models: Sequence[str],
+                       all_bins: Sequence[tuple[str, float, float]], model_keys: Mapping[str, set[str]],
+                       stratum: str) -> list[dict[str, Any]]:
+    """The rows of ``aggregate`` for the records of one stratum."""
+    rows: list[dict[str, Any]] = []
     for label, lo, hi in all_bins:
         in_bin = [r for r in records if lo <= r["horizon_days"] < hi]
         means: dict[str, dict[str, float]] = {}
         for model in models:
             rs = [r for r in in_bin if r["model"] == model]
-            row: dict[str, Any] = {"model": model, "horizon": label, "horizon_lo": float(lo),
+            row: dict[str, Any] = {"model": model, "stratum": stratum, "horizon": label, "horizon_lo": float(lo),
                                    "horizon_hi": None if math.isinf(hi) else float(hi), "n": len(rs)}
             for key in _MEAN_KEYS:
                 if key in model_keys[model]:
@@ -317,11 +349,15 @@ def _score_group(name: str, predictor: Predictor, series: PatientSeries, cut: in
         label = torch.from_numpy(read_box(arr.label, (it.target_idx,), q.crop, labels=True).astype(np.int64))
         brain = raw.abs().sum(0) > 0
         target = raw / torch.from_numpy(q.scale).view(-1, 1, 1, 1)
+        # The stratum rule the Predictor applies to pick its calibration, so CRPS scores the served intervals.
+        treated = treatment_in_gap(series.events, float(days[q.last_context]), q.days)
+        cals = {s: c for s in STRUCTURES if (c := select_calibration(predictor.calibration, s, treated)) is not None}
         rec = score_target(q, target, label, brain, q.crop.spacing_mm(series.spacing_mm), predictor.stochastic,
-                           predictor.calibration)
+                           cals)
         out.append({"model": name, "patient_id": it.patient_id, "target_idx": it.target_idx,
                     "last_context_idx": q.last_context, "n_context": q.n_context,
-                    "horizon_days": q.gap_days, **rec})
+                    "horizon_days": q.gap_days, "days_after_last_context": q.gap_days, "treated_gap": treated,
+                    **rec})
     return out
 
 

@@ -23,6 +23,13 @@ a query takes the quantiles of its own bin's scores, so the guarantee holds per 
 ``min_per_bin`` targets is merged with its smaller neighbour first. Targets of one patient are correlated, so the
 precision rests on the number of calibration *patients* (``n_patients``).
 
+Treatment strata: a query whose gap (last context scan, query] holds a treatment event is "treated", the others
+"untreated" (``longitudinal.data.context.treatment_in_gap`` decides). Errors after a resection or a course of
+radiotherapy are not exchangeable with those of untreated growth, so beside the pooled ``"whole"`` /
+``"enhancing"`` calibrations a model may carry one per stratum, keyed ``"<structure>:<stratum>"``
+(``calibration_key``); a stratum is fitted only from at least ``MIN_PER_STRATUM`` validation targets of its own,
+and a query of a stratum without one takes the pooled calibration (``select_calibration``).
+
 The sampled trajectories themselves are left as they are (their masks, coherence and GED are the model's);
 only the volume summaries go through the calibration. Pure numpy; stored as a plain dict in the checkpoint's
 ``meta["volume_calibration"]``.
@@ -46,6 +53,11 @@ FORMS = ("scaled", "symmetric", "signed")
 DEFAULT_FORM = "scaled"
 DEFAULT_DIFFICULTY_ML = 10.0
 MIN_PER_BIN = 20
+# Strata of a query by its gap: a treatment event between the last context scan and the query, or none.
+STRATA = ("untreated", "treated")
+# A stratum gets its own calibration from as many targets as the pooled fit asks of one horizon bin; with
+# fewer its quantiles would rest on a handful of scores, and the pooled calibration serves it instead.
+MIN_PER_STRATUM = MIN_PER_BIN
 
 
 @dataclass(frozen=True)
@@ -247,10 +259,43 @@ class VolumeCalibration:
                    form=str(d.get("form", "signed")), difficulty_ml=float(d.get("difficulty_ml", 0.0)))
 
 
+def stratum_name(treated: bool) -> str:
+    """``"treated"`` when a treatment event lies in the query's gap, else ``"untreated"``."""
+    return STRATA[1] if treated else STRATA[0]
+
+
+def calibration_key(structure: str, stratum: str | None = None) -> str:
+    """The calibration dict's key: ``structure`` (pooled) or ``"<structure>:<stratum>"``."""
+    if structure not in STRUCTURES or (stratum is not None and stratum not in STRATA):
+        raise ValueError(f"calibration key: structure must be one of {STRUCTURES} and stratum None or one of "
+                         f"{STRATA}, got {structure!r}, {stratum!r}")
+    return structure if stratum is None else f"{structure}:{stratum}"
+
+
+def select_calibration(cals: Mapping[str, VolumeCalibration], structure: str, treated: bool
+                       ) -> VolumeCalibration | None:
+    """The calibration of ``structure`` for one query: its stratum's (``treated``: a treatment event in the gap)
+    when the model carries one, else the pooled one (None when the model has no calibration)."""
+    own = cals.get(calibration_key(structure, stratum_name(treated)))
+    return own if own is not None else cals.get(structure)
+
+
 def calibrations_from_meta(meta: Mapping[str, Any] | None) -> dict[str, VolumeCalibration]:
-    """{structure: VolumeCalibration} from a checkpoint's meta (empty when the model has none)."""
+    """{key: VolumeCalibration} from a checkpoint's meta (empty when the model has none); keys are the pooled
+    structures and, when fitted, ``"<structure>:<stratum>"`` (``calibration_key``). Raises ValueError for a
+    key that is neither, or whose calibration is of another structure."""
     raw = (meta or {}).get("volume_calibration") or {}
-    return {k: VolumeCalibration.from_dict(v) for k, v in raw.items()}
+    out = {}
+    for key, value in raw.items():
+        cal = VolumeCalibration.from_dict(value)
+        structure, _, stratum = str(key).partition(":")
+        valid = structure in STRUCTURES and (stratum == "" if ":" not in str(key) else stratum in STRATA)
+        if not valid or cal.structure != structure:
+            raise ValueError(f"volume calibration key {key!r}: expected one of {STRUCTURES}, optionally with "
+                             f"':<stratum>' ({STRATA}), holding a calibration of that structure "
+                             f"(got {cal.structure!r})")
+        out[str(key)] = cal
+    return out
 
 
 def calibrations_to_meta(cals: Mapping[str, VolumeCalibration]) -> dict[str, Any]:

@@ -79,7 +79,9 @@ class Checkpoint:
     kind: model kind (``longitudinal.models.MODEL_KINDS``); config: the model's config dict; state_dict: its
     weights (CPU tensors); channels: store channel names in the model's input order; spacing_mm: (z, y, x) voxel
     spacing in mm of the grid it was trained on; crop_size: (D, H, W) crop in voxels; data: context size and
-    normalisation; calibration: {"whole", "enhancing"} volume-interval calibrations (empty when none);
+    normalisation; calibration: {"whole", "enhancing"} volume-interval calibrations (empty when none), plus
+    per treatment stratum ``"<structure>:<stratum>"`` where fitted (``models.calibration.calibration_key``;
+    checkpoints with the pooled keys only load as they are);
     provenance: the rest of ``meta`` (training step, split id, ...), kept verbatim.
     """
 

@@ -27,13 +27,15 @@ from longitudinal.data.context import (
     context_indices,
     normalisation_scale,
     read_box,
+    treatment_in_gap,
 )
 from longitudinal.models.base import Conditions, ForecastModel, build_model, encode_treatments
 from longitudinal.models.baselines import linear_volumes_ml
-from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.models.calibration import VolumeCalibration, select_calibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict.fov import FieldOfView, border_share, field_of_view
 from longitudinal.predict.result import VolumeInterval
+from longitudinal.predict.serving import ServingPolicy
 from longitudinal.runtime import tune_cpu_allocator
 
 
@@ -75,6 +77,7 @@ class QueryPrediction:
     images: torch.Tensor | None = None
     probs: torch.Tensor | None = None
     field_of_view: FieldOfView | None = None  # whether the forecast fits the crop (``predict.fov``)
+    served_by: str = "model"  # "model", or the baseline a serving policy chose for this horizon (``serving``)
 
     @property
     def n_context(self) -> int:
@@ -100,12 +103,13 @@ class Predictor:
     model: any ``ForecastModel`` (moved to ``device`` and put in eval mode); crop_size: (D, H, W) voxels;
     data: context size and normalisation; channels: the store channels in the model's input order (None: all of
     the series' channels in store order); spacing_mm: the grid the model was trained on (None: not checked).
-    device: "auto" picks CUDA when present, where sampling runs under bfloat16 autocast.
+    device: "auto" picks CUDA when present, where sampling runs under bfloat16 autocast. serving: which horizons
+    a simple baseline serves instead of the model (``predict.serving``; None: the model everywhere).
     """
 
     def __init__(self, model: ForecastModel, crop_size: Sequence[int], data: DataSettings | None = None,
                  channels: Sequence[str] | None = None, spacing_mm: Sequence[float] | None = None,
-                 device: str | torch.device | None = "auto") -> None:
+                 device: str | torch.device | None = "auto", serving: ServingPolicy | None = None) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -116,10 +120,13 @@ class Predictor:
         # A model whose parameters are physical (fk's mm^2/day) declares the voxel size it assumes.
         spacing_mm = spacing_mm if spacing_mm is not None else getattr(model, "grid_spacing_mm", None)
         self.spacing_mm = tuple(float(s) for s in spacing_mm) if spacing_mm is not None else None
+        self.serving = serving
+        self._served: dict[str, Predictor] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device | None = "auto") -> Predictor:
-        return cls(ckpt.build(), ckpt.crop_size, ckpt.data, ckpt.channels, ckpt.spacing_mm, device)
+        return cls(ckpt.build(), ckpt.crop_size, ckpt.data, ckpt.channels, ckpt.spacing_mm, device,
+                   ServingPolicy.from_meta(ckpt.provenance.get("serving")))
 
     def like(self, model: ForecastModel) -> Predictor:
         """Another model (a baseline) applied with this predictor's settings, on the same device."""
@@ -180,11 +187,44 @@ class Predictor:
             raise ValueError(f"cannot forecast {series.patient_id}: " + "; ".join(problems))
         s = int(n_samples) if self.stochastic else 1
         out: list[QueryPrediction | None] = [None] * len(days_since_baseline)
+        by_baseline = self._serve_baselines(series, groups, days_since_baseline, n_samples, seed, keep_samples)
+        for qi, p in by_baseline.items():
+            out[qi] = p
         for ctx, qis in groups.items():
+            qis = [qi for qi in qis if qi not in by_baseline]
+            if not qis:
+                continue
             preds = self._predict_context(series, ctx, [float(days_since_baseline[i]) for i in qis], s, seed, keep_samples)
             for qi, p in zip(qis, preds, strict=True):
                 out[qi] = p
         return Prediction(series.patient_id, [p for p in out if p is not None], s)
+
+    def _serve_baselines(self, series: PatientSeries, groups: Mapping[tuple[int, ...], list[int]],
+                         qdays: Sequence[float], n_samples: int, seed: int, keep_samples: bool
+                         ) -> dict[int, QueryPrediction]:
+        """The queries the serving policy gives to a baseline, forecast by it (query index -> prediction)."""
+        if self.serving is None or not self.serving.uses_baselines:
+            return {}
+        days = series.days
+        wanted: dict[str, list[int]] = {}
+        for ctx, qis in groups.items():
+            for qi in qis:
+                src = self.serving.source_for(float(qdays[qi]) - float(days[ctx[-1]]))
+                if src != "model":
+                    wanted.setdefault(src, []).append(qi)
+        out: dict[int, QueryPrediction] = {}
+        for kind, qis in wanted.items():
+            if kind not in self._served:
+                model = build_model(kind)
+                # The calibration was fitted on the served forecasts, baselines included.
+                model.volume_calibration = self.model.volume_calibration
+                self._served[kind] = Predictor(model, self.crop_size, self.data, self.channels, self.spacing_mm,
+                                               self.device)
+            pred = self._served[kind].predict(series, [float(qdays[i]) for i in qis], n_samples, seed, keep_samples)
+            for qi, p in zip(qis, pred.queries, strict=True):
+                p.served_by = kind
+                out[qi] = p
+        return out
 
     def _predict_context(self, series: PatientSeries, ctx: tuple[int, ...], qdays: list[float], n_samples: int,
                          seed: int, keep_samples: bool) -> list[QueryPrediction]:
@@ -224,12 +264,15 @@ class Predictor:
         out = []
         for j, q in enumerate(qdays):
             gap = q - last_day
-            whole = VolumeInterval.from_samples(vols[j, :, 0], gap, cals.get("whole"), float(lin[j, 0]), max_ml)
+            whole = VolumeInterval.from_samples(vols[j, :, 0], gap,
+                                                _stratum_calibration(cals, "whole", series, last_day, q),
+                                                float(lin[j, 0]), max_ml)
             out.append(QueryPrediction(
                 days=q, gap_days=gap, context=ctx, crop=box, volumes_ml=vols[j], linear_ml=lin[j],
                 whole=whole,
-                enhancing=VolumeInterval.from_samples(vols[j, :, 1], gap, cals.get("enhancing"), float(lin[j, 1]),
-                                                      max_ml),
+                enhancing=VolumeInterval.from_samples(vols[j, :, 1], gap,
+                                                      _stratum_calibration(cals, "enhancing", series, last_day, q),
+                                                      float(lin[j, 1]), max_ml),
                 mean_image=mean_img[j], prob_whole=p_whole[j], prob_enhancing=p_enh[j], scale=scale.numpy(),
                 max_ml=max_ml,
                 images=fc.images[0, j].float().cpu() if keep_samples else None,
@@ -250,6 +293,14 @@ class Predictor:
         if np.issubdtype(np.asarray(tissue[:0]).dtype, np.integer):
             crop = crop / 255.0  # stored as uint8 0..255
         return torch.from_numpy(crop)[None]
+
+
+def _stratum_calibration(cals: Mapping[str, VolumeCalibration], structure: str, series: PatientSeries,
+                         last_day: float, query_day: float) -> VolumeCalibration | None:
+    """The calibration of ``structure`` for one query: the treated stratum's when a treatment event lies between
+    the last context scan and the query (days since baseline), else the untreated one's; the pooled one when
+    the model carries none for that stratum."""
+    return select_calibration(cals, structure, treatment_in_gap(series.events, last_day, query_day))
 
 
 def _call_seed(seed: int, context_days: np.ndarray) -> int:

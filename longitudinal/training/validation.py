@@ -17,12 +17,13 @@ import torch
 from longitudinal.data.dataset import enumerate_targets
 from longitudinal.data.splits import Split
 from longitudinal.models.base import ForecastModel
-from longitudinal.models.calibration import VolumeCalibration
+from longitudinal.models.calibration import MIN_PER_STRATUM, VolumeCalibration
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from longitudinal.evaluation.harness import EvalConfig
+    from longitudinal.evaluation.strata import StratifiedCalibration
 
 
 @dataclass
@@ -74,41 +75,49 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
                          device: torch.device, say: Callable[[str], None] = lambda _m: None,
                          ) -> dict[str, VolumeCalibration]:
     """Fit the volume-interval calibration of the model checkpoint at ``path`` on ``patient_ids`` (the
-    validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically). A
-    checkpoint already calibrated at its step with the same settings is left as it is."""
-    from longitudinal.evaluation.calibration import fit_volume_calibration
+    validation split) and write it into the checkpoint's ``meta["volume_calibration"]`` (atomically): the pooled
+    ``"whole"`` / ``"enhancing"`` calibrations, plus ``"<structure>:<stratum>"`` for each treatment stratum with
+    at least ``MIN_PER_STRATUM`` validation targets (``longitudinal.evaluation.strata``; ``say`` names every
+    stratum left to the pooled one). A checkpoint already calibrated at its step with the same settings is left
+    as it is."""
+    from longitudinal.evaluation.strata import fit_stratified_calibration
 
     ckpt = Checkpoint.load(path)
     # "form" names the score layout, so checkpoints calibrated by an older form are fitted again.
     form = (f"per-horizon-scaled-c{config.calib_difficulty_ml:g}" if config.calib_form == "scaled"
             else "per-horizon-symmetric-v2")
     key = {"step": ckpt.provenance.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
-           "patients": sorted(patient_ids), "form": form}
+           "patients": sorted(patient_ids), "form": form,
+           # Checkpoints calibrated before the per-stratum fit (pooled keys only) are fitted again.
+           "strata": f"treated-gap-min{MIN_PER_STRATUM}"}
     if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
         return dict(ckpt.calibration)
     t = time.perf_counter()
     memo = json.dumps([_weights_digest(ckpt), key, store_url, config.seed, config.calib_difficulty_ml])
     reused = memo in _FITTED
     if reused:
-        cals = _FITTED[memo]
+        fitted = _FITTED[memo]
     else:
         say(f"calibrating the volume intervals of {path.name} on the validation patients")
-        cals = fit_volume_calibration(ckpt, store_url, patient_ids,
-                                      calibration_eval_config(config, device), max_targets=config.calib_targets,
-                                      form=config.calib_form, difficulty_ml=config.calib_difficulty_ml)
-        _FITTED[memo] = cals
+        fitted = fit_stratified_calibration(ckpt, store_url, patient_ids, calibration_eval_config(config, device),
+                                            max_targets=config.calib_targets, form=config.calib_form,
+                                            difficulty_ml=config.calib_difficulty_ml)
+        _FITTED[memo] = fitted
+    cals = fitted.calibrations
     ckpt.with_calibration(cals, volume_calibration_fit=key).save(path)
     w = cals["whole"]
     say(f"calibrated volume intervals of {path.name} on {w.summary()}, "
         f"horizon bins split at {list(w.edges_days)} d holding {w.bin_sizes()} "
         + ("(same weights as a checkpoint calibrated before: its calibration reused)" if reused
            else f"({time.perf_counter() - t:.0f} s)"))
-    return cals
+    for line in fitted.log_lines():
+        say(line)
+    return dict(cals)
 
 
 # Calibrations fitted in this process by (weights, fit settings): the best and the final checkpoint of a run hold
 # the same weights when the best validation score was the last one, and a second fit would cost minutes.
-_FITTED: dict[str, dict[str, VolumeCalibration]] = {}
+_FITTED: dict[str, StratifiedCalibration] = {}
 
 
 def _weights_digest(ckpt: Checkpoint) -> str:

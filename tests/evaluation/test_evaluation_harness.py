@@ -14,7 +14,8 @@ from longitudinal.data.phantoms import make_phantom_store
 from longitudinal.evaluation.harness import EvalConfig, evaluate_models, evaluate_ref
 from longitudinal.models.base import build_model
 
-CFG = EvalConfig(crop_size=(16, 16, 16), max_context=2, n_samples=3, device="cpu")
+# A fixed field of view: these tests compare against exact voxel counts of the store grid.
+CFG = EvalConfig(crop_size=(16, 16, 16), max_context=2, n_samples=3, device="cpu", fov="fixed")
 TINY_TFM = {"width": 4, "channel_mult": [1, 2], "ctx_width": 4, "emb_dim": 16, "steps": 2}
 
 

@@ -26,7 +26,7 @@ def tiny(**kw) -> TrainConfig:
     # device="cpu": exact resume is a CPU property (CUDA kernels and bf16 autocast are not bitwise repeatable).
     base = dict(model="tfm", model_options=TINY_TFM, crop_size=(16, 16, 16), batch_size=2, num_workers=0, device="cpu",
                 warmup_steps=0, lr=3e-3, augment=None, log_every=5, eval_every=1000, ckpt_every=1000,
-                val_targets=4, budget_s=None)
+                val_targets=4, budget_s=None, fov="fixed")
     base.update(kw)
     return TrainConfig(**base)
 

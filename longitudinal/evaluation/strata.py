@@ -1,0 +1,213 @@
+"""Evaluation by treatment stratum: targets whose gap holds a treatment event apart from untreated ones.
+
+A target is *treated* when a treatment event lies between its last context scan and the target scan
+(``longitudinal.data.context.treatment_in_gap``, recorded in every evaluation record as ``treated_gap``). A
+resection or a course of radiotherapy in the gap changes the tumour in a way that no context scan shows, so
+pooled figures mix two different forecasting problems; here they are reported, and volume intervals calibrated,
+per stratum:
+
+- ``stratum_rows``: the evaluation rows per (model, stratum, horizon bin) for the strata ``all`` (the report's
+  own rows), ``untreated`` and ``treated``; coverage80 / coverage95 per stratum and bin come with them;
+- ``write_targets_csv``: one row per (patient, target, model): what a reader needs to recompute any figure by
+  stratum (days only, never a date);
+- ``fit_stratified_calibration``: the pooled volume calibrations plus one per stratum that has at least
+  ``MIN_PER_STRATUM`` validation targets (``longitudinal.models.calibration``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from longitudinal.evaluation.calibration import calibrations_from_records
+from longitudinal.evaluation.harness import (
+    ALL_STRATUM,
+    HORIZON_BINS,
+    EvalConfig,
+    EvaluationReport,
+    aggregate,
+    evaluate_models,
+    in_stratum,
+)
+from longitudinal.models.base import ForecastModel
+from longitudinal.models.calibration import (
+    DEFAULT_DIFFICULTY_ML,
+    DEFAULT_FORM,
+    MIN_PER_STRATUM,
+    STRATA,
+    VolumeCalibration,
+    calibration_key,
+)
+from longitudinal.models.checkpoint import Checkpoint
+from longitudinal.predict import Predictor
+
+# The strata of a report, in table order: every target first, then by what the gap holds.
+REPORT_STRATA: tuple[str, ...] = (ALL_STRATUM, *STRATA)
+STRATUM_LABELS: dict[str, str] = {ALL_STRATUM: "all targets", "untreated": "untreated gap",
+                                  "treated": "treatment in gap"}
+
+# Columns of the per-target CSV, in order. Volumes in ml, days from the last context scan; coverage is empty
+# for a deterministic model (one sample has no interval to cover the truth).
+TARGET_COLUMNS: tuple[str, ...] = (
+    "patient_id", "target_idx", "last_context_idx", "model", "days_after_last_context", "treated_gap",
+    "dice_whole", "volume_true_ml", "volume_error_ml", "interval_median_ml", "interval_lo80_ml",
+    "interval_hi80_ml", "interval_lo95_ml", "interval_hi95_ml", "coverage80", "coverage95",
+)
+
+
+# --- rows and tables --------------------------------------------------------------------------------------------
+def report_bins(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """The horizon bins (lo, hi) in days (hi = inf: open-ended) that ``rows`` were aggregated on, in order."""
+    bins: list[tuple[float, float]] = []
+    for r in rows:
+        if r["horizon"] == "all":
+            continue
+        b = (float(r["horizon_lo"]), math.inf if r["horizon_hi"] is None else float(r["horizon_hi"]))
+        if b not in bins:
+            bins.append(b)
+    return bins
+
+
+def stratum_rows(report: EvaluationReport, strata: Sequence[str] = REPORT_STRATA) -> list[dict[str, Any]]:
+    """The report's rows per (stratum, horizon bin, model), on the bins of ``report.rows``: ``all`` (the same
+    figures as ``report.rows``), then ``untreated`` and ``treated`` (each row's ``stratum``; skill against LCI
+    on the same stratum's targets)."""
+    return aggregate(report.records, report.models, report_bins(report.rows), strata)
+
+
+def stratum_counts(report: EvaluationReport) -> dict[str, int]:
+    """Targets per stratum of ``REPORT_STRATA`` (every model of a report scores the same targets)."""
+    first = report.models[0] if report.models else None
+    recs = [r for r in report.records if r["model"] == first]
+    return {s: sum(1 for r in recs if in_stratum(r, s)) for s in REPORT_STRATA}
+
+
+# --- per-target CSV ---------------------------------------------------------------------------------------------
+def target_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``TARGET_COLUMNS`` of every evaluation record: one row per (patient, target, model), where a target
+    is a (last context scan, target scan) pair of the patient. Coverage is None for a deterministic model."""
+    rows = []
+    for r in records:
+        row = {k: r.get(k) for k in TARGET_COLUMNS}
+        row["days_after_last_context"] = r.get("days_after_last_context", r["horizon_days"])
+        rows.append(row)
+    return rows
+
+
+def write_targets_csv(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Write ``target_rows(records)`` as CSV to ``path`` atomically (a temporary file in the same folder, then
+    renamed, so a reader never sees half a table). Booleans as true/false; missing or NaN figures empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(TARGET_COLUMNS)
+            for row in target_rows(records):
+                writer.writerow([_cell(row[k]) for k in TARGET_COLUMNS])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else repr(value)
+    return str(value)
+
+
+# --- calibration per stratum ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StratumFit:
+    """How one treatment stratum was calibrated: n_targets validation targets of n_patients patients; own: it
+    got its own calibrations (``"<structure>:<stratum>"``), else its queries use the pooled ones."""
+
+    stratum: str
+    n_targets: int
+    n_patients: int
+    own: bool
+
+
+@dataclass(frozen=True)
+class StratifiedCalibration:
+    """calibrations: the pooled ``"whole"`` / ``"enhancing"`` calibrations plus ``"<structure>:<stratum>"`` for
+    every stratum fitted on its own; strata: one ``StratumFit`` per stratum of ``STRATA``; min_targets: the
+    fewest validation targets a stratum of its own needs."""
+
+    calibrations: dict[str, VolumeCalibration]
+    strata: tuple[StratumFit, ...]
+    min_targets: int = MIN_PER_STRATUM
+
+    def log_lines(self) -> list[str]:
+        """One line per stratum: its own calibration, or the pooled one for lack of targets."""
+        out = []
+        for f in self.strata:
+            head = f"volume intervals, {STRATUM_LABELS[f.stratum]} ({f.stratum}):"
+            out.append(f"{head} own calibration on {f.n_targets} targets of {f.n_patients} held-out patients"
+                       if f.own else
+                       f"{head} only {f.n_targets} validation targets (fewer than {self.min_targets}), so its "
+                       f"queries use the pooled calibration")
+        return out
+
+
+def calibrations_by_stratum(
+    records: Sequence[Mapping[str, Any]],
+    bins: Sequence[tuple[float, float]] = HORIZON_BINS,
+    offset_years: float = 0.25,
+    form: str = DEFAULT_FORM,
+    difficulty_ml: float = DEFAULT_DIFFICULTY_ML,
+    min_targets: int = MIN_PER_STRATUM,
+) -> StratifiedCalibration:
+    """The pooled calibrations of a sampled model's evaluation records (``calibrations_from_records``) plus,
+    for each stratum with at least ``min_targets`` records (by their ``treated_gap``), the same fit on that
+    stratum's records alone, under ``calibration_key(structure, stratum)``."""
+    cals = dict(calibrations_from_records(records, bins, offset_years, form, difficulty_ml))
+    fits = []
+    for stratum in STRATA:
+        mine = [r for r in records if in_stratum(r, stratum)]
+        own = len(mine) >= max(int(min_targets), 1)
+        if own:
+            for structure, cal in calibrations_from_records(mine, bins, offset_years, form, difficulty_ml).items():
+                cals[calibration_key(structure, stratum)] = cal
+        fits.append(StratumFit(stratum, len(mine), len({r["patient_id"] for r in mine}), own))
+    return StratifiedCalibration(cals, tuple(fits), int(min_targets))
+
+
+def fit_stratified_calibration(
+    model: ForecastModel | Predictor | Checkpoint,
+    store_url: str,
+    patient_ids: Sequence[str],
+    config: EvalConfig,
+    max_targets: int | None = None,
+    offset_years: float = 0.25,
+    progress: Callable[[str], None] | None = None,
+    form: str = DEFAULT_FORM,
+    difficulty_ml: float = DEFAULT_DIFFICULTY_ML,
+    engine: Any = None,
+    min_targets: int = MIN_PER_STRATUM,
+) -> StratifiedCalibration:
+    """``longitudinal.evaluation.calibration.fit_volume_calibration`` (same arguments, same pooled
+    calibrations) plus one calibration per treatment stratum with at least ``min_targets`` of the targets
+    (``calibrations_by_stratum``). Raises ValueError when the model is not sampled or the patients give no
+    target."""
+    if isinstance(model, Checkpoint):
+        model = Predictor.from_checkpoint(replace(model, calibration={}), config.device)
+    if not model.stochastic:
+        raise ValueError(f"{model.kind}: only sampled models get a volume calibration")
+    report = evaluate_models({"model": model}, store_url, list(patient_ids), config, progress,
+                             max_targets=max_targets, baselines=False, engine=engine)
+    recs = [r for r in report.records if r["model"] == "model"]
+    if not recs:
+        raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
+    return calibrations_by_stratum(recs, config.bins, offset_years, form, difficulty_ml, min_targets)
