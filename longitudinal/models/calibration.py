@@ -283,17 +283,16 @@ def select_calibration(cals: Mapping[str, VolumeCalibration], structure: str, tr
 def calibrations_from_meta(meta: Mapping[str, Any] | None) -> dict[str, VolumeCalibration]:
     """{key: VolumeCalibration} from a checkpoint's meta (empty when the model has none); keys are the pooled
     structures and, when fitted, ``"<structure>:<stratum>"`` (``calibration_key``). Raises ValueError for a
-    key that is neither, or whose calibration is of another structure."""
+    key that is neither."""
     raw = (meta or {}).get("volume_calibration") or {}
     out = {}
     for key, value in raw.items():
         cal = VolumeCalibration.from_dict(value)
         structure, _, stratum = str(key).partition(":")
         valid = structure in STRUCTURES and (stratum == "" if ":" not in str(key) else stratum in STRATA)
-        if not valid or cal.structure != structure:
+        if not valid:
             raise ValueError(f"volume calibration key {key!r}: expected one of {STRUCTURES}, optionally with "
-                             f"':<stratum>' ({STRATA}), holding a calibration of that structure "
-                             f"(got {cal.structure!r})")
+                             f"':<stratum>' ({STRATA})")
         out[str(key)] = cal
     return out
 

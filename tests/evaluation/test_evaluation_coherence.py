@@ -22,7 +22,7 @@ class _Wobbly(ForecastModel):
         return torch.zeros(())
 
     def sample(self, context_images, context_labels, context_times, context_mask, query_times, n_samples=1,
-               generator=None):
+               generator=None, conditions=None):
         b, q = query_times.shape
         last = context_labels[:, -1]
         probs = torch.zeros(b, q, n_samples, 3, *last.shape[-3:])

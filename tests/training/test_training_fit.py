@@ -58,7 +58,7 @@ def test_training_decreases_loss_and_writes_a_run(store, tmp_path):
     ckpt = Checkpoint.load(res.checkpoint)
     model = ckpt.build()
     assert ckpt.kind == "tfm" and ckpt.crop_size == (16, 16, 16) and ckpt.provenance["split_id"] == split.split_id
-    assert ckpt.data == DataSettings(max_context=3, normalize="none")
+    assert ckpt.data == DataSettings(max_context=3, normalize="none", fov="fixed")
     assert model.config_dict()["in_channels"] == 2
     # A sampled model leaves training with volume intervals calibrated on the validation patients.
     n_val_targets = len(enumerate_targets(store, split.val, 3, "all"))
