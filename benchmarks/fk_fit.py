@@ -1,12 +1,15 @@
 """Personalised Fisher-Kolmogorov (``fk``) fitting time per patient, and its skill beside ``lci`` and ``linear``.
 
     .venv/bin/python benchmarks/fk_fit.py --store STORE [--patients N] [--samples 8] [--device cpu|cuda]
+        [--threads 2] [--no-tissue]
 
 For each of the first N patients of a cohort store (a synthetic one: ``longitudinal synth`` then ``longitudinal
-ingest``), ``fk`` is fitted to every scan but the last and forecasts the last scan, through the product's
-Predictor (the fit runs inside ``Predictor.predict``). Prints per patient the context size, the seconds of the
-fit and forecast, and the whole-tumour Dice of fk, lci and linear on that last scan; then the mean and the
-maximum time. Target: at most 30 s per patient on 2 CPU cores at the default 32^3 crop.
+ingest``, which stores each patient's tissue maps), ``fk`` is fitted to every scan but the last and forecasts the
+last scan, through the product's Predictor (the fit runs inside ``Predictor.predict``, with the store's tissue
+maps, treatments and the crop's voxel size as conditions). Prints per patient the context size, the crop's voxel
+size, whether tissue maps were used, the seconds of the fit and forecast, and the whole-tumour Dice of fk, lci
+and linear on that last scan; then the mean and the maximum time. ``--no-tissue`` hides the tissue maps (the
+homogeneous model). Target: at most 30 s per patient on 2 CPU cores at the default 32^3 crop.
 """
 
 from __future__ import annotations
@@ -26,27 +29,34 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=6)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-tissue", dest="tissue", action="store_false", help="ignore the store's tissue maps")
     args = ap.parse_args()
+
+    import dataclasses
 
     import torch
     from rich.console import Console
     from rich.table import Table
 
-    from longitudinal.data.context import PatientSeries
-    from longitudinal.data.crops import read_crop
+    from longitudinal.data.context import PatientSeries, read_box
     from longitudinal.evaluation import metrics as M
     from longitudinal.predict import Predictor
     from storage.store import CohortStore
 
+    torch.set_num_threads(args.threads)
     console = Console(width=120)
     store = CohortStore.open(args.store)
     predictors = {k: Predictor.baseline(k, (32, 32, 32), device=args.device) for k in ("fk", "lci", "linear")}
-    table = Table(title=f"fk fit + forecast of the last scan, {torch.get_num_threads()} torch threads, {args.device}")
-    for col in ("patient", "context scans", "gap days", "fk s", "Dice fk", "Dice lci", "Dice linear"):
+    table = Table(title=f"fk fit + forecast of the last scan, {torch.get_num_threads()} torch threads, {args.device}"
+                        f"{'' if args.tissue else ', tissue maps ignored'}")
+    for col in ("patient", "context scans", "crop mm", "tissue", "gap days", "fk s", "Dice fk", "Dice lci",
+                "Dice linear"):
         table.add_column(col, justify="right")
     times = []
     for pid in store.patient_ids()[: args.patients]:
-        series = PatientSeries(store.arrays(pid))
+        arrays = store.arrays(pid)
+        series = PatientSeries(arrays if args.tissue else dataclasses.replace(arrays, tissue=None))
         n = len(series.days)
         if n < 2:
             continue
@@ -57,11 +67,14 @@ def main() -> None:
                                   keep_samples=True).queries[0]
             if name == "fk":
                 seconds = time.perf_counter() - t0
-            truth = torch.from_numpy(read_crop(series.arrays.label, (n - 1,), q.crop.start, q.crop.size)) > 0
+            # The truth on the forecast's crop grid (its stride adapts to the tumour: majority class per block).
+            truth = torch.from_numpy(read_box(series.arrays.label, (n - 1,), q.crop, labels=True)) > 0
             dice[name] = M.dice(q.probs.mean(0).argmax(0) > 0, truth)
         times.append(seconds)
-        table.add_row(pid, str(min(n - 1, predictors["fk"].data.max_context)), f"{q.gap_days:.0f}", f"{seconds:.1f}",
-                      *(f"{dice[k]:.3f}" for k in ("fk", "lci", "linear")))
+        crop_mm = q.crop.stride * float(series.spacing_mm[0])
+        table.add_row(pid, str(min(n - 1, predictors["fk"].data.max_context)), f"{crop_mm:g}",
+                      "yes" if getattr(series.arrays, "tissue", None) is not None else "no", f"{q.gap_days:.0f}",
+                      f"{seconds:.1f}", *(f"{dice[k]:.3f}" for k in ("fk", "lci", "linear")))
     console.print(table)
     if times:
         console.print(f"fk seconds per patient: mean {statistics.mean(times):.1f}, max {max(times):.1f} "

@@ -5,6 +5,10 @@ benchmark can be re-run or extended cheaply. Training uses the tuned default Tra
 wall-clock budget comes from --budget-s. Evaluation forecasts every later scan of the held-out (test split)
 patients from their earlier scans and prints the per-horizon table with lci, linear and every trained model.
 
+The personalised Fisher-Kolmogorov model ``fk`` (fitted per target from its context scans, with the store's
+tissue maps and treatments) is scored on the same targets, and a last table gives each model's volume error
+over fk's per bin (``--no-fk`` leaves it out).
+
 Target: tfm beats lci on whole-tumour Dice and on volume error in every horizon bin of 90 days or
 more, and its advantage (the absolute gain over lci: Dice points and ml of volume error) grows with the
 horizon; the relative skill 1 - err/err_lci is printed beside it. Target: the calibrated 80% / 95% volume
@@ -48,6 +52,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="forecast samples per target for sampled models")
     ap.add_argument("--ingest-workers", type=int, default=2)
     ap.add_argument("--json", type=Path, help="rows JSON (default: <work>/forecast_quality.json)")
+    ap.add_argument("--no-fk", dest="fk", action="store_false",
+                    help="leave out the personalised Fisher-Kolmogorov reference (fitted per target: slow)")
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training (train kinds in separate runs, then score them together with a run "
                          "without this flag: finished runs are reused)")
@@ -56,7 +62,7 @@ def main() -> None:
     import longitudinal.models  # noqa: F401  (registers every model kind)
     from longitudinal.evaluation.harness import EvalConfig, evaluate_models
     from longitudinal.ingest import ingest_cohort
-    from longitudinal.models.base import MODEL_KINDS
+    from longitudinal.models.base import MODEL_KINDS, build_model
     from longitudinal.models.checkpoint import Checkpoint
     from longitudinal.settings import Settings
     from longitudinal.synth import generate_cohort
@@ -125,11 +131,13 @@ def main() -> None:
 
     if args.train_only:
         return
-    # 4. evaluate on the held-out patients, every model beside lci and linear
+    # 4. evaluate on the held-out patients, every model beside lci, linear and the physical reference fk (fitted
+    # per patient from its context scans, with the store's tissue maps and treatments; nothing trained)
     t = time.perf_counter()
     ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, normalize=cfg.normalize,
                       n_samples=args.samples, seed=cfg.seed)
-    report = evaluate_models(trained, store_url, list(split.test), ecfg)
+    scored = {**trained, "fk": build_model("fk")} if args.fk else dict(trained)
+    report = evaluate_models(scored, store_url, list(split.test), ecfg)
     timings["evaluate_s"] = time.perf_counter() - t
     out = report.to_json(args.json or work / "forecast_quality.json")
 
@@ -141,6 +149,8 @@ def main() -> None:
     console.print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     for kind in trained:
         _verdict(console, report.rows, kind)
+    if args.fk:
+        _versus_fk(console, report.rows, [k for k in ("lci", "linear", *trained) if k != "fk"])
 
     # 5. temporal coherence of the sampled trajectories on the same held-out patients
     from longitudinal.evaluation.coherence import trajectory_coherence
@@ -155,6 +165,26 @@ def main() -> None:
             console.print(f"{kind}: {c.monotone_fraction:.1%} of {c.n_trajectories} sampled trajectories "
                           f"({c.n_patients} patients x {args.samples}) never shrink over gaps {list(c.grid_days)} d")
     (work / "coherence.json").write_text(json.dumps(coherence, indent=2))
+
+
+def _versus_fk(console: Console, rows: list[dict], kinds: list[str]) -> None:
+    """Per horizon bin: each model's whole-tumour volume error (ml) over fk's on the same targets (< 1: the
+    model beats the physical reference; fk's error itself in the first column)."""
+    from rich.table import Table
+
+    fk = {r["horizon"]: r for r in rows if r["model"] == "fk"}
+    table = Table(title="volume error relative to fk (model / fk; < 1 beats fk)", title_justify="left")
+    for col in ("horizon", "n", "fk ml", *kinds):
+        table.add_column(col, justify="right")
+    for horizon, ref in fk.items():
+        err = ref.get("volume_error_ml", float("nan"))
+        cells = []
+        for kind in kinds:
+            mine = next((r for r in rows if r["model"] == kind and r["horizon"] == horizon), None)
+            ratio = mine["volume_error_ml"] / err if mine and ref["n"] and err > 0 else float("nan")
+            cells.append(f"{ratio:.2f}")
+        table.add_row(horizon, str(ref["n"]), f"{err:.1f}", *cells)
+    console.print(table)
 
 
 def _verdict(console: Console, rows: list[dict], kind: str) -> None:

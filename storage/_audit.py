@@ -21,6 +21,7 @@ from storage._records import (
     same_value,
     session_from_attrs,
     sorted_treatments,
+    tissue_checksum,
     treatment_rows,
     treatments_checksum,
     treatments_from_attrs,
@@ -34,6 +35,9 @@ from storage.schema import (
     READ_ONLY_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     TIME_DIMS,
+    TISSUE_CHANNELS,
+    TISSUE_DIMS,
+    TISSUE_DTYPE,
     TREATMENT_COLUMNS,
 )
 
@@ -282,7 +286,29 @@ class StoreAudit(CommitProtocol):
             out.append(f"data checksum mismatch (stored {commit.get('data_sha256')}, computed {actual})")
         if bad_labels:
             out.append(f"label values outside {sorted(LABEL_VALUES)}: {sorted(bad_labels)}")
-        return out
+        return out + _verify_tissue(members.get("tissue"), commit.get("tissue_sha256"), tuple(image.shape[2:]))
+
+
+def _verify_tissue(arr: Any, expected: str | None, grid: tuple[int, ...]) -> list[str]:
+    """The optional tissue maps against their layout and their checksum (none at all is sound)."""
+    if arr is None:
+        return [] if expected is None else ["tissue checksum recorded but the tissue array is missing"]
+    out = []
+    if tuple(arr.metadata.dimension_names or ()) != TISSUE_DIMS:
+        out.append(f"tissue dims {arr.metadata.dimension_names} != {TISSUE_DIMS}")
+    if arr.dtype != np.dtype(TISSUE_DTYPE):
+        out.append(f"tissue dtype {arr.dtype} != {np.dtype(TISSUE_DTYPE)}")
+    if tuple(arr.shape) != (len(TISSUE_CHANNELS), *grid):
+        out.append(f"tissue shape {tuple(arr.shape)} != {(len(TISSUE_CHANNELS), *grid)}")
+    if expected is None:
+        return [*out, "tissue array present but no tissue checksum in the commit attribute"]
+    try:
+        actual = tissue_checksum(arr)
+    except Exception as exc:
+        return [*out, f"tissue unreadable ({type(exc).__name__}: {exc})"]
+    if actual != expected:
+        out.append(f"tissue checksum mismatch (stored {expected}, computed {actual})")
+    return out
 
 
 def _same_cell(a: Any, b: Any) -> bool:

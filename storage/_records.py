@@ -25,6 +25,11 @@ CHECKSUM_DEFINITION = (
     "followed by the time array bytes (float64 little-endian)"
 )
 
+TISSUE_CHECKSUM_DEFINITION = (
+    "sha256 of the tissue array bytes (float16 little-endian, C order, white matter then grey matter); "
+    "only patients with tissue maps carry it, so the data checksum of the others is unchanged"
+)
+
 TREATMENTS_CHECKSUM_DEFINITION = (
     "sha256 of the patient attribute 'treatments' as JSON: a list of objects in stored order, keys sorted, "
     "separators ',' and ':', ASCII only"
@@ -73,7 +78,9 @@ class PatientArrays:
     image: zarr.Array (T, C, Z, Y, X) float32; label: zarr.Array (T, Z, Y, X) uint8 (read slices on demand).
     days: (T,) float64 days since baseline. spacing_mm: (z, y, x) mm. affine: (4, 4) voxel (x, y, z) -> RAS mm.
     channels: C channel names. sessions: T SessionRecords in time order. treatments: the patient's
-    TreatmentRecords (days since the baseline scan's calendar date; empty in a schema v1 store).
+    TreatmentRecords (days since the baseline scan's calendar date; empty in a schema v1 store). tissue:
+    zarr.Array (2, Z, Y, X) float16 white- and grey-matter probabilities in [0, 1] on the same grid
+    (``storage.schema.TISSUE_CHANNELS``), or None when the patient has none (stores written before them).
     """
 
     patient_id: str
@@ -85,6 +92,15 @@ class PatientArrays:
     channels: tuple[str, ...]
     sessions: list[SessionRecord] = field(default_factory=list)
     treatments: list[TreatmentRecord] = field(default_factory=list)
+    tissue: Any = None
+
+
+def tissue_checksum(tissue: Any) -> str:
+    """sha256 of the tissue maps (see TISSUE_CHECKSUM_DEFINITION); ``tissue``: (2, Z, Y, X) array-like."""
+    h = hashlib.sha256()
+    for k in range(int(tissue.shape[0])):
+        h.update(np.ascontiguousarray(np.asarray(tissue[k]), dtype="<f2").tobytes())
+    return h.hexdigest()
 
 
 def data_checksum(image: Any, label: Any, days: np.ndarray) -> str:

@@ -13,10 +13,12 @@ import numpy as np
 
 from storage._records import (
     CHECKSUM_DEFINITION,
+    TISSUE_CHECKSUM_DEFINITION,
     TREATMENTS_CHECKSUM_DEFINITION,
     data_checksum,
     json_safe,
     reference_nifti,
+    tissue_checksum,
     treatments_attr,
     treatments_checksum,
 )
@@ -28,6 +30,10 @@ from storage.schema import (
     LABEL_VALUES,
     SCHEMA_VERSION,
     TIME_DIMS,
+    TISSUE_CHANNELS,
+    TISSUE_CHUNKS,
+    TISSUE_DIMS,
+    TISSUE_DTYPE,
     PatientRecord,
 )
 
@@ -41,6 +47,8 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
     Chunks: one time point and channel per chunk, spatial chunks of at most IMAGE_CHUNKS voxels, zstd. The
     group attribute ``commit`` (generation ``uid``, data and treatments checksums, staging time in Unix
     seconds) is written last. Treatment events go to the attribute ``treatments`` (plain JSON, stored order).
+    Tissue maps, when the record has them, go to the array ``tissue`` (TISSUE_DTYPE) with their own checksum
+    ``tissue_sha256`` in ``commit``, so a patient without them keeps exactly the attributes it had before.
     """
     import zarr
     from zarr.codecs import ZstdCodec
@@ -92,6 +100,7 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
         img[i] = image[i]
         lab[i] = label[i]
     tim[:] = days
+    extra_commit = _write_tissue(group, record.tissue, (z, y, x))
     checksum = data_checksum(image, label, days)
     sessions = list(record.sessions)
     treatments = treatments_attr(list(record.treatments))
@@ -118,7 +127,29 @@ def write_patient_group(zarr_store: Any, record: PatientRecord, uid: str) -> str
                 "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 # Orders generations when recovery finds an abandoned commit (see _finish_commit).
                 "staged_unix": time.time(),
+                **extra_commit,
             },
         }
     )
     return checksum
+
+
+def _write_tissue(group: Any, tissue: np.ndarray | None, grid: tuple[int, int, int]) -> dict[str, str]:
+    """The array ``tissue`` (2, Z, Y, X) when given; returns its entries of the ``commit`` attribute."""
+    if tissue is None:
+        return {}
+    from zarr.codecs import ZstdCodec
+
+    data = np.asarray(tissue).astype(TISSUE_DTYPE)
+    arr = group.create_array(
+        "tissue",
+        shape=data.shape,
+        dtype=TISSUE_DTYPE,
+        chunks=(1, *(min(a, b) for a, b in zip(TISSUE_CHUNKS[1:], grid, strict=True))),
+        compressors=ZstdCodec(level=ZSTD_LEVEL),
+        fill_value=0.0,
+        dimension_names=TISSUE_DIMS,
+        attributes={"long_name": "tissue probability", "channels": list(TISSUE_CHANNELS)},
+    )
+    arr[...] = data
+    return {"tissue_sha256": tissue_checksum(data), "tissue_checksum_definition": TISSUE_CHECKSUM_DEFINITION}

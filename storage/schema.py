@@ -7,6 +7,8 @@ Layout (Zarr v3)::
         image  (time, channel, z, y, x) float32, chunks (1, 1, 64, 64, 64), zstd
         label  (time, z, y, x)          uint8 (0 background, 1 oedema/non-enhancing, 2 enhancing)
         time   (time)                   float64, days since the patient's baseline scan
+        tissue (tissue, z, y, x)        float16, optional: white- and grey-matter probability in [0, 1]
+                                        (TISSUE_CHANNELS) on the reference grid; absent when unknown
         attrs: see PatientRecord; ``treatments`` lists the patient's TreatmentRecords (plain JSON)
       index/<patient_id>.parquet     one row per session (INDEX_COLUMNS); ``pandas.read_parquet(store/"index")``
                                      reads the whole cohort as one table
@@ -36,6 +38,12 @@ LABEL_CHUNKS = (1, 64, 64, 64)
 IMAGE_DIMS = ("time", "channel", "z", "y", "x")
 LABEL_DIMS = ("time", "z", "y", "x")
 TIME_DIMS = ("time",)
+# Optional per-patient tissue maps (the MNI152 templates registered to the baseline scan at ingest): float16 keeps
+# probabilities to about 1e-3 at half the bytes of float32, and reads back as a plain float array.
+TISSUE_CHANNELS = ("white_matter", "grey_matter")
+TISSUE_DIMS = ("tissue", "z", "y", "x")
+TISSUE_CHUNKS = (1, 64, 64, 64)
+TISSUE_DTYPE = "float16"
 LABEL_VALUES = {0: "background", 1: "oedema/non-enhancing", 2: "enhancing"}
 
 # Patient ids become path components (group names, index file names): a strict whitelist, no separators,
@@ -214,6 +222,8 @@ class PatientRecord:
     sessions: one SessionRecord per time point, same order as days.
     treatments: the patient's treatment events (TreatmentRecord), ordered by start date then kind; days are
         counted from the calendar date of sessions[0].
+    tissue: (2, Z, Y, X) white- and grey-matter probabilities in [0, 1] on the reference grid (TISSUE_CHANNELS;
+        stored as TISSUE_DTYPE), or None when unknown.
     """
 
     patient_id: str
@@ -225,6 +235,7 @@ class PatientRecord:
     reference_affine: np.ndarray
     sessions: list[SessionRecord]
     treatments: list[TreatmentRecord] = field(default_factory=list)
+    tissue: np.ndarray | None = None
 
     def check(self) -> list[str]:
         """Every inconsistency in this record (empty when valid)."""
@@ -271,4 +282,11 @@ class PatientRecord:
             problems.append("treatment events are not unique by (kind, start_date)")
         if self.treatments and not self.sessions:
             problems.append("treatment events need at least one session to count days from")
+        if self.tissue is not None:
+            tissue = np.asarray(self.tissue)
+            want = (len(TISSUE_CHANNELS), *self.image.shape[2:])
+            if tissue.shape != want:
+                problems.append(f"tissue shape {tissue.shape} != {want} (channels {list(TISSUE_CHANNELS)}, grid)")
+            elif not (np.all(np.isfinite(tissue)) and tissue.min(initial=0) >= 0 and tissue.max(initial=0) <= 1):
+                problems.append("tissue must hold finite probabilities in [0, 1]")
         return problems

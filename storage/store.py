@@ -5,6 +5,7 @@ Layout (schema v2, see :mod:`storage.schema`)::
     <store>/zarr.json                     root group; attrs schema_version, created_by, reference_space
     <store>/patients/zarr.json            group holding one group per committed patient
     <store>/patients/<pid>/{image,label,time}   attrs include ``treatments`` (the patient's events, JSON)
+    <store>/patients/<pid>/tissue         optional (2, z, y, x) float16 white/grey-matter probabilities
     <store>/index/<pid>.parquet           one row per session; ``pandas.read_parquet("<store>/index")``
     <store>/treatments/<pid>.parquet      one row per treatment event (none: an empty table);
                                           ``pandas.read_parquet("<store>/treatments")``
@@ -292,6 +293,7 @@ class CohortStore(StoreAudit):
             channels=tuple(attrs["channels"]),
             sessions=[session_from_attrs(d) for d in attrs["sessions"]],
             treatments=treatments_from_attrs(attrs),
+            tissue=group["tissue"] if "tissue" in group else None,
         )
 
     def read_patient(self, pid: str) -> PatientRecord:
@@ -307,6 +309,7 @@ class CohortStore(StoreAudit):
             reference_affine=a.affine,
             sessions=a.sessions,
             treatments=a.treatments,
+            tissue=None if a.tissue is None else np.asarray(a.tissue[...], dtype=np.float32),
         )
 
     def patient_treatments(self, pid: str) -> list[TreatmentRecord]:

@@ -55,6 +55,29 @@ def resolve_cmd(
     console.print_json(data=resolved.to_dict())
 
 
+@models_app.command("register-closed-form")
+def register_closed_form_cmd(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="A kind that needs no training: lci, linear or fk."),
+    name: str | None = typer.Option(None, "--name", help="Registered model name (default tumor-growth-forecaster)."),
+    alias: list[str] = typer.Option([], "--alias", help="Alias to set on the new version (repeatable)."),
+) -> None:
+    """Register a closed-form kind as a new model version (the same forecast as `forecast --model KIND`)."""
+    from rich.markup import escape
+
+    from longitudinal.tracking.logged_model import register_closed_form
+
+    settings = settings_of(ctx)
+    print_locations(settings, ("mlflow",))
+    try:
+        version, model_uri = register_closed_form(settings, kind, name, tuple(alias))
+    except ValueError as exc:
+        fail(escape(str(exc)))
+    shown = name or settings.registered_model_name
+    console.print(f"registered {kind} as {shown}/{version} ({model_uri})" + (f", aliases {', '.join(alias)}"
+                                                                              if alias else ""))
+
+
 def register(app: typer.Typer) -> None:
     """Add `longitudinal models ...` to the root app."""
     app.add_typer(models_app, name="models")

@@ -35,6 +35,7 @@ from longitudinal.registration.rigid import (
     registration_qc,
     resample_onto,
 )
+from longitudinal.registration.tissue import attach_tissue
 from longitudinal.settings import CHANNELS, Settings
 from storage.schema import PatientRecord, SessionRecord, TreatmentRecord
 
@@ -240,9 +241,8 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
         # The merge runs under the patient's lock on what is committed then, so a concurrent ingest of the
         # same patient is merged with, never overwritten.
         note = _MergeNote()
-        update = store.update_patient(
-            pid, lambda current: _merge(pid, current, existing, entries, config, affine, spacing, pending, note)
-        )
+        update = store.update_patient(pid, lambda current: attach_tissue(  # tissue maps of the baseline scan
+            _merge(pid, current, existing, entries, config, affine, spacing, pending, note), current))
         if update.record is None and not note.unchanged:
             # Another writer changed the patient in a way these entries were not prepared for: redo it from
             # the new state (each redo follows someone else's commit, so this ends).

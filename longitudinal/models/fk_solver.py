@@ -79,8 +79,9 @@ class BatchedFisherKolmogorov:
         c = c0.float().clamp(0, 1).expand_as(self.domain).clone()
         return torch.where(self.domain, c, torch.zeros((), device=c.device))
 
-    def step(self, c: Tensor, dt: float) -> Tensor:
-        """``c`` [P, *grid] advanced by ``dt`` days (dt <= self.dt), in place; returns it."""
+    def step(self, c: Tensor, dt: float, rho_scale: float = 1.0) -> Tensor:
+        """``c`` [P, *grid] advanced by ``dt`` days (dt <= self.dt), in place; returns it. ``rho_scale`` in [0, 1]
+        multiplies every set's proliferation rate for this step (a cytostatic drug; 1: untreated)."""
         lap = torch.zeros_like(c)
         for axis, coef in enumerate(self._coef):
             n = c.shape[axis + 1]
@@ -89,19 +90,22 @@ class BatchedFisherKolmogorov:
             lap.narrow(axis + 1, 1, n - 1).sub_(flux)
         c.add_(lap, alpha=dt)
         # Exact logistic over dt: c <- c e / (1 + c (e - 1)), e = exp(rho dt) per parameter set.
-        e = torch.exp(self.rho * dt).view(-1, *([1] * self.ndim))
+        e = torch.exp(self.rho * (dt * rho_scale)).view(-1, *([1] * self.ndim))
         c.mul_(e).div_(1 + c / e * (e - 1))
         return c
 
-    def advance(self, c: Tensor, duration: float) -> Tensor:
-        """``c`` advanced in place by ``duration`` days (>= 0) in equal steps no longer than ``self.dt``."""
+    def advance(self, c: Tensor, duration: float, rho_scale: float = 1.0) -> Tensor:
+        """``c`` advanced in place by ``duration`` days (>= 0) in equal steps no longer than ``self.dt``, the
+        proliferation rate scaled by ``rho_scale`` (in [0, 1]; 1: untreated)."""
         if duration < 0:
             raise ValueError(f"duration must be >= 0 days, got {duration}")
+        if not 0.0 <= rho_scale <= 1.0:
+            raise ValueError(f"rho_scale must be in [0, 1], got {rho_scale}")
         if duration == 0:
             return c
         n = max(1, math.ceil(duration / self.dt - 1e-9))
         for _ in range(n):
-            self.step(c, duration / n)
+            self.step(c, duration / n, rho_scale)
         return c
 
     def snapshots(self, c0: Tensor, days: Sequence[float]) -> Tensor:

@@ -108,6 +108,43 @@ def log_forecaster(checkpoint: Path | str, run_id: str, tracking_uri: str, name:
     return info.model_uri
 
 
+# The crop ``longitudinal forecast --model <kind>`` applies to a closed-form kind (``longitudinal.forecast.api``).
+CLOSED_FORM_CROP = (32, 32, 32)
+
+
+def register_closed_form(settings: Any, kind: str, name: str | None = None, aliases: tuple[str, ...] = ()
+                         ) -> tuple[str, str]:
+    """Register a kind that needs no training (``lci``, ``linear``, ``fk``) as a new version of ``name`` (default
+    ``settings.registered_model_name``), logged like a trained model: the pyfunc of a new run of the tracking
+    experiment, version tags ``model_kind`` and ``closed_form``, then ``aliases`` set on it (no gate: nothing
+    was trained to compare). The checkpoint is what ``longitudinal forecast --model <kind>`` applies: the
+    default config, ``CLOSED_FORM_CROP``, the default data settings, channels ``CHANNELS`` and the store's
+    ``target_spacing_mm``, so both give the same forecast. Returns (version, model uri). Raises ValueError for a
+    kind that needs weights."""
+    from longitudinal.models.base import build_model, closed_form_kinds
+    from longitudinal.settings import CHANNELS
+    from longitudinal.tracking import uri
+    from longitudinal.tracking.registry import register_version
+
+    if kind not in closed_form_kinds():
+        raise ValueError(f"model kind {kind!r} needs trained weights; closed-form kinds: {closed_form_kinds()}")
+    name = name or settings.registered_model_name
+    client = uri.client(settings)
+    run_id = client.create_run(uri.ensure_experiment(settings), run_name=f"closed-form-{kind}",
+                               tags={"model_kind": kind}).info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        Checkpoint.of_model(build_model(kind), CHANNELS, (settings.target_spacing_mm,) * 3, CLOSED_FORM_CROP,
+                            provenance={"closed_form": True}).save(path)
+        model_uri = log_forecaster(path, run_id, settings.tracking_uri)
+    mv, _ = register_version(client, name, model_uri, run_id, model_uri.removeprefix("models:/"),
+                             {"model_kind": kind, "closed_form": "true", "intervals": "raw samples"})
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, mv.version)
+    client.set_terminated(run_id)
+    return str(mv.version), model_uri
+
+
 def _requirements() -> list[str]:
     """Pinned runtime requirements (explicit, so MLflow does not import the model to infer them)."""
     from importlib.metadata import PackageNotFoundError, version

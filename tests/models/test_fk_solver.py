@@ -98,3 +98,18 @@ def test_bad_problems_are_reported_together() -> None:
         BatchedFisherKolmogorov(-torch.ones(2, 4, 4), torch.ones(5, 4, dtype=torch.bool), (1.0,), torch.ones(3))
     msg = str(info.value)
     assert "spacing_mm" in msg and "grid" in msg and "rho holds 3" in msg and ">= 0" in msg
+
+
+def test_rho_scale_slows_growth_as_a_lower_rate_would() -> None:
+    g = torch.Generator().manual_seed(1)
+    grid = (8, 9, 10)
+    d, c0 = 0.1 + torch.rand(2, *grid, generator=g), torch.rand(grid, generator=g)
+    solver = BatchedFisherKolmogorov(d, torch.ones(grid, dtype=torch.bool), 2.0, torch.tensor([0.02, 0.04]))
+    plain = solver.advance(solver.initial(c0), 30.0)
+    assert torch.equal(solver.advance(solver.initial(c0), 30.0, rho_scale=1.0), plain)
+    halved = BatchedFisherKolmogorov(d, torch.ones(grid, dtype=torch.bool), 2.0, torch.tensor([0.01, 0.02]))
+    halved.dt = solver.dt  # the same steps, so only the rate differs
+    expected = halved.advance(halved.initial(c0), 30.0)
+    assert torch.allclose(solver.advance(solver.initial(c0), 30.0, rho_scale=0.5), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="rho_scale"):
+        solver.advance(solver.initial(c0), 1.0, rho_scale=1.5)
