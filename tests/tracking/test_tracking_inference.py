@@ -64,7 +64,7 @@ def test_params_name_the_queries_as_the_cli_does(tmp_path: Path) -> None:
         served.predict(frame, {"query_days": [90.0]}, settings)
     with pytest.raises(ValueError, match="no query"):
         served.predict(frame, {}, settings)
-    with pytest.raises(ValueError, match="'at' dates need a 'date' column"):
+    with pytest.raises(ValueError, match="'at' and 'plan' dates need a 'date' column"):
         served.predict(frame, {"at": ["2024-05-01"]}, settings)
     out = served.predict(frame, {"in_days": [30.0], "days_since_baseline": [150.0]}, settings)
     assert out["days_since_baseline"].tolist() == [150.0] and out["days_after_last_scan"].tolist() == [30.0]
