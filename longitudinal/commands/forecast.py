@@ -78,7 +78,8 @@ def print_forecast_table(result: Any) -> None:
         when = ", ".join(f"{q.days_after_last_scan:+.0f} d: {q.served_by}" for q in result.queries
                          if q.served_by != "model")
         console.print(f"served by a simple baseline at {when} (the model did worse at that horizon on its "
-                      "validation patients)")
+                      "validation patients)" + ("; these baselines ignore treatment, so the plan cannot change "
+                                                "those forecasts" if planned else ""))
     whole = result.intervals.get("whole") or {}
     if whole.get("calibrated"):
         console.print(f"volume intervals: calibrated on {whole['calibration_targets']} targets of "
