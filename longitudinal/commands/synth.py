@@ -1,4 +1,4 @@
-"""CLI commands for the 'synth' area: `longitudinal synth OUT --patients N --seed S --preset tiny|default
+"""CLI commands for the 'synth' area: `longitudinal synth OUT --patients N --seed S --preset tiny|default|hard
 [--treated-fraction F] [--layout bids|lumiere]`."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def synth_cmd(
         None, help="Folder to write (default: the workspace data location; '<it>-lumiere' for --layout lumiere)."),
     patients: int = typer.Option(8, "--patients", "-n", min=1, help="Number of synthetic patients."),
     seed: int = typer.Option(0, "--seed", min=0, help="Cohort seed: the same seed gives the same cohort."),
-    preset: str = typer.Option("default", "--preset", help="tiny (4 mm, for tests) | default (2 mm)."),
+    preset: str = typer.Option("default", "--preset",
+                               help="tiny (4 mm, for tests) | default (2 mm) | hard (2 mm; tumours past 150 ml, "
+                                    "wide resections, strong bias)."),
     treated_fraction: float = typer.Option(
         0.5, "--treated-fraction", min=0.0, max=1.0,
         help="Share of patients treated after their baseline scan (resection, radiotherapy, temozolomide); "

@@ -41,4 +41,8 @@ def normalise(data: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(data[mask], [LOW_PERCENTILE, HIGH_PERCENTILE])
     if hi <= lo:
         return np.zeros_like(data)
-    return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    # In float32 and in place: a float64 round trip would cost three full-volume temporaries for differences
+    # below float32's own rounding.
+    out = np.subtract(data, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -88,6 +88,12 @@ PRESETS: dict[str, SynthPreset] = {
     "tiny": SynthPreset(name="tiny", spacing_mm=4.0, solver_half_width_mm=64.0, visits=(3, 5)),
     # The MNI152 2 mm grid: the cohort the demo and the pipeline use.
     "default": SynthPreset(name="default", spacing_mm=2.0, solver_half_width_mm=64.0, visits=(3, 8)),
+    # A stress test of registration and its QC on the 2 mm grid: large tumours that grow past 150 ml (a wider
+    # solver box holds them), wide resection margins (big cavities when treated) and strong per-visit bias
+    # fields, whose quadratic terms also change each visit's overall gain.
+    "hard": SynthPreset(name="hard", spacing_mm=2.0, solver_half_width_mm=90.0, visits=(4, 6),
+                        baseline_volume_ml=(20.0, 80.0), max_volume_ml=350.0, radial_growth_mm=(15.0, 45.0),
+                        resection_margin_mm=(6.0, 12.0), bias_strength=0.15),
 }
 
 

@@ -135,9 +135,9 @@ def test_qc_metric_known_answers():
 
 def test_config_rejects_bad_choices_all_at_once():
     with pytest.raises(ValueError) as err:
-        RegistrationConfig(kind="bspline", shrink_factors=(4, 2), sampling_fraction=2.0)
+        RegistrationConfig(kind="bspline", shrink_factors=(4, 2), samples=(0, 10, 10), metrics=("ncc",) * 3)
     msg = str(err.value)
-    assert "'rigid', 'affine'" in msg and "same length" in msg and "sampling_fraction" in msg
+    assert "'rigid', 'affine'" in msg and "same length" in msg and "samples" in msg and "metrics" in msg
 
 
 def test_registration_qc_ignores_bias_but_catches_misregistration():
