@@ -42,6 +42,22 @@ def fit_volume_calibration(
     ``engine``: forecast the patients on a Dask cluster (``evaluate_models``; None: the engine the caller
     entered, else this process), the same scores either way.
     Raises ValueError when the model is not sampled or the patients give no target."""
+    recs = calibration_records(model, store_url, patient_ids, config, max_targets, progress, engine)
+    return calibrations_from_records(recs, config.bins, offset_years, form, difficulty_ml)
+
+
+def calibration_records(
+    model: ForecastModel | Predictor | Checkpoint,
+    store_url: str,
+    patient_ids: Sequence[str],
+    config: EvalConfig,
+    max_targets: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    engine: Any = None,
+) -> list[dict[str, Any]]:
+    """The evaluation records a calibration is fitted from: ``model``'s forecasts of the targets of
+    ``patient_ids`` (arguments as in ``fit_volume_calibration``; a checkpoint's own calibration is dropped).
+    Raises ValueError when the model is not sampled or the patients give no target."""
     if isinstance(model, Checkpoint):
         model = Predictor.from_checkpoint(replace(model, calibration={}), config.device)
     if not model.stochastic:
@@ -51,7 +67,7 @@ def fit_volume_calibration(
     recs = [r for r in report.records if r["model"] == "model"]
     if not recs:
         raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
-    return calibrations_from_records(recs, config.bins, offset_years, form, difficulty_ml)
+    return recs
 
 
 def calibrations_from_records(

@@ -20,18 +20,17 @@ import csv
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longitudinal.evaluation.calibration import calibrations_from_records
+from longitudinal.evaluation.calibration import calibration_records, calibrations_from_records
 from longitudinal.evaluation.harness import (
     ALL_STRATUM,
     HORIZON_BINS,
     EvalConfig,
     EvaluationReport,
     aggregate,
-    evaluate_models,
     in_stratum,
 )
 from longitudinal.models.base import ForecastModel
@@ -201,13 +200,5 @@ def fit_stratified_calibration(
     calibrations) plus one calibration per treatment stratum with at least ``min_targets`` of the targets
     (``calibrations_by_stratum``). Raises ValueError when the model is not sampled or the patients give no
     target."""
-    if isinstance(model, Checkpoint):
-        model = Predictor.from_checkpoint(replace(model, calibration={}), config.device)
-    if not model.stochastic:
-        raise ValueError(f"{model.kind}: only sampled models get a volume calibration")
-    report = evaluate_models({"model": model}, store_url, list(patient_ids), config, progress,
-                             max_targets=max_targets, baselines=False, engine=engine)
-    recs = [r for r in report.records if r["model"] == "model"]
-    if not recs:
-        raise ValueError(f"no calibration target: patients {list(patient_ids)} have no scan after their first")
+    recs = calibration_records(model, store_url, patient_ids, config, max_targets, progress, engine)
     return calibrations_by_stratum(recs, config.bins, offset_years, form, difficulty_ml, min_targets)

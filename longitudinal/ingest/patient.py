@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from longitudinal import __version__
 from longitudinal.ingest.deid import public_text, session_label, shift_date
 from longitudinal.ingest.files import FileLimits
+from longitudinal.ingest.patient_events import PendingEvent, event_record, new_events, rebased
 from longitudinal.ingest.preprocess import normalise, to_ras
 from longitudinal.ingest.report import PatientOutcome, SessionOutcome, TreatmentOutcome, write_quarantine
 from longitudinal.ingest.sources import PatientSource, discover_cached
@@ -37,7 +38,7 @@ from longitudinal.registration.rigid import (
 )
 from longitudinal.registration.tissue import attach_tissue
 from longitudinal.settings import CHANNELS, Settings
-from storage.schema import PatientRecord, SessionRecord, TreatmentRecord
+from storage.schema import PatientRecord, SessionRecord
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,6 @@ class _Entry:
     label: np.ndarray
 
 
-@dataclass(frozen=True)
-class _Event:
-    """One treatment event ready to merge: dates already shifted (the store's calendar)."""
-
-    kind: str
-    start: dt.date
-    end: dt.date | None
-    origin: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.kind, self.start.isoformat())
-
-
 @dataclass
 class _MergeNote:
     """What the last run of ``_merge`` decided: ``unchanged`` (nothing new to write: every event is already
@@ -97,28 +84,6 @@ class _MergeNote:
 
     unchanged: bool = False
     added: set[tuple[str, str]] = field(default_factory=set)
-
-
-def _shift_day(day: dt.date, raw_id: str, secret: bytes) -> dt.date:
-    """A calendar date shifted by the patient's keyed date shift (the same shift as its scans)."""
-    return shift_date(dt.datetime.combine(day, dt.time()), raw_id, secret).date()
-
-
-def _event_record(event: _Event, base: dt.date) -> TreatmentRecord:
-    """The stored form of ``event``: whole days since ``base`` (the baseline scan's shifted calendar date)."""
-    return TreatmentRecord(
-        kind=event.kind,
-        start_days=float((event.start - base).days),
-        start_date=event.start.isoformat(),
-        end_days=None if event.end is None else float((event.end - base).days),
-        end_date=None if event.end is None else event.end.isoformat(),
-    )
-
-
-def _rebased(record: TreatmentRecord, base: dt.date) -> TreatmentRecord:
-    """``record`` with its days recounted from ``base`` (a new baseline scan came before the old one)."""
-    end = None if record.end_date is None else dt.date.fromisoformat(record.end_date)
-    return _event_record(_Event(record.kind, dt.date.fromisoformat(record.start_date), end, ""), base)
 
 
 def ingest_patient(
@@ -200,7 +165,7 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
             ))
         else:
             candidates.append(k)
-    pending = _new_events(patient, store.patient_treatments(pid) if known else [], secret, outcome, refuse_event)
+    pending = new_events(patient, store.patient_treatments(pid) if known else [], secret, outcome, refuse_event)
     if not candidates and not pending:
         outcome.report_path = write_quarantine(settings, pid, quarantine)
         return outcome
@@ -268,48 +233,15 @@ def process_patient(patient: PatientSource, store, settings: Settings, config: I
     return outcome
 
 
-def _new_events(
-    patient: PatientSource,
-    stored: list[TreatmentRecord],
-    secret: bytes,
-    outcome: PatientOutcome,
-    refuse_event: Callable[..., None],
-) -> list[_Event]:
-    """The patient's treatment rows that are not stored yet, their dates shifted. A row whose event (kind and
-    shifted start date) is stored is skipped, or refused when its end date differs from the stored one."""
-    by_key = {t.key: t for t in stored}
-    pending: list[_Event] = []
-    for row in patient.treatments:
-        try:
-            start = _shift_day(row.start, patient.raw_id, secret)
-            end = None if row.end is None else _shift_day(row.end, patient.raw_id, secret)
-        except OverflowError:  # only with a date window configured down to year 1
-            refuse_event(row.origin, [f"date out of range at {row.origin}: it cannot be shifted"], row.kind)
-            continue
-        event = _Event(row.kind, start, end, row.origin)
-        hit = by_key.get(event.key)
-        if hit is None:
-            pending.append(event)
-        elif hit.end_date == (None if end is None else end.isoformat()):
-            outcome.treatments.append(TreatmentOutcome(
-                origin=public_text(row.origin, patient.raw_id, patient.patient_id), status="skipped",
-                kind=row.kind, start_days=hit.start_days, end_days=hit.end_days,
-            ))
-        else:
-            refuse_event(row.origin, [f"conflicting treatment at {row.origin}: the stored {row.kind} starting the "
-                                      "same day has another end date"], row.kind)
-    return pending
-
-
 def _anchored_events(
-    pending: list[_Event], existing: list[SessionRecord], entries: list[_Entry], refuse_event: Callable[..., None]
-) -> list[_Event]:
+    pending: list[PendingEvent], existing: list[SessionRecord], entries: list[_Entry], refuse_event: Callable[..., None]
+) -> list[PendingEvent]:
     """The events that can be dated against the patient's scans: refused when no scan of the patient is stored
     or being stored (nothing to count days from), or when the event starts more than LOOKBACK_DAYS before the
     first scan (an impossible date)."""
     dates = [dt.datetime.fromisoformat(s.shifted_date).date() for s in existing if s.shifted_date]
     dates += [e.date.date() for e in entries]
-    keep: list[_Event] = []
+    keep: list[PendingEvent] = []
     for ev in pending:
         if not dates:
             refuse_event(ev.origin, [f"no scan to date the treatment at {ev.origin} against: none of this "
@@ -424,7 +356,7 @@ def _merge(
     config: IngestConfig,
     affine: np.ndarray | None,
     spacing: tuple[float, float, float] | None,
-    events: Sequence[_Event] = (),
+    events: Sequence[PendingEvent] = (),
     note: _MergeNote | None = None,
 ) -> PatientRecord | None:
     """Committed sessions (``current``, read under the patient's lock) + new entries in date order, days
@@ -479,7 +411,7 @@ def _merge(
     items.sort(key=lambda it: it[0])
     base = items[0][0]
     sessions = [dataclasses.replace(s, days=(d - base).total_seconds() / 86400.0) for d, s, _, _ in items]
-    treatments = [_rebased(t, base.date()) for t in committed] + [_event_record(ev, base.date()) for ev in new_events]
+    treatments = [rebased(t, base.date()) for t in committed] + [event_record(ev, base.date()) for ev in new_events]
     note.added = {ev.key for ev in new_events}
     return PatientRecord(
         patient_id=pid,

@@ -18,7 +18,10 @@ from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
 from longitudinal.predict.serving import ServingPolicy, fit_serving_policy
 from longitudinal.training.config import TrainConfig
-from longitudinal.training.validation import ValidationSet, calibration_eval_config
+from longitudinal.training.validation import ValidationSet, calibration_eval_config, weights_digest
+
+# (weights digest, validation targets) -> the policy fitted for them in this process.
+_FITTED: dict[tuple[str, tuple[object, ...]], ServingPolicy] = {}
 
 
 def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: torch.device,
@@ -30,6 +33,12 @@ def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: tor
     if not val:
         return None
     ckpt = Checkpoint.load(path)
+    memo = (weights_digest(ckpt), tuple(it for it in val.items))
+    if memo in _FITTED:  # the final model often is the best one: the same weights choose the same way
+        policy = _FITTED[memo]
+        replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
+        say(f"served per horizon ({path.name}, same weights as a checkpoint chosen for before): {policy.describe()}")
+        return policy
     ecfg = calibration_eval_config(config, device)
     # The model's own forecasts choose: no earlier policy, no calibration (intervals do not enter the choice).
     model = Predictor(ckpt.build(), ckpt.crop_size, ckpt.data, ckpt.channels, ckpt.spacing_mm, device)
@@ -40,6 +49,7 @@ def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: tor
                             progress=lambda m: say(f"serving choice: {m}"))
     edges = [hi for _lo, hi in HORIZON_BINS[:-1]]
     policy = fit_serving_policy(report.records, {k: k for k in predictors}, edges)
+    _FITTED[memo] = policy
     replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
     say(f"served per horizon ({path.name}): {policy.describe()}")
     return policy

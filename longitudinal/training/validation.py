@@ -93,7 +93,7 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
         return dict(ckpt.calibration)
     t = time.perf_counter()
-    memo = json.dumps([_weights_digest(ckpt), key, store_url, config.seed, config.calib_difficulty_ml])
+    memo = json.dumps([weights_digest(ckpt), key, store_url, config.seed, config.calib_difficulty_ml])
     reused = memo in _FITTED
     if reused:
         fitted = _FITTED[memo]
@@ -120,7 +120,8 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
 _FITTED: dict[str, StratifiedCalibration] = {}
 
 
-def _weights_digest(ckpt: Checkpoint) -> str:
+def weights_digest(ckpt: Checkpoint) -> str:
+    """sha256 of the checkpoint's kind and weights: the same model whatever its file or calibration."""
     h = hashlib.sha256(ckpt.kind.encode())
     for name in sorted(ckpt.state_dict):
         h.update(name.encode())

@@ -186,7 +186,8 @@ def test_bids_treatment_tables_are_checked_at_discovery(bids_copy: Path, setting
 
 
 def test_a_new_baseline_scan_recounts_the_event_days():
-    from longitudinal.ingest.patient import IngestConfig, _Entry, _Event, _merge
+    from longitudinal.ingest.patient import IngestConfig, _Entry, _merge
+    from longitudinal.ingest.patient_events import PendingEvent
 
     grid = (4, 5, 3)
 
@@ -200,7 +201,7 @@ def test_a_new_baseline_scan_recounts_the_event_days():
                             [TreatmentRecord("surgery", 7.0, "2031-01-22")])
     earlier = _Entry(dt.datetime(2031, 1, 5, 9, 0), "x", session("ses-20310105", "2031-01-05T09:00:00", "b"),
                      np.zeros((2, *grid), np.float32), np.zeros(grid, np.uint8))
-    course = _Event("radiotherapy", dt.date(2031, 2, 1), dt.date(2031, 3, 12), "y")
+    course = PendingEvent("radiotherapy", dt.date(2031, 2, 1), dt.date(2031, 3, 12), "y")
     merged = _merge(current.patient_id, current, stored, [earlier], IngestConfig(), np.eye(4), (4.0, 4.0, 4.0),
                     [course])
     assert merged is not None and merged.check() == []
