@@ -19,14 +19,27 @@ beside it. Coherence: the fraction of sampled trajectories whose volume never sh
     .venv/bin/python benchmarks/forecast_quality.py                        # 64 patients, 1500 s budget
     .venv/bin/python benchmarks/forecast_quality.py --patients 6 --budget-s 60 --preset tiny   # smoke run
 
-The figures in docs/RESULTS.md trained the kinds one after the other on one torch thread each (the second core
-stayed free for other work; side by side, two jobs each ran at about half speed), then scored them together, on
-128 patients, so that calibration (19 validation patients) and test (26) rest on more patients than the
-default 64 give (10 and 13). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
+The figures in docs/RESULTS.md come from 128 patients, so that calibration (19 validation patients) and test
+(26) rest on more patients than the default 64 give (10 and 13): the cohort is built once, each run then trains
+in its own process on one torch thread, two side by side on 2 cores, and a last call scores them together
+(finished runs are reused). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
 
-    for k in tfm np; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 \
-        --models $k --train-only; done
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --samples 16
+    .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --models '' --train-only
+    for k in tfm np; do for t in aware blind; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py \
+        --work W --patients 128 --models $k --treatment $t --train-only & done; wait; done
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --treatment both \
+        --no-fk
+
+Treatment: every table is printed for all targets, then for targets whose gap holds no treatment event and for
+those whose gap holds one (``longitudinal.evaluation.strata``); ``<work>/targets.csv`` has one row per (patient,
+target, model). ``--treatment both`` also trains each kind's treatment-blind setting (``treatment_aware: false``, run
+``<kind>_blind``) and prints, per stratum and bin with at least 10 targets, the aware-minus-blind and
+aware-minus-lci differences of Dice and volume error with 95% bootstrap intervals over patients. Every kind
+whose checkpoint holds a serving policy is also scored as served (``<kind>_served``: the baseline the policy
+chose where it chose one), against the better of lci and linear per bin. Target (treatment): in the treated
+stratum, aware beats blind and lci on both figures in every bin with at least 10 targets; in the untreated
+stratum, aware is no worse than blind beyond the interval; 80% / 95% coverage within 10 points per stratum and
+bin; the served model no worse than the better of lci and linear in every bin, treated and untreated alike.
 """
 
 from __future__ import annotations
@@ -54,6 +67,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="rows JSON (default: <work>/forecast_quality.json)")
     ap.add_argument("--no-fk", dest="fk", action="store_false",
                     help="leave out the personalised Fisher-Kolmogorov reference (fitted per target: slow)")
+    ap.add_argument("--treatment", choices=("aware", "blind", "both"), default="aware",
+                    help="train / score each kind's default (treatment-aware) setting, its treatment-blind setting "
+                         "(run <kind>_blind), or both and compare them (blind runs train separately in parallel)")
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training (train kinds in separate runs, then score them together with a run "
                          "without this flag: finished runs are reused)")
@@ -64,6 +80,7 @@ def main() -> None:
     from longitudinal.ingest import ingest_cohort
     from longitudinal.models.base import MODEL_KINDS, build_model
     from longitudinal.models.checkpoint import Checkpoint
+    from longitudinal.predict import Predictor
     from longitudinal.settings import Settings
     from longitudinal.synth import generate_cohort
     from longitudinal.training.config import load_train_config
@@ -102,26 +119,36 @@ def main() -> None:
     n_store = len(CohortStore.open(store_url).patient_ids())
     console.print(f"store: {n_store} patients")
 
-    # 3. train each requested trainable kind with the default config (resumes a cached run)
+    # 3. train each requested trainable kind with the default config (resumes a cached run); --treatment adds each
+    # kind's treatment-blind setting as <kind>_blind (--treatment)
     cfg = load_train_config(args.config, budget_s=args.budget_s)
-    trained = {}
+    trained: dict[str, object] = {}
+    served: dict[str, Predictor] = {}
     split = None
+    runs = []
     for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
         if kind not in MODEL_KINDS:
             console.print(f"[yellow]model kind {kind!r} is not registered; skipped[/yellow]")
             continue
-        run = work / "runs" / kind
+        options = dict(cfg.model_options) if kind == cfg.model else {}
+        if args.treatment in ("aware", "both"):
+            runs.append((kind, kind, options))
+        if args.treatment in ("blind", "both"):
+            runs.append((f"{kind}_blind", kind, {**options, "treatment_aware": False}))
+    for name, kind, options in runs:
+        run = work / "runs" / name
         t = time.perf_counter()
-        res = fit(cfg.model_copy(update={"model": kind, "model_options": {} if kind != cfg.model
-                                         else cfg.model_options}),
-                  store_url, run, JsonlLogger(run), progress=lambda m, k=kind: console.print(f"  [{k}] {m}"))
-        timings[f"train_{kind}_s"] = time.perf_counter() - t
+        res = fit(cfg.model_copy(update={"model": kind, "model_options": options}),
+                  store_url, run, JsonlLogger(run), progress=lambda m, k=name: console.print(f"  [{k}] {m}"))
+        timings[f"train_{name}_s"] = time.perf_counter() - t
         if split is not None and res.split.split_id != split.split_id:
-            raise SystemExit(f"{kind} was trained on another split ({res.split.split_id} != {split.split_id})")
+            raise SystemExit(f"{name} was trained on another split ({res.split.split_id} != {split.split_id})")
         split = res.split
-        model = Checkpoint.load(res.checkpoint).build()
-        trained[kind] = model
-        console.print(f"{kind}: {res.steps} steps in {res.wall_s:.0f} s, best val Dice "
+        ckpt = Checkpoint.load(res.checkpoint)
+        trained[name] = ckpt.build()
+        if ckpt.provenance.get("serving") and not name.endswith("_blind"):
+            served[f"{name}_served"] = Predictor.from_checkpoint(ckpt)
+        console.print(f"{name}: {res.steps} steps in {res.wall_s:.0f} s, best val Dice "
                       f"{res.best_metric if res.best_metric is None else round(res.best_metric, 3)}; "
                       f"train/val/test = {len(res.split.train)}/{len(res.split.val)}/{len(res.split.test)}")
     if split is None:
@@ -136,28 +163,35 @@ def main() -> None:
     t = time.perf_counter()
     ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, normalize=cfg.normalize,
                       n_samples=args.samples, seed=cfg.seed)
-    scored = {**trained, "fk": build_model("fk")} if args.fk else dict(trained)
-    report = evaluate_models(scored, store_url, list(split.test), ecfg)
+    scored = {**trained, **served, "fk": build_model("fk")} if args.fk else {**trained, **served}
+    report = evaluate_models(scored, store_url, list(split.test), ecfg, progress=_every_tenth(console))
     timings["evaluate_s"] = time.perf_counter() - t
     out = report.to_json(args.json or work / "forecast_quality.json")
 
-    from longitudinal.commands.train import print_evaluation_table
+    from longitudinal.commands.train import print_strata_tables
+    from longitudinal.evaluation.strata import write_targets_csv
 
-    print_evaluation_table(report.rows, f"forecast quality: {report.n_targets} targets of "
-                                        f"{len(report.patients)} held-out patients (split {split.split_id})")
-    console.print(f"rows: {out}")
+    console.print(f"forecast quality: {report.n_targets} targets of {len(report.patients)} held-out patients "
+                  f"(split {split.split_id})")
+    print_strata_tables(report)
+    console.print(f"rows: {out}; per-target rows: {write_targets_csv(report.records, work / 'targets.csv')}")
     console.print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     for kind in trained:
         _verdict(console, report.rows, kind)
     if args.fk:
         _versus_fk(console, report.rows, [k for k in ("lci", "linear", *trained) if k != "fk"])
+    for name in trained:
+        if f"{name}_blind" in trained:
+            _treatment_verdict(console, report, name)
+    for name in served:
+        _served_verdict(console, report, name)
 
     # 5. temporal coherence of the sampled trajectories on the same held-out patients
     from longitudinal.evaluation.coherence import trajectory_coherence
 
     coherence = {}
     for kind, model in trained.items():
-        if model.stochastic:
+        if model.stochastic and not kind.endswith("_blind"):
             c = trajectory_coherence(kind, model, store_url, list(split.test), crop_size=tuple(cfg.crop_size),
                                      max_context=cfg.max_context, normalize=cfg.normalize,
                                      n_samples=args.samples, seed=cfg.seed)
@@ -223,6 +257,107 @@ def _verdict(console: Console, rows: list[dict], kind: str) -> None:
                             for r in cal_bins)
         console.print(f"{kind}: coverage 80%/95% by bin {per_bin} -> "
                       f"{'CALIBRATION TARGET MET' if ok else 'CALIBRATION TARGET MISSED'} (within 10 points)")
+
+
+def _every_tenth(console: Console):
+    """A progress callback for "evaluated d/n targets" messages that prints about every tenth of the way."""
+    shown = [-1]
+
+    def progress(message: str) -> None:
+        try:
+            done, total = (int(x) for x in message.split()[1].split("/"))
+        except (IndexError, ValueError):
+            console.print(f"  {message}")
+            return
+        if done * 10 // total > shown[0]:
+            shown[0] = done * 10 // total
+            console.print(f"  {message}")
+    return progress
+
+
+MIN_TARGETS = 10  # bins with fewer targets per stratum are printed but not judged
+
+
+def _judged_bins(report, stratum: str, model: str) -> list[tuple[str, float, float, int]]:
+    """(label, lo, hi, n) of the horizon bins with at least MIN_TARGETS targets of ``model`` in ``stratum``."""
+    from longitudinal.evaluation.strata import stratum_rows
+
+    rows = [r for r in stratum_rows(report) if r["stratum"] == stratum and r["model"] == model
+            and r["horizon"] != "all" and r["n"] >= MIN_TARGETS]
+    return [(r["horizon"], r["horizon_lo"], float("inf") if r["horizon_hi"] is None else r["horizon_hi"], r["n"])
+            for r in rows]
+
+
+def _diff_text(d) -> str:
+    return f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]"
+
+
+def _treatment_verdict(console: Console, report, kind: str) -> None:
+    """Treatment-aware ``kind`` against its blind setting and lci, per stratum and judged bin: mean differences
+    (aware minus other) of Dice and volume error with 95% patient-bootstrap intervals, then the targets."""
+    from rich.table import Table
+
+    from longitudinal.evaluation.strata import STRATUM_LABELS, paired_difference, stratum_rows
+
+    blind = f"{kind}_blind"
+    rows = stratum_rows(report)
+    verdicts = []
+    for stratum in ("treated", "untreated"):
+        table = Table(title=f"{kind} (treatment-aware) minus {blind} and minus lci, {STRATUM_LABELS[stratum]}: "
+                            "mean [95% bootstrap interval over patients]; Dice up and |dV| down favour the aware "
+                            "model", title_justify="left")
+        for col in ("horizon", "n", "Dice - blind", "|dV| ml - blind", "Dice - lci", "|dV| ml - lci",
+                    "cov80", "cov95"):
+            table.add_column(col, justify="right")
+        ok_all = True
+        bins = _judged_bins(report, stratum, kind)
+        for label, lo, hi, n in bins:
+            d = {(other, key): paired_difference(report.records, kind, other, key, stratum, lo, hi)
+                 for other in (blind, "lci") for key in ("dice_whole", "volume_error_ml")}
+            row = next(r for r in rows if r["stratum"] == stratum and r["model"] == kind and r["horizon"] == label)
+            cov_ok = (abs(row.get("coverage80", float("nan")) - 0.8) <= 0.1
+                      and abs(row.get("coverage95", float("nan")) - 0.95) <= 0.1)
+            if stratum == "treated":
+                ok = all(d[(o, "dice_whole")].mean > 0 and d[(o, "volume_error_ml")].mean < 0 for o in (blind, "lci"))
+            else:  # no worse than blind beyond the interval: the interval reaches the favourable side
+                ok = d[(blind, "dice_whole")].hi >= 0 and d[(blind, "volume_error_ml")].lo <= 0
+            ok_all = ok_all and ok and cov_ok
+            table.add_row(label, str(n), _diff_text(d[(blind, "dice_whole")]), _diff_text(d[(blind, "volume_error_ml")]),
+                          _diff_text(d[("lci", "dice_whole")]), _diff_text(d[("lci", "volume_error_ml")]),
+                          f"{row.get('coverage80', float('nan')):.2f}", f"{row.get('coverage95', float('nan')):.2f}")
+        console.print(table)
+        verdicts.append(f"{STRATUM_LABELS[stratum]}: {'MET' if bins and ok_all else 'MISSED'} "
+                        f"({len(bins)} bins with >= {MIN_TARGETS} targets)")
+    console.print(f"{kind}: treatment target -> " + "; ".join(verdicts))
+
+
+def _served_verdict(console: Console, report, name: str) -> None:
+    """The served model (serving policy applied) against the better of lci and linear per stratum and bin:
+    Dice minus the best baseline Dice and volume error minus the best baseline error, with intervals."""
+    from rich.table import Table
+
+    from longitudinal.evaluation.strata import REPORT_STRATA, STRATUM_LABELS, paired_difference, stratum_rows
+
+    rows = stratum_rows(report)
+    table = Table(title=f"{name} minus the better of lci and linear in each bin: mean [95% bootstrap interval "
+                        "over patients]", title_justify="left")
+    for col in ("stratum", "horizon", "n", "best Dice", "Dice - best", "best |dV|", "|dV| ml - best"):
+        table.add_column(col, justify="right")
+    misses = []
+    for stratum in REPORT_STRATA:
+        for label, lo, hi, n in _judged_bins(report, stratum, name):
+            base = {m: next(r for r in rows if r["stratum"] == stratum and r["model"] == m and r["horizon"] == label)
+                    for m in ("lci", "linear")}
+            best_dice = max(base, key=lambda m: base[m]["dice_whole"])
+            best_vol = min(base, key=lambda m: base[m]["volume_error_ml"])
+            dd = paired_difference(report.records, name, best_dice, "dice_whole", stratum, lo, hi)
+            dv = paired_difference(report.records, name, best_vol, "volume_error_ml", stratum, lo, hi)
+            if dd.mean < 0 or dv.mean > 0:
+                misses.append(f"{stratum} {label}")
+            table.add_row(STRATUM_LABELS[stratum], label, str(n), best_dice, _diff_text(dd), best_vol, _diff_text(dv))
+    console.print(table)
+    console.print(f"{name}: no worse than the better of lci and linear (means) -> "
+                  f"{'MET' if not misses else 'MISSED in ' + ', '.join(misses)}")
 
 
 if __name__ == "__main__":

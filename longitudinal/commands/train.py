@@ -242,7 +242,7 @@ def register(app: typer.Typer) -> None:
             fail(escape(str(exc)))
         except OSError as exc:  # the scheduler cannot be reached
             fail(escape(f"{engine.describe() if engine else 'evaluation'}: {type(exc).__name__}: {exc}"))
-        _print_strata_tables(report)
+        print_strata_tables(report)
         if json_path is not None:
             from dataclasses import replace
 
@@ -255,7 +255,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"per-target rows written to {write_targets_csv(report.records, targets_csv)}")
 
 
-def _print_strata_tables(report: Any) -> None:
+def print_strata_tables(report: Any) -> None:
     """The evaluation table of every target, then one per treatment stratum (a stratum without targets is named
     in one line rather than printed as an empty table)."""
     from longitudinal.evaluation.strata import STRATUM_LABELS, stratum_counts, stratum_rows

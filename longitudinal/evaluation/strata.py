@@ -11,7 +11,9 @@ per stratum:
 - ``write_targets_csv``: one row per (patient, target, model): what a reader needs to recompute any figure by
   stratum (days only, never a date);
 - ``fit_stratified_calibration``: the pooled volume calibrations plus one per stratum that has at least
-  ``MIN_PER_STRATUM`` validation targets (``longitudinal.models.calibration``).
+  ``MIN_PER_STRATUM`` validation targets (``longitudinal.models.calibration``);
+- ``paired_difference``: the mean difference of one figure between two models on the same targets of a stratum
+  and horizon bin, with a bootstrap interval over patients (targets of one patient are not independent).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from longitudinal.evaluation.calibration import calibration_records, calibrations_from_records
 from longitudinal.evaluation.harness import (
@@ -202,3 +206,65 @@ def fit_stratified_calibration(
     target."""
     recs = calibration_records(model, store_url, patient_ids, config, max_targets, progress, engine)
     return calibrations_by_stratum(recs, config.bins, offset_years, form, difficulty_ml, min_targets)
+
+
+# --- paired differences -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of ``key`` (model_a minus model_b) over the n_targets targets (of n_patients patients) that both
+    models scored in one stratum and horizon bin [lo_days, hi_days) days after the last context scan; lo / hi:
+    the ``level`` percentile interval of that mean over ``n_boot`` resamples of the patients (NaN without a
+    target). For Dice a positive mean favours model_a; for a volume error a negative one does."""
+
+    model_a: str
+    model_b: str
+    key: str
+    stratum: str
+    lo_days: float
+    hi_days: float
+    n_targets: int
+    n_patients: int
+    mean: float
+    lo: float
+    hi: float
+
+
+def paired_difference(
+    records: Sequence[Mapping[str, Any]],
+    model_a: str,
+    model_b: str,
+    key: str,
+    stratum: str = ALL_STRATUM,
+    lo_days: float = 0.0,
+    hi_days: float = math.inf,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """``PairedDifference`` of ``key`` between two models of the same evaluation records. Targets are paired
+    by (patient, last context scan, target scan); a target either model lacks, or whose figure is NaN for
+    either, is left out. The bootstrap resamples patients with replacement (a cluster bootstrap: a patient's
+    targets share its tumour) and takes the mean over the resampled patients' targets."""
+    def by_target(model: str) -> dict[tuple[Any, ...], Mapping[str, Any]]:
+        return {(r["patient_id"], r.get("last_context_idx"), r.get("target_idx")): r for r in records
+                if r["model"] == model and in_stratum(r, stratum) and lo_days <= r["horizon_days"] < hi_days}
+
+    a, b = by_target(model_a), by_target(model_b)
+    per_patient: dict[str, list[float]] = {}
+    for tid in sorted(set(a) & set(b), key=str):
+        va, vb = a[tid].get(key), b[tid].get(key)
+        if va is None or vb is None or math.isnan(va) or math.isnan(vb):
+            continue
+        per_patient.setdefault(str(tid[0]), []).append(float(va) - float(vb))
+    n_targets = sum(len(v) for v in per_patient.values())
+    if not n_targets:
+        nan = float("nan")
+        return PairedDifference(model_a, model_b, key, stratum, lo_days, hi_days, 0, 0, nan, nan, nan)
+    sums = np.array([sum(v) for v in per_patient.values()])
+    counts = np.array([len(v) for v in per_patient.values()], dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(sums), size=(int(n_boot), len(sums)))
+    boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail])
+    return PairedDifference(model_a, model_b, key, stratum, lo_days, hi_days, n_targets, len(sums),
+                            float(sums.sum() / counts.sum()), float(lo), float(hi))

@@ -150,3 +150,38 @@ def test_evaluate_cli_prints_a_table_per_stratum_and_writes_the_targets_csv(url,
     res = runner.invoke(app, ["evaluate", "--store", plain, "--model", "lci"])
     assert res.exit_code == 0, res.output
     assert "treatment in gap: no targets" in res.output and "untreated gap: 6 of 6 targets" in res.output
+
+
+def _paired_records() -> list[dict]:
+    """Two patients, two targets each, at 30 and 200 days; p1's gaps are treated. Model "a" beats "b" on Dice by
+    0.1 on p0 and 0.3 on p1; "b" has one extra target that "a" lacks."""
+    recs = []
+    for pid, gain, treated in (("p0", 0.1, False), ("p1", 0.3, True)):
+        for target, days in ((1, 30.0), (2, 200.0)):
+            base = {"patient_id": pid, "last_context_idx": 0, "target_idx": target, "horizon_days": days,
+                    "treated_gap": treated}
+            recs.append({**base, "model": "b", "dice_whole": 0.5})
+            recs.append({**base, "model": "a", "dice_whole": 0.5 + gain})
+    recs.append({"patient_id": "p0", "last_context_idx": 0, "target_idx": 3, "horizon_days": 400.0,
+                 "treated_gap": False, "model": "b", "dice_whole": 0.0})
+    return recs
+
+
+def test_paired_difference_pairs_targets_and_resamples_patients() -> None:
+    from longitudinal.evaluation.strata import paired_difference
+
+    recs = _paired_records()
+    d = paired_difference(recs, "a", "b", "dice_whole")
+    assert (d.n_targets, d.n_patients) == (4, 2)  # b's unpaired target is left out
+    assert d.mean == pytest.approx(0.2)
+    # Resampling two patients gives means 0.1 (p0 twice), 0.2 or 0.3 (p1 twice): the interval spans them.
+    assert d.lo == pytest.approx(0.1) and d.hi == pytest.approx(0.3)
+    treated = paired_difference(recs, "a", "b", "dice_whole", stratum="treated")
+    assert (treated.n_patients, treated.mean, treated.lo, treated.hi) == (1, pytest.approx(0.3),
+                                                                         pytest.approx(0.3), pytest.approx(0.3))
+    late = paired_difference(recs, "a", "b", "dice_whole", lo_days=90.0, hi_days=365.0)
+    assert late.n_targets == 2 and late.mean == pytest.approx(0.2)
+    reverse = paired_difference(recs, "b", "a", "dice_whole")
+    assert reverse.mean == pytest.approx(-0.2) and reverse.hi == pytest.approx(-0.1)
+    empty = paired_difference(recs, "a", "b", "dice_whole", lo_days=1000.0)
+    assert empty.n_targets == 0 and math.isnan(empty.mean)
