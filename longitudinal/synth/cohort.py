@@ -1,4 +1,4 @@
-"""The synthetic longitudinal glioma cohort: draw patients, grow tumours, render visits, write BIDS.
+"""The synthetic longitudinal glioma cohort: render the drawn patients' visits (``patients.py``), write BIDS.
 
 Layout written under ``out``::
 
@@ -16,10 +16,11 @@ Layout written under ``out``::
     derivatives/groundtruth/sub-001/event-01_surgery_before_density.nii.gz   c right before (and _after) each event
     derivatives/groundtruth/volumes.tsv                   every (subject, session) with its true volumes
 
-Every patient has its own random stream seeded by (seed, patient index), so a cohort is a pure function of
-(n_patients, seed, preset, treated_fraction) and patient k is the same whatever n_patients is. About half the
-patients (``treated_fraction``) are treated after their baseline scan (``treatment.py``): resection, radiotherapy
-with temozolomide, follow-up scans every two to three months; the others grow untreated.
+Every patient is drawn (``patients.py``) and rendered from its own random streams seeded by (seed, patient
+index), so a cohort is a pure function of (n_patients, seed, preset, treated_fraction) and patient k is the
+same whatever n_patients is. About half the patients (``treated_fraction``) are treated after their baseline
+scan (``treatment.py``): resection, radiotherapy with temozolomide, follow-up scans every two to three months;
+the others grow untreated.
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from longitudinal.synth.anatomy import Anatomy, diffusivity_map, load_anatomy
+from longitudinal.synth.anatomy import Anatomy, load_anatomy
 from longitudinal.synth.config import SynthPreset, get_preset
 from longitudinal.synth.motion import apply_motion, random_motion
+from longitudinal.synth.patients import SynthPatient, draw_patient, is_treated
 from longitudinal.synth.render import (
-    Thresholds,
     bias_field,
     label_map,
     render_clean,
@@ -47,8 +48,6 @@ from longitudinal.synth.render import (
     to_int16,
     white_matter_level,
 )
-from longitudinal.synth.solver import FisherKolmogorov
-from longitudinal.synth.treatment import EventTruth, TreatmentPlan, draw_plan, run_course, visit_offsets
 
 GENERATOR_NAME = "longitudinal synth"
 # Share of patients treated by default (resection, radiotherapy, temozolomide); the rest grow untreated.
@@ -56,7 +55,6 @@ DEFAULT_TREATED_FRACTION = 0.5
 BIDS_VERSION = "1.9.0"
 # BIDS filename entity order (subset that a channel map may use); the suffix comes last.
 _ENTITY_ORDER = ("task", "acq", "ce", "trc", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part")
-_MAX_ATTEMPTS = 200
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -99,35 +97,6 @@ class CohortSummary:
         return (min(p.min_whole_ml for p in self.patients), max(p.max_whole_ml for p in self.patients))
 
 
-@dataclass
-class _Visit:
-    session: str
-    acq_time: datetime
-    days: float
-    density_box: np.ndarray  # c on the solver box, float32
-    whole_ml: float
-    core_ml: float
-    burden_ml: float
-    cavity_box: np.ndarray | None = None  # resection cavity on the solver box (bool), None before surgery
-
-
-@dataclass
-class _Patient:
-    subject: str
-    d_white: float
-    rho: float
-    seed_voxel: tuple[int, int, int]
-    seed_mm: list[float]
-    thresholds: Thresholds
-    silent_days: float
-    baseline_volume_target_ml: float
-    box: tuple[slice, slice, slice]
-    visits: list[_Visit]
-    attempts: int
-    plan: TreatmentPlan | None = None  # None: untreated
-    events: list[EventTruth] = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------------------------------ naming
 def bids_filename(subject: str, session: str, entities: Mapping[str, str], extension: str = ".nii.gz") -> str:
     """``sub-<s>_ses-<t>[_<entity>-<value>...]_<suffix><ext>`` from a channel map entry.
@@ -151,233 +120,6 @@ def _default_channel_map() -> dict[str, dict[str, str]]:
     return {k: dict(v) for k, v in DEFAULT_BIDS_CHANNEL_MAP.items()}
 
 
-# ------------------------------------------------------------------------------------------------ physics
-def _log_uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
-    lo, hi = lo_hi
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-
-
-def _solver_box(anatomy: Anatomy, seed: tuple[int, int, int], half_width_mm: float) -> tuple[slice, ...]:
-    half = int(math.ceil(half_width_mm / anatomy.spacing_mm))
-    return tuple(
-        slice(max(0, s - half), min(n, s + half + 1)) for s, n in zip(seed, anatomy.shape, strict=True)
-    )
-
-
-def _edge_max(c: np.ndarray) -> float:
-    """Largest density on the six faces of the solver box (c must be ~0 there: the box holds the tumour)."""
-    return float(max(c[0].max(), c[-1].max(), c[:, 0].max(), c[:, -1].max(), c[:, :, 0].max(), c[:, :, -1].max()))
-
-
-def _draw_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy, treated: bool = False) -> _Patient:
-    """Draw one patient and grow its tumour; rejection keeps every visit within the preset's volume bounds.
-    ``treated``: the patient is treated (``treatment.py``) after its baseline scan."""
-    if treated:
-        return _draw_treated_patient(index, seed, preset, anatomy)
-    rng = np.random.default_rng([seed, index])
-    subject = f"{index + 1:03d}"
-    voxel_ml = anatomy.voxel_ml
-    for attempt in range(1, _MAX_ATTEMPTS + 1):
-        n_visits = int(rng.integers(preset.visits[0], preset.visits[1] + 1))
-        n_gaps = n_visits - 1
-        (g_min, g_max), (a_min, a_max) = preset.gap_days, preset.radial_growth_mm
-        # The front advances 2 sqrt(D rho) mm/day (Fisher-KPP speed); over the observation window it must move
-        # a_min..a_max mm so that the tumour visibly grows but stays below max_volume_ml. Half the patients get
-        # their follow-up schedule first and then parameters that fit it (slow tumours, long horizons); the
-        # other half get parameters first and then a schedule that fits them (fast tumours, close visits).
-        schedule_first = bool(rng.random() < 0.5)
-        gaps = rng.integers(g_min, g_max + 1, size=n_gaps) if schedule_first else None
-        window = (float(gaps.sum()),) * 2 if gaps is not None else (g_min * n_gaps, g_max * n_gaps)
-        drawn = _draw_growth(rng, preset, window)
-        if drawn is None:
-            continue
-        d_white, rho = drawn
-        speed = 2.0 * math.sqrt(d_white * rho)
-        if gaps is None:
-            lo = max(math.ceil(a_min / speed / n_gaps), g_min)
-            hi = min(math.floor(a_max / speed / n_gaps), g_max)
-            if lo > hi:
-                continue
-            gaps = rng.integers(lo, hi + 1, size=n_gaps)
-        start = _start_tumour(rng, preset, anatomy, d_white, rho)
-        if start is None:
-            continue
-        baseline = datetime(2012, 1, 1) + timedelta(days=int(rng.integers(0, 12 * 365)))
-        offsets = np.concatenate([[0], np.cumsum(gaps)])
-        acq_times = [
-            baseline + timedelta(days=int(d), minutes=int(rng.integers(8 * 60, 18 * 60))) for d in offsets
-        ]
-        visits: list[_Visit] = []
-        t_now = 0.0
-        c, solver = start.c, start.solver
-        for k, acq in enumerate(acq_times):
-            days = (acq - acq_times[0]).total_seconds() / 86400.0
-            solver.advance(c, days - t_now)
-            t_now = days
-            visit = _visit(k, acq, days, c, None, start.thresholds, voxel_ml)
-            if visit.whole_ml > preset.max_volume_ml:
-                break
-            visits.append(visit)
-        if len(visits) < min(3, preset.visits[0]):
-            continue
-        if _edge_max(visits[-1].density_box) > start.thresholds.flair / 2.0:
-            continue  # the tumour reached the edge of the solver box: the box would have clipped it
-        return _patient(subject, d_white, rho, start, anatomy, visits, attempt)
-    raise RuntimeError(f"could not draw patient {subject} within {_MAX_ATTEMPTS} attempts (preset {preset.name})")
-
-
-def _draw_treated_patient(index: int, seed: int, preset: SynthPreset, anatomy: Anatomy) -> _Patient:
-    """Draw a treated patient (``treatment.py``): baseline scan, resection, radiotherapy with temozolomide, a
-    post-operative scan and follow-ups every two to three months; the same growth law before and after."""
-    rng = np.random.default_rng([seed, index, 3])
-    subject = f"{index + 1:03d}"
-    voxel_ml = anatomy.voxel_ml
-    for attempt in range(1, _MAX_ATTEMPTS + 1):
-        n_visits = int(rng.integers(preset.visits[0], preset.visits[1] + 1))
-        plan = draw_plan(rng, preset)
-        offsets = visit_offsets(rng, plan, n_visits, preset)
-        # Growth fast enough to regrow visibly over the follow-up, yet below max_volume_ml without treatment.
-        window = (float(offsets[-1]), float(offsets[-1]))
-        drawn = _draw_growth(rng, preset, window, preset.treated_rho)
-        if drawn is None:
-            continue
-        d_white, rho = drawn
-        start = _start_tumour(rng, preset, anatomy, d_white, rho)
-        if start is None:
-            continue
-        baseline = datetime(2012, 1, 1) + timedelta(days=int(rng.integers(0, 12 * 365)))
-        # Every visit shares the baseline's time of day give or take a few hours; events fall on whole days
-        # after the baseline scan, so their dates are the baseline date plus those days.
-        acq_times = [baseline + timedelta(days=int(d), minutes=int(rng.integers(8 * 60, 18 * 60))) for d in offsets]
-        visit_days = [(t - acq_times[0]).total_seconds() / 86400.0 for t in acq_times]
-        box_domain = anatomy.parenchyma[start.box]
-        diffusivity = diffusivity_map(anatomy, d_white)[start.box]
-
-        def make_solver(domain: np.ndarray, d: np.ndarray = diffusivity, r: float = rho) -> FisherKolmogorov:
-            return FisherKolmogorov(d, domain, anatomy.spacing_mm, r, dt_safety=preset.dt_safety,
-                                    max_dt_rho=preset.max_dt_rho)
-
-        course = run_course(start.c, box_domain, make_solver, plan, visit_days, start.thresholds,
-                            anatomy.spacing_mm)
-        visits: list[_Visit] = []
-        for k, (acq, days, (c, cavity)) in enumerate(zip(acq_times, visit_days, course.visits, strict=True)):
-            visit = _visit(k, acq, days, c, cavity, start.thresholds, voxel_ml)
-            if visit.whole_ml > preset.max_volume_ml:
-                break
-            visits.append(visit)
-        if len(visits) < min(3, preset.visits[0]):
-            continue
-        if visits[-1].whole_ml < preset.baseline_volume_ml[0]:
-            continue  # the tumour must be seen to regrow within the follow-up
-        if max(_edge_max(v.density_box) for v in visits) > start.thresholds.flair / 2.0:
-            continue  # the tumour reached the edge of the solver box: the box would have clipped it
-        patient = _patient(subject, d_white, rho, start, anatomy, visits, attempt)
-        patient.plan, patient.events = plan, course.events
-        return patient
-    raise RuntimeError(f"could not draw treated patient {subject} within {_MAX_ATTEMPTS} attempts "
-                       f"(preset {preset.name})")
-
-
-def _draw_growth(
-    rng: np.random.Generator, preset: SynthPreset, window: tuple[float, float],
-    rho_range: tuple[float, float] | None = None,
-) -> tuple[float, float] | None:
-    """(D_w, rho) drawn log-uniform (rho from ``rho_range``, default ``preset.rho``) whose front advance
-    2 sqrt(D_w rho) * window stays within ``preset.radial_growth_mm`` (window: shortest and longest observation
-    span in days); None if none fits."""
-    a_min, a_max = preset.radial_growth_mm
-    for _ in range(2000):
-        d_white = _log_uniform(rng, preset.d_white)
-        rho = _log_uniform(rng, rho_range or preset.rho)
-        speed = 2.0 * math.sqrt(d_white * rho)
-        if a_min / window[1] <= speed <= a_max / window[0]:
-            return d_white, rho
-    return None
-
-
-@dataclass
-class _Start:
-    """A tumour at its baseline scan: density ``c`` on the solver ``box`` and what grew it."""
-
-    thresholds: Thresholds
-    v0: float
-    seed_voxel: tuple[int, int, int]
-    box: tuple[slice, slice, slice]
-    solver: FisherKolmogorov
-    c: np.ndarray
-    silent_days: float
-
-
-def _start_tumour(
-    rng: np.random.Generator, preset: SynthPreset, anatomy: Anatomy, d_white: float, rho: float
-) -> _Start | None:
-    """Thresholds, baseline volume and seed drawn; the tumour grown silently from a dense 4 mm cluster until
-    its visible volume reaches the baseline volume. None when the silent period is outside the preset's."""
-    thresholds = Thresholds(
-        flair=float(rng.uniform(*preset.flair_threshold)),
-        enhancing=float(rng.uniform(*preset.enhancing_threshold)),
-        necrosis=float(rng.uniform(*preset.necrosis_threshold)),
-    )
-    v0 = _log_uniform(rng, preset.baseline_volume_ml)
-    seeds = np.argwhere((anatomy.wm >= 0.9) & anatomy.parenchyma)
-    seed_voxel = tuple(int(v) for v in seeds[rng.integers(len(seeds))])
-    box = _solver_box(anatomy, seed_voxel, preset.solver_half_width_mm)
-    solver = FisherKolmogorov(
-        diffusivity_map(anatomy, d_white)[box],
-        anatomy.parenchyma[box],
-        anatomy.spacing_mm,
-        rho,
-        dt_safety=preset.dt_safety,
-        max_dt_rho=preset.max_dt_rho,
-    )
-    # The silent period starts from a dense cluster of radius 4 mm (0.27 ml), below the smallest visible
-    # volume; a dense start gives a mature profile (c -> 1 behind the front) as real tumours show.
-    grids = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
-    r2 = sum((g - s) ** 2 for g, s in zip(grids, seed_voxel, strict=True)) * anatomy.spacing_mm**2
-    c = solver.initial((r2 <= max(4.0, anatomy.spacing_mm) ** 2).astype(np.float32))
-    voxel_ml = anatomy.voxel_ml
-
-    def visible(state: np.ndarray, thr: float = thresholds.flair, target: float = v0) -> bool:
-        return np.count_nonzero(state >= thr) * voxel_ml >= target
-
-    silent = solver.advance_until(c, visible, preset.max_silent_days)
-    if silent is None or silent < preset.min_silent_days:
-        return None
-    return _Start(thresholds, v0, seed_voxel, box, solver, c, float(silent))  # type: ignore[arg-type]
-
-
-def _visit(k: int, acq: datetime, days: float, c: np.ndarray, cavity: np.ndarray | None, thresholds: Thresholds,
-           voxel_ml: float) -> _Visit:
-    return _Visit(
-        session=f"{k + 1:02d}",
-        acq_time=acq,
-        days=days,
-        density_box=c.copy(),
-        whole_ml=float(np.count_nonzero(c >= thresholds.flair) * voxel_ml),
-        core_ml=float(np.count_nonzero(c >= thresholds.enhancing) * voxel_ml),
-        burden_ml=float(c.sum(dtype=np.float64) * voxel_ml),
-        cavity_box=None if cavity is None or not cavity.any() else cavity.copy(),
-    )
-
-
-def _patient(subject: str, d_white: float, rho: float, start: _Start, anatomy: Anatomy, visits: list[_Visit],
-             attempts: int) -> _Patient:
-    seed_mm = (anatomy.affine @ np.array([*start.seed_voxel, 1.0]))[:3].tolist()
-    return _Patient(
-        subject=subject,
-        d_white=d_white,
-        rho=rho,
-        seed_voxel=start.seed_voxel,
-        seed_mm=[float(v) for v in seed_mm],
-        thresholds=start.thresholds,
-        silent_days=start.silent_days,
-        baseline_volume_target_ml=start.v0,
-        box=start.box,
-        visits=visits,
-        attempts=attempts,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ writing
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
@@ -395,7 +137,7 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: SynthPreset,
+def _write_patient(out: Path, patient: SynthPatient, anatomy: Anatomy, preset: SynthPreset,
                    channel_map: Mapping[str, Mapping[str, str]], seed: int, index: int) -> None:
     # A separate stream for rendering, so imaging choices never change the drawn physics.
     rng = np.random.default_rng([seed, index, 1])
@@ -483,7 +225,7 @@ def _write_patient(out: Path, patient: _Patient, anatomy: Anatomy, preset: Synth
     _write_json(gt_dir / "sessions.json", sessions_gt)
 
 
-def _write_treatments(out: Path, patient: _Patient, anatomy: Anatomy, gt_dir: Path) -> None:
+def _write_treatments(out: Path, patient: SynthPatient, anatomy: Anatomy, gt_dir: Path) -> None:
     """``sub-<s>/sub-<s>_treatments.tsv`` (date, treatment, end_date) and the ground truth of every event:
     ``treatments.json`` (days since the baseline scan, dates, parameters, volumes before and after) and the
     unmoved density right before and right after each event (``event-<k>_<kind>_{before,after}_density``)."""
@@ -657,20 +399,13 @@ def generate_cohort(
     if progress:
         progress(0, n_patients)
     for index in range(n_patients):
-        patient = _draw_patient(index, seed, cfg, anatomy, is_treated(seed, index, treated_fraction))
+        patient = draw_patient(index, seed, cfg, anatomy, is_treated(seed, index, treated_fraction))
         _write_patient(out, patient, anatomy, cfg, cmap, seed, index)
         whole = [v.whole_ml for v in patient.visits]
-        summary.patients.append(
-            PatientSummary(
-                subject=patient.subject,
-                n_visits=len(patient.visits),
-                min_whole_ml=min(whole),
-                max_whole_ml=max(whole),
-                d_white=patient.d_white,
-                rho=patient.rho,
-                treated=patient.plan is not None,
-            )
-        )
+        summary.patients.append(PatientSummary(
+            subject=patient.subject, n_visits=len(patient.visits), min_whole_ml=min(whole),
+            max_whole_ml=max(whole), d_white=patient.d_white, rho=patient.rho, treated=patient.plan is not None,
+        ))
         if progress:
             progress(index + 1, n_patients)
     _write_dataset_files(out, summary, cmap)
@@ -705,11 +440,6 @@ def load_ground_truth(bids_root: Path, subject: str) -> dict:
         t["density_before_path"] = gt / t["density_before"]
         t["density_after_path"] = gt / t["density_after"]
     return {"subject": f"sub-{label}", "params": params, "sessions": sessions, "treatments": treatments}
-
-
-def is_treated(seed: int, index: int, treated_fraction: float) -> bool:
-    """Whether patient ``index`` of a cohort drawn with ``seed`` is treated (its own random stream)."""
-    return bool(np.random.default_rng([seed, index, 2]).random() < treated_fraction)
 
 
 def patient_summary_dict(p: PatientSummary) -> dict:

@@ -15,7 +15,7 @@ class SynthPreset:
 
     spacing_mm: isotropic voxel size of the written images (2 = MNI152 2 mm grid; 4 = that grid block-averaged).
     solver_half_width_mm: half side of the cube around the seed on which growth is solved; outside it c = 0.
-        It must hold a 150 ml tumour plus its diffuse tail (checked per patient, see cohort.py).
+        It must hold a 150 ml tumour plus its diffuse tail (checked per patient, see patients.py).
     visits: inclusive range of the number of visits per patient.
     gap_days: inclusive range of the integer day gap between consecutive visits.
     d_white: range of the white-matter diffusivity D_w (mm^2/day), drawn log-uniform; grey matter gets D_w/10.

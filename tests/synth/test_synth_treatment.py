@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from longitudinal.cli import app
 from longitudinal.synth import FisherKolmogorov, get_preset, load_ground_truth, undo_motion
 from longitudinal.synth.anatomy import load_anatomy
-from longitudinal.synth.cohort import is_treated
+from longitudinal.synth.patients import is_treated
 from longitudinal.synth.render import Thresholds
 from longitudinal.synth.treatment import TreatmentPlan, run_course
 
