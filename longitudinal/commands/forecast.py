@@ -81,10 +81,16 @@ def print_forecast_table(result: Any) -> None:
                       "validation patients)" + ("; these baselines ignore treatment, so the plan cannot change "
                                                 "those forecasts" if planned else ""))
     whole = result.intervals.get("whole") or {}
-    if whole.get("calibrated"):
-        console.print(f"volume intervals: calibrated on {whole['calibration_targets']} targets of "
-                      f"{whole['calibration_patients']} held-out patients ({whole['method']})")
-    elif whole:
+    used = sorted({q.interval_calibration for q in result.queries if q.interval_calibration}
+                  | {q.counterfactual.interval_calibration for q in result.queries
+                     if q.counterfactual is not None and q.counterfactual.interval_calibration})
+    for key in used:
+        basis = result.intervals.get(key) or {}
+        stratum = {"whole": "", "whole:treated": ", treatment in the gap",
+                   "whole:untreated": ", no treatment in the gap"}.get(key, f", {key}")
+        console.print(f"volume intervals{stratum}: calibrated on {basis.get('calibration_targets')} targets of "
+                      f"{basis.get('calibration_patients')} held-out patients ({basis.get('method')})")
+    if not used and whole and not whole.get("calibrated"):
         console.print(f"volume intervals: {whole['method']}, {whole['note']}")
 
 

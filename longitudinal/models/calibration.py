@@ -272,12 +272,21 @@ def calibration_key(structure: str, stratum: str | None = None) -> str:
     return structure if stratum is None else f"{structure}:{stratum}"
 
 
+def selected_key(cals: Mapping[str, VolumeCalibration], structure: str, treated: bool) -> str | None:
+    """The key in ``cals`` of the calibration of ``structure`` for one query: its stratum's (``treated``: a
+    treatment event in the gap, ``"<structure>:<stratum>"``) when the model carries one, else the pooled one
+    (``structure``); None when the model has no calibration of that structure."""
+    own = calibration_key(structure, stratum_name(treated))
+    if own in cals:
+        return own
+    return structure if structure in cals else None
+
+
 def select_calibration(cals: Mapping[str, VolumeCalibration], structure: str, treated: bool
                        ) -> VolumeCalibration | None:
-    """The calibration of ``structure`` for one query: its stratum's (``treated``: a treatment event in the gap)
-    when the model carries one, else the pooled one (None when the model has no calibration)."""
-    own = cals.get(calibration_key(structure, stratum_name(treated)))
-    return own if own is not None else cals.get(structure)
+    """The calibration of ``structure`` for one query (``selected_key``); None when the model has none."""
+    key = selected_key(cals, structure, treated)
+    return None if key is None else cals[key]
 
 
 def calibrations_from_meta(meta: Mapping[str, Any] | None) -> dict[str, VolumeCalibration]:

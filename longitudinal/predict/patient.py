@@ -139,7 +139,7 @@ def _query(r: ResolvedQuery, p: QueryPrediction, last_day: float, calendar: Pati
         calendar=calendar.calendar if r.date else None, n_context=p.n_context,
         volume_whole_ml=p.whole, volume_enhancing_ml=p.enhancing,
         files=writer.write(p, plan=plan) if writer is not None else {}, field_of_view=p.field_of_view,
-        served_by=p.served_by,
+        served_by=p.served_by, interval_calibration=p.calibration,
     )
 
 

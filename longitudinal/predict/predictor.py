@@ -31,7 +31,7 @@ from longitudinal.data.context import (
 )
 from longitudinal.models.base import Conditions, ForecastModel, build_model, encode_treatments
 from longitudinal.models.baselines import linear_volumes_ml
-from longitudinal.models.calibration import VolumeCalibration, select_calibration
+from longitudinal.models.calibration import VolumeCalibration, select_calibration, selected_key
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict.fov import FieldOfView, border_share, field_of_view
 from longitudinal.predict.result import VolumeInterval
@@ -78,6 +78,9 @@ class QueryPrediction:
     probs: torch.Tensor | None = None
     field_of_view: FieldOfView | None = None  # whether the forecast fits the crop (``predict.fov``)
     served_by: str = "model"  # "model", or the baseline a serving policy chose for this horizon (``serving``)
+    # The calibration the whole-tumour interval used: "whole" (pooled), "whole:treated" / "whole:untreated"
+    # (the query's treatment stratum), or None (raw sample quantiles).
+    calibration: str | None = None
 
     @property
     def n_context(self) -> int:
@@ -264,14 +267,15 @@ class Predictor:
         out = []
         for j, q in enumerate(qdays):
             gap = q - last_day
-            whole = VolumeInterval.from_samples(vols[j, :, 0], gap,
-                                                _stratum_calibration(cals, "whole", series, last_day, q),
+            treated = treatment_in_gap(series.events, last_day, q)
+            whole_key = selected_key(cals, "whole", treated)
+            whole = VolumeInterval.from_samples(vols[j, :, 0], gap, None if whole_key is None else cals[whole_key],
                                                 float(lin[j, 0]), max_ml)
             out.append(QueryPrediction(
                 days=q, gap_days=gap, context=ctx, crop=box, volumes_ml=vols[j], linear_ml=lin[j],
                 whole=whole,
                 enhancing=VolumeInterval.from_samples(vols[j, :, 1], gap,
-                                                      _stratum_calibration(cals, "enhancing", series, last_day, q),
+                                                      select_calibration(cals, "enhancing", treated),
                                                       float(lin[j, 1]), max_ml),
                 mean_image=mean_img[j], prob_whole=p_whole[j], prob_enhancing=p_enh[j], scale=scale.numpy(),
                 max_ml=max_ml,
@@ -279,9 +283,9 @@ class Predictor:
                 probs=probs[j].cpu() if keep_samples else None,
                 field_of_view=field_of_view(box, series.spacing_mm, context_boxes,
                                             float(at_border[j]), n_samples, whole.hi95, max_ml),
+                calibration=whole_key,
             ))
         return out
-
 
     @staticmethod
     def _tissue(series: PatientSeries, box: CropBox) -> torch.Tensor | None:
@@ -293,14 +297,6 @@ class Predictor:
         if np.issubdtype(np.asarray(tissue[:0]).dtype, np.integer):
             crop = crop / 255.0  # stored as uint8 0..255
         return torch.from_numpy(crop)[None]
-
-
-def _stratum_calibration(cals: Mapping[str, VolumeCalibration], structure: str, series: PatientSeries,
-                         last_day: float, query_day: float) -> VolumeCalibration | None:
-    """The calibration of ``structure`` for one query: the treated stratum's when a treatment event lies between
-    the last context scan and the query (days since baseline), else the untreated one's; the pooled one when
-    the model carries none for that stratum."""
-    return select_calibration(cals, structure, treatment_in_gap(series.events, last_day, query_day))
 
 
 def _call_seed(seed: int, context_days: np.ndarray) -> int:

@@ -58,10 +58,15 @@ class VolumeInterval:
 def interval_basis(calibrations: Mapping[str, VolumeCalibration], n_samples: int) -> dict[str, Any]:
     """What the volume intervals of a forecast rest on, per structure (``whole``, ``enhancing``): the calibration
     the model carries (its method and how many held-out patients and targets it was fitted on) or, without
-    one, the quantiles of the ``n_samples`` sampled volumes, which the reader is told are uncalibrated."""
+    one, the quantiles of the ``n_samples`` sampled volumes, which the reader is told are uncalibrated; plus
+    ``"<structure>:<stratum>"`` for each treatment stratum calibrated on its own (a query names the key it
+    used in ``QueryForecast.interval_calibration``)."""
     out: dict[str, Any] = {"levels": "central: 80% = [q10, q90], 95% = [q2.5, q97.5]"}
     for structure in STRUCTURES:
         cal = calibrations.get(structure)
+        # The per-stratum calibrations next to the pooled one: each query names the one it used.
+        for key in sorted(k for k in calibrations if k.startswith(f"{structure}:")):
+            out[key] = _calibration_basis(calibrations[key])
         if cal is None:
             out[structure] = {
                 "method": f"quantiles of the {n_samples} sampled volumes",
@@ -70,15 +75,14 @@ def interval_basis(calibrations: Mapping[str, VolumeCalibration], n_samples: int
                         "coverage80_raw)" if n_samples > 1 else "one sample: a point forecast, no interval",
             }
         else:
-            out[structure] = {
-                "method": cal.method(),
-                "calibrated": True,
-                "calibration_patients": cal.n_patients,
-                "calibration_targets": cal.n,
-                "bin_edges_days": list(cal.edges_days),
-                "targets_per_bin": cal.bin_sizes(),
-            }
+            out[structure] = _calibration_basis(cal)
     return out
+
+
+def _calibration_basis(cal: VolumeCalibration) -> dict[str, Any]:
+    """One calibration as ``interval_basis`` reports it: method, held-out patients and targets, bins (days)."""
+    return {"method": cal.method(), "calibrated": True, "calibration_patients": cal.n_patients,
+            "calibration_targets": cal.n, "bin_edges_days": list(cal.edges_days), "targets_per_bin": cal.bin_sizes()}
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,10 @@ class QueryForecast:
     recorded history plus the plan, same seed (its files carry ``_plan`` in their names); the fields above are
     the forecast under the recorded history. None without a plan. served_by: "model", or the simple baseline
     ("lci", "linear") that the model's serving policy hands this horizon to, because the model did worse there
-    on its validation patients (``predict.serving``).
+    on its validation patients (``predict.serving``). interval_calibration: the key in ``intervals`` of the
+    calibration behind the whole-tumour interval: "whole" (pooled), "whole:treated" / "whole:untreated" (the
+    query's treatment stratum: whether a treatment event lies between the last scan and the query), or None
+    (quantiles of the raw samples).
     """
 
     days: float
@@ -110,6 +117,7 @@ class QueryForecast:
     field_of_view: FieldOfView | None = None
     counterfactual: QueryForecast | None = None
     served_by: str = "model"
+    interval_calibration: str | None = None
 
     @property
     def trusted(self) -> bool:

@@ -45,15 +45,19 @@ def metric_key(*parts: object) -> str:
 
 
 def evaluation_metrics(rows: Iterable[Mapping[str, Any]], prefix: str = "test") -> dict[str, float]:
-    """Per-horizon evaluation rows -> flat metrics ``<prefix>/<model>/<horizon>/<metric>`` (finite numbers only)."""
+    """Per-horizon evaluation rows -> flat metrics ``<prefix>/<model>/<horizon>/<metric>`` (finite numbers only);
+    a row of a treatment stratum other than ``all`` (its ``stratum``: ``treated`` / ``untreated``) goes under
+    ``<prefix>/<stratum>/<model>/<horizon>/<metric>``."""
     out: dict[str, float] = {}
     for row in rows:
         model, horizon = row.get("model", "model"), row.get("horizon", "all")
+        stratum = row.get("stratum", "all")
+        where = prefix if stratum == "all" else f"{prefix}/{stratum}"
         for key, value in row.items():
-            if key in ("model", "horizon") or isinstance(value, bool):
+            if key in ("model", "horizon", "stratum") or isinstance(value, bool):
                 continue
             if isinstance(value, int | float) and math.isfinite(float(value)):
-                out[metric_key(prefix, model, horizon, key)] = float(value)
+                out[metric_key(where, model, horizon, key)] = float(value)
     return out
 
 

@@ -339,6 +339,7 @@ def _evaluate_register_promote(
     model_ckpt: Path, eval_cfg: Any, store_url: str, split: Any,
 ) -> tuple[str, str, bool, list[str], GateDecision | None, list[dict[str, Any]], list[dict[str, Any]]]:
     from longitudinal.evaluation.harness import evaluate_models
+    from longitudinal.evaluation.strata import stratum_rows
 
     client = uri_mod.client(settings)
     val_ids = list(split.val) or list(split.test)
@@ -359,7 +360,8 @@ def _evaluate_register_promote(
     timing = {"timing/evaluate_s": time.perf_counter() - tick}
     tick = time.perf_counter()
     logger.log_table(val.rows, "validation", prefix="val")
-    logger.log_table(test.rows, "test", prefix="test")
+    # The held-out table per treatment stratum too (test/treated/..., test/untreated/...); the gate uses all targets.
+    logger.log_table(stratum_rows(test), "test", prefix="test")
     log_run_figures(logger, candidate, store_url, list(split.test) or val_ids, test.rows, n_samples=eval_cfg.n_samples)
     timing["timing/tables_figures_s"] = time.perf_counter() - tick
     tick = time.perf_counter()

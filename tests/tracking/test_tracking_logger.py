@@ -47,6 +47,12 @@ def test_metric_keys_are_valid_and_evaluation_rows_flatten() -> None:
     assert m["val/lci/0-90/n"] == 4
     assert "val/tfm/gt365/volume_error_ml" not in m  # NaN is not a metric
     assert "val/tfm/gt365/horizon_hi" not in m  # None is not a metric
+    # Rows of a treatment stratum get their own keys; the "all" stratum keeps the plain ones.
+    strata = [{**r, "stratum": s, "dice_whole": d} for r in ROWS[1:2] for s, d in (("all", 0.9), ("treated", 0.6),
+                                                                                  ("untreated", 0.95))]
+    m = evaluation_metrics(strata, "test")
+    assert (m["test/tfm/0-90/dice_whole"], m["test/treated/tfm/0-90/dice_whole"],
+            m["test/untreated/tfm/0-90/dice_whole"]) == (0.9, 0.6, 0.95)
 
 
 def test_skill_table_known_answers() -> None:

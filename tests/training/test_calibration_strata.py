@@ -18,7 +18,7 @@ from longitudinal.models.base import build_model
 from longitudinal.models.calibration import MIN_PER_STRATUM, VolumeCalibration, select_calibration
 from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict import Predictor
-from longitudinal.predict.result import VolumeInterval
+from longitudinal.predict.result import VolumeInterval, interval_basis
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.validation import calibrate_checkpoint
 from storage.schema import TreatmentRecord
@@ -97,11 +97,19 @@ def test_stratum_calibrations_round_trip_and_the_predictor_picks_them_per_query(
     assert t200.whole == interval(t200, "whole", cals["whole:untreated"])  # surgery on day 250: not in the gap
     assert t300.whole.hi80 > u300.whole.hi80
     assert t300.enhancing == interval(t300, "enhancing", cals["enhancing"]) == u300.enhancing
+    # Each query names the calibration behind its whole-tumour interval, and the forecast's interval basis
+    # describes every calibration a query can name.
+    assert (t300.calibration, u300.calibration, t200.calibration) == ("whole:treated", "whole:untreated",
+                                                                       "whole:untreated")
+    basis = interval_basis(back.calibration, 32)
+    assert {"whole", "whole:treated", "whole:untreated", "enhancing"} <= set(basis)
+    assert basis["whole:treated"]["calibrated"] and basis["whole:treated"]["calibration_targets"] == 30
 
     # A checkpoint with the pooled keys only (as written before strata) serves the pooled calibration.
     old = Predictor.from_checkpoint(Checkpoint.load(tmp_path / "pooled.pt"), device="cpu")
     (o300,) = old.predict(treated, [300.0]).queries
-    assert o300.whole == interval(o300, "whole", cals["whole"])
+    assert o300.whole == interval(o300, "whole", cals["whole"]) and o300.calibration == "whole"
+    assert "whole:treated" not in interval_basis(old.calibration, 32)
 
     # A key that is neither a structure nor structure:stratum is refused when the checkpoint is read.
     buf = io.BytesIO()
