@@ -152,9 +152,10 @@ def main() -> None:
                       f"{res.best_metric if res.best_metric is None else round(res.best_metric, 3)}; "
                       f"train/val/test = {len(res.split.train)}/{len(res.split.val)}/{len(res.split.test)}")
     if split is None:
-        from longitudinal.data.splits import make_split
+        from longitudinal.data.splits import cohort_order_keys, make_split
 
-        split = make_split(CohortStore.open(store_url).patient_ids(), cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        split = make_split(CohortStore.open(store_url).patient_ids(), cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                           order_keys=cohort_order_keys(store_url))
 
     if args.train_only:
         return

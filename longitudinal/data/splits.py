@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,12 +67,15 @@ def split_hash(train: Sequence[str], val: Sequence[str], test: Sequence[str]) ->
 
 
 def make_split(
-    patient_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+    patient_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+    order_keys: Mapping[str, str] | None = None,
 ) -> Split:
     """Shuffle patients with ``seed`` and cut them into train / val / test.
 
-    With at least 3 patients val and test get at least one patient each (when their fraction is > 0) and train
-    keeps at least one; ids are sorted inside each part so the JSON is easy to diff.
+    The shuffle starts from the patients sorted by ``order_keys`` (patient id -> key; ``cohort_order_keys``
+    gives keys from the scans' content, which do not depend on the site's pseudonym key) or, without them, by
+    id. With at least 3 patients val and test get at least one patient each (when their fraction is > 0) and
+    train keeps at least one; ids are sorted inside each part so the JSON is easy to diff.
     """
     problems = []
     if len(set(patient_ids)) != len(patient_ids):
@@ -82,9 +85,11 @@ def make_split(
                         f"test={test_fraction}")
     if not patient_ids:
         problems.append("no patients to split")
+    if order_keys is not None and set(patient_ids) - set(order_keys):
+        problems.append(f"no order key for {sorted(set(patient_ids) - set(order_keys))}")
     if problems:
         raise ValueError("cannot split: " + "; ".join(problems))
-    ids = sorted(patient_ids)
+    ids = sorted(patient_ids) if order_keys is None else sorted(patient_ids, key=lambda p: (order_keys[p], p))
     order = np.random.default_rng(seed).permutation(len(ids))
     shuffled = [ids[i] for i in order]
     n = len(ids)
@@ -102,3 +107,16 @@ def make_split(
     test = tuple(sorted(shuffled[n_val:n_val + n_test]))
     train = tuple(sorted(shuffled[n_val + n_test:]))
     return Split(train=train, val=val, test=test, seed=seed, split_id=split_hash(train, val, test))
+
+
+def cohort_order_keys(store_url: str) -> dict[str, str]:
+    """Patient id -> a key from the content of its stored scans (sha256 over its sessions' source-file hashes).
+
+    Pseudonyms come from the site's secret key, so the same cohort gets different ids at every site; splitting
+    in the order of these keys gives it the same split everywhere (a figure can be reproduced from the cohort
+    alone). Patients with identical scans (never in practice) fall back to their id order."""
+    from storage.store import CohortStore
+
+    store = CohortStore.open(store_url)
+    return {pid: hashlib.sha256("\n".join(sorted(store.content_hashes(pid))).encode()).hexdigest()
+            for pid in store.patient_ids()}

@@ -39,7 +39,7 @@ from longitudinal.data.dataset import (
     collate_batch,
     reset_worker_reader,
 )
-from longitudinal.data.splits import Split, make_split
+from longitudinal.data.splits import Split, cohort_order_keys, make_split
 from longitudinal.models.base import build_model
 from longitudinal.models.checkpoint import DataSettings
 from longitudinal.predict import resolve_device
@@ -102,7 +102,8 @@ def _resolve_split(cfg: TrainConfig, store_url: str, run_dir: Path, resume: bool
     if resume and path.exists():
         return Split.load(path), path
     pids = CohortStore.open(store_url).patient_ids()
-    split = make_split(pids, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    split = make_split(pids, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                       order_keys=cohort_order_keys(store_url))
     split.save(path)
     return split, path
 

@@ -52,3 +52,36 @@ def test_bad_split_arguments_are_all_reported():
     with pytest.raises(ValueError) as exc:
         make_split(["A", "A"], val_fraction=0.7, test_fraction=0.5)
     assert "duplicates" in str(exc.value) and "fractions" in str(exc.value)
+
+
+def test_order_keys_give_the_same_split_whatever_the_ids():
+    """The same patients under other ids (another site's pseudonym key) split the same way when ordered by keys
+    from their content; without keys the split follows the ids."""
+    keys = {pid: f"content-{(i * 7) % 23:02d}" for i, pid in enumerate(IDS)}
+    renamed = {pid: f"Q{(i * 5) % 23:03d}x" for i, pid in enumerate(IDS)}
+    a = make_split(IDS, seed=2, order_keys=keys)
+    b = make_split(list(renamed.values()), seed=2, order_keys={renamed[p]: k for p, k in keys.items()})
+    for part in ("train", "val", "test"):
+        assert sorted(renamed[p] for p in getattr(a, part)) == list(getattr(b, part))
+    by_id = make_split(list(renamed.values()), seed=2)
+    assert {renamed[p] for p in a.val} != set(by_id.val) or {renamed[p] for p in a.test} != set(by_id.test)
+    with pytest.raises(ValueError, match="no order key"):
+        make_split(IDS, seed=2, order_keys={IDS[0]: "x"})
+
+
+def test_cohort_order_keys_come_from_the_scans_not_the_pseudonyms(tmp_path):
+    import dataclasses
+
+    from longitudinal.data.phantoms import phantom_record
+    from longitudinal.data.splits import cohort_order_keys
+    from storage.store import CohortStore
+
+    records = [phantom_record(f"A{i}", [0.0, 50.0], [(8.0, 8.0, 8.0)] * 2, [3.0, 4.0], grid=(16, 16, 16), seed=i)
+               for i in range(6)]
+    first, second = (CohortStore.open(tmp_path / f"{n}.zarr", create=True) for n in ("a", "b"))
+    for i, rec in enumerate(records):
+        first.write_patient(rec)
+        second.write_patient(dataclasses.replace(rec, patient_id=f"B{(i * 5) % 6}"))  # same scans, other ids
+    ka, kb = cohort_order_keys(str(tmp_path / "a.zarr")), cohort_order_keys(str(tmp_path / "b.zarr"))
+    assert sorted(ka.values()) == sorted(kb.values()) and len(set(ka.values())) == 6
+    assert all(ka[f"A{i}"] == kb[f"B{(i * 5) % 6}"] for i in range(6))
