@@ -105,7 +105,7 @@ def run_ingest(settings: Settings, source: Path) -> None:
 
 
 def demo_train_config() -> Any:
-    """The tuned default configuration with a fixed number of steps (the same model on any machine) and a
+    """The tuned default configuration with a fixed number of steps (the same training on any machine) and a
     generous wall-clock safety stop."""
     from longitudinal.training.config import load_train_config
 
@@ -207,7 +207,7 @@ def verdict(*, steps_done: int, steps_planned: int, safety_stop_s: float | None,
                        "so this model is weaker than the demo intends and the results below are not the demo's. "
                        "Rerun `make demo` when the machine is quieter, or raise LONGITUDINAL_DEMO_MAX_TRAIN_S.[/bold red]")
     else:
-        v.lines.append(f"Training ran its {steps_planned} steps (the same model on any machine).")
+        v.lines.append(f"Training ran its {steps_planned} steps, as it does on any machine.")
     cand, lci, lin = (_pooled(test_rows, m) for m in ("candidate", "lci", "linear"))
     if cand and lci and lin:
         n = int(cand.get("n", 0))

@@ -120,3 +120,10 @@ def cohort_order_keys(store_url: str) -> dict[str, str]:
     store = CohortStore.open(store_url)
     return {pid: hashlib.sha256("\n".join(sorted(store.content_hashes(pid))).encode()).hexdigest()
             for pid in store.patient_ids()}
+
+
+def content_order(patient_ids: Sequence[str], store_url: str) -> list[str]:
+    """``patient_ids`` sorted by ``cohort_order_keys`` (then by id): an order of the patients that is the same
+    under any pseudonym key, for whatever consumes them in order (the training sample stream)."""
+    keys = cohort_order_keys(store_url)
+    return sorted(patient_ids, key=lambda pid: (keys.get(pid, ""), pid))

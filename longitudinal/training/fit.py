@@ -39,7 +39,7 @@ from longitudinal.data.dataset import (
     collate_batch,
     reset_worker_reader,
 )
-from longitudinal.data.splits import Split, cohort_order_keys, make_split
+from longitudinal.data.splits import Split, cohort_order_keys, content_order, make_split
 from longitudinal.models.base import build_model
 from longitudinal.models.checkpoint import DataSettings
 from longitudinal.predict import resolve_device
@@ -241,8 +241,10 @@ def _fit(
         set_rng_state(state["rng"])
         say(f"resumed {run_dir} at step {step} ({elapsed_before:.0f} s trained)")
 
-    train_ds = ForecastDataset(store_url, split.train, config.data_config(train=True), seed=config.seed,
-                               reader=reader)
+    # Patients in the order of their scans' content, not of their pseudonyms: the sample stream is then the same
+    # under any site's pseudonym key (item i is the i-th patient of this order).
+    train_ds = ForecastDataset(store_url, content_order(split.train, store_url), config.data_config(train=True),
+                               seed=config.seed, reader=reader)
     if len(train_ds) == 0:
         raise ValueError(f"no training patient has >= 2 scans (skipped: {train_ds.skipped})")
     max_steps = _max_steps(config, len(train_ds))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from longitudinal.data.splits import Split, make_split
 
@@ -85,3 +86,30 @@ def test_cohort_order_keys_come_from_the_scans_not_the_pseudonyms(tmp_path):
     ka, kb = cohort_order_keys(str(tmp_path / "a.zarr")), cohort_order_keys(str(tmp_path / "b.zarr"))
     assert sorted(ka.values()) == sorted(kb.values()) and len(set(ka.values())) == 6
     assert all(ka[f"A{i}"] == kb[f"B{(i * 5) % 6}"] for i in range(6))
+
+
+def test_content_order_is_the_same_under_other_ids(tmp_path):
+    import dataclasses
+
+    from longitudinal.data.dataset import ForecastDataset
+    from longitudinal.data.phantoms import phantom_record
+    from longitudinal.data.splits import content_order
+    from longitudinal.training.config import TrainConfig
+    from storage.store import CohortStore
+
+    records = [phantom_record(f"A{i}", [0.0, 50.0, 90.0], [(8.0, 8.0, 8.0)] * 3, [3.0, 3.5 + i / 4, 4.0 + i / 2],
+                              grid=(16, 16, 16), seed=i) for i in range(5)]
+    renamed = {f"A{i}": f"B{(i * 3) % 5}" for i in range(5)}
+    for name, rename in (("a", False), ("b", True)):
+        store = CohortStore.open(tmp_path / f"{name}.zarr", create=True)
+        for rec in records:
+            store.write_patient(dataclasses.replace(rec, patient_id=renamed[rec.patient_id]) if rename else rec)
+    order_a = content_order([f"A{i}" for i in range(5)], str(tmp_path / "a.zarr"))
+    order_b = content_order(sorted(renamed.values()), str(tmp_path / "b.zarr"))
+    assert [renamed[p] for p in order_a] == order_b
+    # The training stream (item i = the i-th patient of the order, its randomness from (seed, epoch, i)) matches.
+    cfg = TrainConfig(steps=1, crop_size=(16, 16, 16)).data_config(train=True)
+    da, db = (ForecastDataset(str(tmp_path / f"{n}.zarr"), o, cfg, seed=3) for n, o in (("a", order_a), ("b", order_b)))
+    for i in range(5):
+        assert torch.equal(da[i].context_images, db[i].context_images)
+        assert torch.equal(da[i].target_images, db[i].target_images) and torch.equal(da[i].query_times, db[i].query_times)
