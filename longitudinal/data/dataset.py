@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from longitudinal.data.augment import AugmentConfig, apply_augment, make_augment
 from longitudinal.data.context import Event, adapted_crop, normalisation_scale, pool_box, recorded_events
 from longitudinal.data.reader import StoreReader
+from longitudinal.data.splits import content_order
 from longitudinal.models.base import Batch, Conditions, encode_treatments
 
 Normalize = Literal["none", "context_mean"]
@@ -277,7 +278,8 @@ class ForecastDataset(Dataset):
 
 def enumerate_targets(store_url: str, patient_ids: Sequence[str] | None = None, max_context: int = 3,
                       pairs: Literal["next", "all"] = "next") -> list[EvalItem]:
-    """Every forecasting target of a store, deterministically, patients sorted.
+    """Every forecasting target of a store, deterministically, patients in the order of their scans' content
+    (``splits.content_order``: the same under any pseudonym key, so a subset taken from this list is too).
 
     pairs="next": for each scan j >= 1, context = the up to ``max_context`` most recent scans before j.
     pairs="all": additionally every longer horizon: for each scan j and each cut 1 <= i <= j, context = the up to
@@ -287,7 +289,7 @@ def enumerate_targets(store_url: str, patient_ids: Sequence[str] | None = None, 
     if pairs not in ("next", "all"):
         raise ValueError(f"pairs must be 'next' or 'all', got {pairs!r}")
     reader = StoreReader(store_url)
-    pids = sorted(reader.store.patient_ids() if patient_ids is None else patient_ids)
+    pids = content_order(reader.store.patient_ids() if patient_ids is None else patient_ids, store_url)
     items = []
     for pid in pids:
         days = reader.days(pid)
