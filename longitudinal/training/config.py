@@ -33,7 +33,8 @@ class TrainConfig(BaseModel):
         store). crop_size: (D, H, W) crop voxels; max_context K; n_queries Q; crop_jitter crop voxels. fov /
         fov_margin_mm: the field of view ("adaptive" grows the crop's stride with the tumour; see DataSettings).
     serve_baselines: after training, per horizon bin, serve ``lci`` or ``linear`` where the model did worse on the
-        validation targets (``predict.serving``; fitted before the calibration).
+        validation targets (``predict.serving``; fitted before the calibration, on as many validation targets as
+        ``calib_targets``).
     steps / epochs / budget_s: stop at whichever comes first (at least one must be set); budget_s is wall-clock
         seconds of training, summed over resumes. lr: AdamW peak rate after ``warmup_steps`` linear warm-up;
         "cosine" decays to 10% over ``steps`` (needs steps), "constant" keeps it.

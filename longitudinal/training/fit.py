@@ -359,8 +359,13 @@ def _fit(
         save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
                               {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
         if config.serve_baselines and model.trainable:
+            # The choice per horizon bin needs as many validation targets as the calibration (a few per bin
+            # from the periodic validation's set would make it a coin toss).
+            wider = max(config.val_targets, config.calib_targets)
+            serving_set = (val_batches if wider == config.val_targets else
+                           validation_set(config.model_copy(update={"val_targets": wider}), store_url, split))
             for path in dict.fromkeys([checkpoint, final_path]):
-                fit_serving(path, val_batches, config, device, say)
+                fit_serving(path, serving_set, config, device, say)
         if model.stochastic and split.val and config.calib_targets > 0:
             for path in dict.fromkeys([checkpoint, final_path]):
                 cal = calibrate_checkpoint(path, store_url, split.val, config, device, say)

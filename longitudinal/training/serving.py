@@ -1,8 +1,9 @@
 """After training: choose, per horizon, whether the model or a simple baseline serves (``predict.serving``).
 
-The trained checkpoint, ``lci`` and ``linear`` forecast the validation targets through the one Predictor; the
-policy fitted on those records is written into the checkpoint (``provenance["serving"]``) before its volume
-intervals are calibrated, so the calibration is fitted on the forecasts that will be served.
+The trained checkpoint, ``lci`` and ``linear`` forecast the validation targets (as many as the calibration uses,
+``TrainConfig.calib_targets``) through the one Predictor; the policy fitted on those records is written into the
+checkpoint (``provenance["serving"]``) before its volume intervals are calibrated, so the calibration is fitted
+on the forecasts that will be served.
 """
 
 from __future__ import annotations

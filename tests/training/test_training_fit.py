@@ -68,6 +68,10 @@ def test_training_decreases_loss_and_writes_a_run(store, tmp_path):
         assert set(loaded.build().volume_calibration) == {"whole", "enhancing"}
         assert cal.n == n_val_targets > 0 and cal.n_patients == len(split.val)
         assert loaded.provenance["volume_calibration_fit"]["step"] == loaded.provenance["step"]
+        # The serving choice rests on as many validation targets as the calibration, not on the 4 of the
+        # periodic validation.
+        evidence = loaded.provenance["serving"]["evidence"]
+        assert sum(e["n"] for e in evidence.values()) == n_val_targets > 4
 
 
 def test_resume_continues_to_the_same_state(store, tmp_path):
