@@ -41,7 +41,7 @@ from longitudinal.data.dataset import (
 )
 from longitudinal.data.splits import Split, cohort_order_keys, content_order, make_split
 from longitudinal.models.base import build_model
-from longitudinal.models.checkpoint import DataSettings
+from longitudinal.models.checkpoint import Checkpoint, DataSettings
 from longitudinal.predict import resolve_device
 from longitudinal.runtime import tune_cpu_allocator
 from longitudinal.training.checkpoint import (
@@ -356,8 +356,11 @@ def _fit(
     save_state(until=t_end)  # the budget counts training, not this final validation
     checkpoint = best_path if best_path.exists() else final_path
     if main:
-        save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
-                              {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
+        # A finished run resumed again (nothing trained) keeps its final checkpoint, with its serving choice and
+        # calibration, rather than writing the same weights without them.
+        if not (final_path.exists() and Checkpoint.load(final_path).provenance.get("step") == step):
+            save_model_checkpoint(final_path, model, channels, spacing, config.crop_size, data,
+                                  {**meta_base, "step": step, "val": final_val}, state_dict=ema.shadow)
         if config.serve_baselines and model.trainable:
             # The choice per horizon bin needs as many validation targets as the calibration (a few per bin
             # from the periodic validation's set would make it a coin toss).

@@ -34,10 +34,16 @@ def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: tor
     if not val:
         return None
     ckpt = Checkpoint.load(path)
+    # What the choice was fitted on: a checkpoint chosen for at this step on the same targets keeps its choice
+    # (a finished run resumed by a later call does not choose, or calibrate, again).
+    fit_key = {"step": ckpt.provenance.get("step"), "targets": len(val.items),
+               "patients": sorted({it.patient_id for it in val.items})}
+    if ckpt.provenance.get("serving") and ckpt.provenance.get("serving_fit") == fit_key:
+        return ServingPolicy.from_meta(ckpt.provenance["serving"])
     memo = (weights_digest(ckpt), tuple(it for it in val.items))
     if memo in _FITTED:  # the final model often is the best one: the same weights choose the same way
         policy = _FITTED[memo]
-        replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
+        replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta(), "serving_fit": fit_key}).save(path)
         say(f"served per horizon ({path.name}, same weights as a checkpoint chosen for before): {policy.describe()}")
         return policy
     ecfg = calibration_eval_config(config, device)
@@ -51,6 +57,6 @@ def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: tor
     edges = [hi for _lo, hi in HORIZON_BINS[:-1]]
     policy = fit_serving_policy(report.records, {k: k for k in predictors}, edges)
     _FITTED[memo] = policy
-    replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
+    replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta(), "serving_fit": fit_key}).save(path)
     say(f"served per horizon ({path.name}): {policy.describe()}")
     return policy

@@ -89,7 +89,9 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
     key = {"step": ckpt.provenance.get("step"), "samples": config.calib_samples, "targets": config.calib_targets,
            "patients": sorted(patient_ids), "form": form,
            # Checkpoints calibrated before the per-stratum fit (pooled keys only) are fitted again.
-           "strata": f"treated-gap-min{MIN_PER_STRATUM}"}
+           "strata": f"treated-gap-min{MIN_PER_STRATUM}",
+           # The intervals are fitted on the served forecasts: a new serving choice needs a new calibration.
+           "serving": list((ckpt.provenance.get("serving") or {}).get("sources") or [])}
     if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
         return dict(ckpt.calibration)
     t = time.perf_counter()

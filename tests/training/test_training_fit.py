@@ -137,3 +137,28 @@ def test_config_validation_reports_every_problem(tmp_path):
     assert (cfg.model, cfg.steps, cfg.crop_size, cfg.batch_size) == ("linear", 7, (24, 24, 24), 3)
     assert cfg.lr == DEFAULT_TRAIN_CONFIG.lr  # unspecified keys keep the tuned defaults
     assert TrainConfig(**cfg.to_dict()) == cfg
+
+
+def test_a_finished_run_resumed_neither_chooses_nor_calibrates_again(store, tmp_path):
+    """A later call on a finished run (as a benchmark's scoring pass makes) keeps the serving choice and the
+    calibration; a different serving choice makes the calibration stale."""
+    import dataclasses
+
+    from longitudinal.training.validation import calibrate_checkpoint
+
+    run = tmp_path / "run"
+    fit(tiny(steps=4), store, run, JsonlLogger(run), progress=None)
+    said: list[str] = []
+    res = fit(tiny(steps=4), store, run, JsonlLogger(run), progress=said.append, resume=True)
+    assert res.steps == 4
+    assert not [m for m in said if "served per horizon" in m or "calibrat" in m], said
+    ckpt = Checkpoint.load(run / "model.pt")
+    sources = ckpt.provenance["serving"]["sources"]
+    flipped = ["lci" if s != "lci" else "model" for s in sources]
+    dataclasses.replace(ckpt, provenance={**ckpt.provenance, "serving": {**ckpt.provenance["serving"],
+                                                                         "sources": flipped}}).save(run / "model.pt")
+    said.clear()
+    calibrate_checkpoint(run / "model.pt", store, list(res.split.val), tiny(steps=4), torch.device("cpu"),
+                         said.append)
+    assert any("calibrating the volume intervals" in m for m in said), said
+    assert Checkpoint.load(run / "model.pt").provenance["volume_calibration_fit"]["serving"] == flipped
