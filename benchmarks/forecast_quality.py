@@ -22,13 +22,13 @@ beside it. Coherence: the fraction of sampled trajectories whose volume never sh
 The figures in docs/RESULTS.md come from 128 patients, so that calibration (19 validation patients) and test
 (26) rest on more patients than the default 64 give (10 and 13): the cohort is built once, each run then trains
 in its own process on one torch thread, two side by side on 2 cores, and a last call scores them together
-(finished runs are reused). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
+(``--score-only``: as trained, without resuming them). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
 
     .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --models '' --train-only
     for k in tfm np; do for t in aware blind; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py \
         --work W --patients 128 --models $k --treatment $t --train-only & done; wait; done
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --treatment both \
-        --no-fk
+        --no-fk --score-only
 
 Treatment: every table is printed for all targets, then for targets whose gap holds no treatment event and for
 those whose gap holds one (``longitudinal.evaluation.strata``); ``<work>/targets.csv`` has one row per (patient,
@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--treatment", choices=("aware", "blind", "both"), default="aware",
                     help="train / score each kind's default (treatment-aware) setting, its treatment-blind setting "
                          "(run <kind>_blind), or both and compare them (blind runs train separately in parallel)")
+    ap.add_argument("--score-only", action="store_true",
+                    help="score the runs already trained under --work as they are (their best checkpoints), "
+                         "without resuming them")
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training (train kinds in separate runs, then score them together with a run "
                          "without this flag: finished runs are reused)")
@@ -138,19 +141,30 @@ def main() -> None:
     for name, kind, options in runs:
         run = work / "runs" / name
         t = time.perf_counter()
-        res = fit(cfg.model_copy(update={"model": kind, "model_options": options}),
-                  store_url, run, JsonlLogger(run), progress=lambda m, k=name: console.print(f"  [{k}] {m}"))
-        timings[f"train_{name}_s"] = time.perf_counter() - t
-        if split is not None and res.split.split_id != split.split_id:
-            raise SystemExit(f"{name} was trained on another split ({res.split.split_id} != {split.split_id})")
-        split = res.split
-        ckpt = Checkpoint.load(res.checkpoint)
+        if args.score_only:
+            from longitudinal.data.splits import Split
+
+            path = next((q for q in (run / "checkpoints" / "best.pt", run / "model.pt") if q.exists()), None)
+            if path is None:
+                raise SystemExit(f"--score-only: {run} holds no trained checkpoint")
+            run_split = Split.load(run / "split.json")
+            ckpt = Checkpoint.load(path)
+            console.print(f"{name}: {path} (step {ckpt.provenance.get('step')})")
+        else:
+            res = fit(cfg.model_copy(update={"model": kind, "model_options": options}),
+                      store_url, run, JsonlLogger(run), progress=lambda m, k=name: console.print(f"  [{k}] {m}"))
+            timings[f"train_{name}_s"] = time.perf_counter() - t
+            run_split = res.split
+            ckpt = Checkpoint.load(res.checkpoint)
+            console.print(f"{name}: {res.steps} steps in {res.wall_s:.0f} s, best val Dice "
+                          f"{res.best_metric if res.best_metric is None else round(res.best_metric, 3)}; "
+                          f"train/val/test = {len(res.split.train)}/{len(res.split.val)}/{len(res.split.test)}")
+        if split is not None and run_split.split_id != split.split_id:
+            raise SystemExit(f"{name} was trained on another split ({run_split.split_id} != {split.split_id})")
+        split = run_split
         trained[name] = ckpt.build()
         if ckpt.provenance.get("serving") and not name.endswith("_blind"):
             served[f"{name}_served"] = Predictor.from_checkpoint(ckpt)
-        console.print(f"{name}: {res.steps} steps in {res.wall_s:.0f} s, best val Dice "
-                      f"{res.best_metric if res.best_metric is None else round(res.best_metric, 3)}; "
-                      f"train/val/test = {len(res.split.train)}/{len(res.split.val)}/{len(res.split.test)}")
     if split is None:
         from longitudinal.data.splits import cohort_order_keys, make_split
 
