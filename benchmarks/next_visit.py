@@ -56,14 +56,13 @@ def checkpoint_of(work: Path, kind: str) -> Path | None:
 def crop_grid(store: str, ckpts: dict[str, Path], test: list[str], samples: int, pairs: str,
               tfm_steps: list[int]) -> list[dict[str, Any]]:
     """Rows (model, n, dice_whole, volume_error_ml) of the evaluation harness over all horizons."""
-    from longitudinal.evaluation.harness import EvalConfig, evaluate_models, load_model_ref
+    from longitudinal.evaluation.harness import EvalConfig, evaluate_models, load_predictor
 
-    models = {}
-    for kind, path in ckpts.items():
-        _, models[kind], _ = load_model_ref(str(path))
+    # The trained models themselves (no serving policy): this table compares models, not served forecasts.
+    models = {kind: load_predictor(str(path))[1].model for kind, path in ckpts.items()}
     if "tfm" in ckpts:
         for steps in tfm_steps:
-            _, m, _ = load_model_ref(str(ckpts["tfm"]))
+            m = load_predictor(str(ckpts["tfm"]))[1].model
             m.config.steps = int(steps)
             models[f"tfm ({m.config.solver} {steps})"] = m
     report = evaluate_models(models, store, test, EvalConfig(pairs=pairs, n_samples=samples))
