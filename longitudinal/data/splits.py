@@ -109,8 +109,9 @@ def make_split(
     return Split(train=train, val=val, test=test, seed=seed, split_id=split_hash(train, val, test))
 
 
-def cohort_order_keys(store_url: str) -> dict[str, str]:
-    """Patient id -> a key from the content of its stored scans (sha256 over its sessions' source-file hashes).
+def cohort_order_keys(store_url: str, patient_ids: Sequence[str] | None = None) -> dict[str, str]:
+    """Patient id -> a key from the content of its stored scans (sha256 over its sessions' source-file hashes),
+    for ``patient_ids`` (default: every patient of the store; an id not in the store gets the key of no scans).
 
     Pseudonyms come from the site's secret key, so the same cohort gets different ids at every site; splitting
     in the order of these keys gives it the same split everywhere (a figure can be reproduced from the cohort
@@ -118,12 +119,12 @@ def cohort_order_keys(store_url: str) -> dict[str, str]:
     from storage.store import CohortStore
 
     store = CohortStore.open(store_url)
-    return {pid: hashlib.sha256("\n".join(sorted(store.content_hashes(pid))).encode()).hexdigest()
-            for pid in store.patient_ids()}
+    pids = store.patient_ids() if patient_ids is None else patient_ids
+    return {pid: hashlib.sha256("\n".join(sorted(store.content_hashes(pid))).encode()).hexdigest() for pid in pids}
 
 
 def content_order(patient_ids: Sequence[str], store_url: str) -> list[str]:
     """``patient_ids`` sorted by ``cohort_order_keys`` (then by id): an order of the patients that is the same
     under any pseudonym key, for whatever consumes them in order (the training sample stream)."""
-    keys = cohort_order_keys(store_url)
-    return sorted(patient_ids, key=lambda pid: (keys.get(pid, ""), pid))
+    keys = cohort_order_keys(store_url, patient_ids)  # only the patients asked for: no scan of the whole store
+    return sorted(patient_ids, key=lambda pid: (keys[pid], pid))

@@ -11,6 +11,7 @@ rejection sampling that keeps every visit within the preset's volume bounds and 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -136,17 +137,7 @@ def draw_patient(
         acq_times = [
             baseline + timedelta(days=int(d), minutes=int(rng.integers(8 * 60, 18 * 60))) for d in offsets
         ]
-        visits: list[Visit] = []
-        t_now = 0.0
-        c, solver = start.c, start.solver
-        for k, acq in enumerate(acq_times):
-            days = (acq - acq_times[0]).total_seconds() / 86400.0
-            solver.advance(c, days - t_now)
-            t_now = days
-            visit = _visit(k, acq, days, c, None, start.thresholds, voxel_ml)
-            if visit.whole_ml > preset.max_volume_ml:
-                break
-            visits.append(visit)
+        visits = _visits_below(_grown(start, acq_times), start.thresholds, voxel_ml, preset.max_volume_ml)
         if len(visits) < min(3, preset.visits[0]):
             continue
         if _edge_max(visits[-1].density_box) > start.thresholds.flair / 2.0:
@@ -189,12 +180,9 @@ def draw_treated_patient(index: int, seed: int, preset: SynthPreset, anatomy: An
 
         course = run_course(start.c, box_domain, make_solver, plan, visit_days, start.thresholds,
                             anatomy.spacing_mm)
-        visits: list[Visit] = []
-        for k, (acq, days, (c, cavity)) in enumerate(zip(acq_times, visit_days, course.visits, strict=True)):
-            visit = _visit(k, acq, days, c, cavity, start.thresholds, voxel_ml)
-            if visit.whole_ml > preset.max_volume_ml:
-                break
-            visits.append(visit)
+        rows = ((acq, days, c, cavity) for acq, days, (c, cavity) in zip(acq_times, visit_days, course.visits,
+                                                                         strict=True))
+        visits = _visits_below(rows, start.thresholds, voxel_ml, preset.max_volume_ml)
         if len(visits) < min(3, preset.visits[0]):
             continue
         if visits[-1].whole_ml < preset.baseline_volume_ml[0]:
@@ -274,6 +262,30 @@ def _start_tumour(
     if silent is None or silent < preset.min_silent_days:
         return None
     return _Start(thresholds, v0, seed_voxel, box, solver, c, float(silent))  # type: ignore[arg-type]
+
+
+def _grown(start: _Start, acq_times: list[datetime]) -> Iterator[tuple[datetime, float, np.ndarray, None]]:
+    """(acquisition time, days since the first, density, no cavity) per visit of an untreated tumour, the solver
+    advanced lazily to each visit (in place: consume each row before the next)."""
+    t_now = 0.0
+    for acq in acq_times:
+        days = (acq - acq_times[0]).total_seconds() / 86400.0
+        start.solver.advance(start.c, days - t_now)
+        t_now = days
+        yield acq, days, start.c, None
+
+
+def _visits_below(rows: Iterable[tuple[datetime, float, np.ndarray, np.ndarray | None]], thresholds: Thresholds,
+                  voxel_ml: float, max_ml: float) -> list[Visit]:
+    """The visits of ``rows`` (acquisition time, days, density, cavity) in order, up to the first whose
+    whole-tumour volume exceeds ``max_ml`` (ml), which is left out with every later one."""
+    visits: list[Visit] = []
+    for k, (acq, days, c, cavity) in enumerate(rows):
+        visit = _visit(k, acq, days, c, cavity, thresholds, voxel_ml)
+        if visit.whole_ml > max_ml:
+            break
+        visits.append(visit)
+    return visits
 
 
 def _visit(k: int, acq: datetime, days: float, c: np.ndarray, cavity: np.ndarray | None, thresholds: Thresholds,
