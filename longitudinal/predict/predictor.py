@@ -77,7 +77,8 @@ class QueryPrediction:
     images: torch.Tensor | None = None
     probs: torch.Tensor | None = None
     field_of_view: FieldOfView | None = None  # whether the forecast fits the crop (``predict.fov``)
-    served_by: str = "model"  # "model", or the baseline a serving policy chose for this horizon (``serving``)
+    # "model", or the baseline a serving policy chose for this horizon and treatment stratum (``serving``).
+    served_by: str = "model"
     # The calibration the whole-tumour interval used: "whole" (pooled), "whole:treated" / "whole:untreated"
     # (the query's treatment stratum), or None (raw sample quantiles).
     calibration: str | None = None
@@ -107,7 +108,7 @@ class Predictor:
     data: context size and normalisation; channels: the store channels in the model's input order (None: all of
     the series' channels in store order); spacing_mm: the grid the model was trained on (None: not checked).
     device: "auto" picks CUDA when present, where sampling runs under bfloat16 autocast. serving: which horizons
-    a simple baseline serves instead of the model (``predict.serving``; None: the model everywhere).
+    (per treatment stratum of the query's gap) a simple baseline serves instead of the model (``predict.serving``; None: the model everywhere).
     """
 
     def __init__(self, model: ForecastModel, crop_size: Sequence[int], data: DataSettings | None = None,
@@ -212,7 +213,9 @@ class Predictor:
         wanted: dict[str, list[int]] = {}
         for ctx, qis in groups.items():
             for qi in qis:
-                src = self.serving.source_for(float(qdays[qi]) - float(days[ctx[-1]]))
+                last = float(days[ctx[-1]])
+                src = self.serving.source_for(float(qdays[qi]) - last,
+                                              treatment_in_gap(series.events, last, float(qdays[qi])))
                 if src != "model":
                     wanted.setdefault(src, []).append(qi)
         out: dict[int, QueryPrediction] = {}

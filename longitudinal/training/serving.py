@@ -1,4 +1,5 @@
-"""After training: choose, per horizon, whether the model or a simple baseline serves (``predict.serving``).
+"""After training: choose, per horizon and treatment stratum, whether the model or a simple baseline serves
+(``predict.serving``).
 
 The trained checkpoint, ``lci`` and ``linear`` forecast the validation targets (as many as the calibration uses,
 ``TrainConfig.calib_targets``) through the one Predictor; the policy fitted on those records is written into the
@@ -17,10 +18,13 @@ import torch
 from longitudinal.models.base import build_model
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
-from longitudinal.predict.serving import ServingPolicy, fit_serving_policy
+from longitudinal.predict.serving import MIN_STRATUM_TARGETS, ServingPolicy, fit_serving_policy
 from longitudinal.training.config import TrainConfig
 from longitudinal.training.validation import ValidationSet, calibration_eval_config, weights_digest
 
+# Names the choosing rule: checkpoints chosen for by an older rule (one choice per horizon for every query)
+# choose again.
+SERVING_RULE = f"per-stratum-min{MIN_STRATUM_TARGETS}"
 # (weights digest, validation targets) -> the policy fitted for them in this process.
 _FITTED: dict[tuple[str, tuple[object, ...]], ServingPolicy] = {}
 
@@ -37,7 +41,7 @@ def fit_serving(path: Path, val: ValidationSet, config: TrainConfig, device: tor
     # What the choice was fitted on: a checkpoint chosen for at this step on the same targets keeps its choice
     # (a finished run resumed by a later call does not choose, or calibrate, again).
     fit_key = {"step": ckpt.provenance.get("step"), "targets": len(val.items),
-               "patients": sorted({it.patient_id for it in val.items})}
+               "patients": sorted({it.patient_id for it in val.items}), "rule": SERVING_RULE}
     if ckpt.provenance.get("serving") and ckpt.provenance.get("serving_fit") == fit_key:
         return ServingPolicy.from_meta(ckpt.provenance["serving"])
     memo = (weights_digest(ckpt), tuple(it for it in val.items))

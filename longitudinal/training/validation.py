@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +91,7 @@ def calibrate_checkpoint(path: Path, store_url: str, patient_ids: list[str], con
            # Checkpoints calibrated before the per-stratum fit (pooled keys only) are fitted again.
            "strata": f"treated-gap-min{MIN_PER_STRATUM}",
            # The intervals are fitted on the served forecasts: a new serving choice needs a new calibration.
-           "serving": list((ckpt.provenance.get("serving") or {}).get("sources") or [])}
+           "serving": _served_sources(ckpt.provenance.get("serving"))}
     if ckpt.calibration and ckpt.provenance.get("volume_calibration_fit") == key:
         return dict(ckpt.calibration)
     t = time.perf_counter()
@@ -142,3 +142,8 @@ def calibration_eval_config(config: TrainConfig, device: torch.device | str) -> 
                       device=str(device))
 
 
+def _served_sources(meta: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    """The serving choice a calibration was fitted under: pooled (``"all"``) and per-stratum sources per bin."""
+    meta = meta or {}
+    return {"all": list(meta.get("sources") or []),
+            **{str(k): list(v) for k, v in (meta.get("by_stratum") or {}).items()}}

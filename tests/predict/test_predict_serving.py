@@ -56,3 +56,54 @@ def test_predictor_hands_the_chosen_horizons_to_the_baseline(tmp_path) -> None:
     ckpt.save(tmp_path / "m.pt")
     loaded = Predictor.from_checkpoint(Checkpoint.load(tmp_path / "m.pt"), device="cpu")
     assert loaded.serving == policy
+
+
+def _stratum_records(model: str, treated: dict[float, tuple[float, float]],
+                     untreated: dict[float, tuple[float, float]], n: int) -> list[dict]:
+    return [{**r, "treated_gap": flag} for flag, figs in ((True, treated), (False, untreated))
+            for r in _records(model, figs, n)]
+
+
+def test_each_treatment_stratum_gets_its_own_choice_where_it_has_enough_targets() -> None:
+    names = {"model": "model", "lci": "lci", "linear": "linear"}
+    # 0-90 d: linear wins untreated growth, the model wins after a treatment; pooled, linear wins (more
+    # untreated targets). 90-180 d: the treated cell has too few targets for a choice of its own.
+    records = (
+        _stratum_records("model", {10: (0.80, 2.0)}, {10: (0.60, 9.0)}, 12)
+        + _stratum_records("lci", {10: (0.50, 6.0)}, {10: (0.62, 8.0)}, 12)
+        + _stratum_records("linear", {10: (0.55, 5.0)}, {10: (0.75, 3.0)}, 12)
+        + _records("model", {100: (0.5, 8.0)}, 20) + _records("lci", {100: (0.4, 9.0)}, 20)
+        + _records("linear", {100: (0.6, 4.0)}, 20)
+    )
+    for r in records[-60:]:
+        r["treated_gap"] = r["horizon_days"] < 105  # 6 of each source's 20 targets are treated
+    policy = fit_serving_policy(records, names, [90, 180])
+    # Pooled 0-90: model (0.70, 5.5), lci (0.56, 7.0), linear (0.65, 4.0): least regret linear (0.07 vs 0.375).
+    assert policy.sources == ("linear", "linear", "linear")
+    assert policy.by_stratum == {"untreated": ("linear", "linear", "linear"),
+                                 "treated": ("model", "linear", "linear")}
+    assert policy.evidence["strata"]["treated"]["90-180"]["from_pooled"]
+    assert policy.evidence["strata"]["treated"]["0-90"]["n"] == 12
+    assert policy.source_for(30, treated=True) == "model"
+    assert policy.source_for(30, treated=False) == "linear"
+    assert policy.source_for(30) == "linear"  # stratum unknown: the pooled choice
+    assert ServingPolicy.from_meta(policy.to_meta()) == policy
+    assert "0-90 d: linear (treated model)" in policy.describe()
+    # Records without a treatment flag give the pooled policy only.
+    plain = fit_serving_policy([{k: v for k, v in r.items() if k != "treated_gap"} for r in records], names,
+                               [90, 180])
+    assert plain.by_stratum == {} and plain.sources == policy.sources
+    with pytest.raises(ValueError, match="unknown stratum"):
+        ServingPolicy((90.0,), ("model", "model"), by_stratum={"resected": ("lci", "lci")})
+
+
+def test_predictor_routes_a_query_by_the_treatment_in_its_gap() -> None:
+    """The same horizon is served by lci with no treatment in the gap, by the model once a plan puts one there."""
+    series = PatientSeries(sphere_patient([10.0, 14.0, 16.0], [0.0, 60.0, 120.0], grid=40))
+    policy = ServingPolicy((90.0,), ("model", "model"), by_stratum={"untreated": ("lci", "model"),
+                                                                    "treated": ("model", "model")})
+    served = Predictor(build_model("linear"), (16, 16, 16), DataSettings(), device="cpu", serving=policy)
+    plain = served.predict(series, [150.0]).queries[0]
+    planned = served.predict(series.with_plan([(130.0, 130.0, "surgery")]), [150.0]).queries[0]
+    later = served.predict(series.with_plan([(160.0, 160.0, "surgery")]), [150.0]).queries[0]
+    assert (plain.served_by, planned.served_by, later.served_by) == ("lci", "model", "lci")

@@ -161,4 +161,4 @@ def test_a_finished_run_resumed_neither_chooses_nor_calibrates_again(store, tmp_
     calibrate_checkpoint(run / "model.pt", store, list(res.split.val), tiny(steps=4), torch.device("cpu"),
                          said.append)
     assert any("calibrating the volume intervals" in m for m in said), said
-    assert Checkpoint.load(run / "model.pt").provenance["volume_calibration_fit"]["serving"] == flipped
+    assert Checkpoint.load(run / "model.pt").provenance["volume_calibration_fit"]["serving"]["all"] == flipped
