@@ -85,7 +85,7 @@ def tables(recs: Sequence[dict]) -> list[Table]:
     models = [m for m in ORDER if any(r["model"] == m for r in recs)]
     quality, coverage, aware, served = [], [], [], []
     trained = [m for m in models if m not in ("lci", "linear")]
-    for label, flag, stratum in STRATA:
+    for label, flag, _stratum in STRATA:
         for b, lo, hi in BINS:
             n = len(_sel(recs, "lci", flag, lo, hi))
             quality.append((label, b, str(n), *(
