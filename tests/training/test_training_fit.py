@@ -70,8 +70,11 @@ def test_training_decreases_loss_and_writes_a_run(store, tmp_path):
         assert loaded.provenance["volume_calibration_fit"]["step"] == loaded.provenance["step"]
         # The serving choice rests on as many validation targets as the calibration, not on the 4 of the
         # periodic validation.
-        evidence = loaded.provenance["serving"]["evidence"]
+        evidence = dict(loaded.provenance["serving"]["evidence"])
+        strata = evidence.pop("strata")
         assert sum(e["n"] for e in evidence.values()) == n_val_targets > 4
+        # ... and each target is in exactly one treatment stratum's evidence.
+        assert sum(e["n"] for per_bin in strata.values() for e in per_bin.values()) == n_val_targets
 
 
 def test_resume_continues_to_the_same_state(store, tmp_path):
