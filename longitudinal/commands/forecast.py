@@ -73,13 +73,13 @@ def print_forecast_table(result: Any) -> None:
             console.print(f"[red]  - {escape(reason)}[/red]")
         console.print("[red]The model sees a crop around the tumour; a tumour larger than it, or growing past "
                       "it, is cut at the crop's border, so these volumes are too small. Do not use them.[/red]")
-    served = {q.served_by for q in result.queries if q.served_by != "model"}
-    if served:
-        when = ", ".join(f"{q.days_after_last_scan:+.0f} d: {q.served_by}" for q in result.queries
-                         if q.served_by != "model")
-        console.print(f"served by a simple baseline at {when} (the model did worse at that horizon on its "
-                      "validation patients)" + ("; these baselines ignore treatment, so the plan cannot change "
-                                                "those forecasts" if planned else ""))
+    # Under a plan a query can change treatment stratum, and so what serves it.
+    for label, queries in (("", result.queries), (" under the plan", planned)):
+        when = ", ".join(f"{q.days_after_last_scan:+.0f} d: {q.served_by}" for q in queries if q.served_by != "model")
+        if when:
+            console.print(f"served{label} by a simple baseline at {when} (the model did worse at that horizon, "
+                          "with or without a treatment in the gap as here, on its validation patients)"
+                          + ("; these baselines ignore treatment" if planned else ""))
     whole = result.intervals.get("whole") or {}
     used = sorted({q.interval_calibration for q in result.queries if q.interval_calibration}
                   | {q.counterfactual.interval_calibration for q in result.queries

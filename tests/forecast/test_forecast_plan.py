@@ -131,3 +131,30 @@ def test_the_served_model_accepts_a_plan_and_refuses_a_malformed_one(cohort: Coh
     row = out.iloc[0]
     assert row["plan_volume_whole_ml_median"] < row["volume_whole_ml_median"]
     assert row["plan_volume_whole_ml_lo95"] <= row["plan_volume_whole_ml_median"] <= row["plan_volume_whole_ml_hi95"]
+
+
+def test_a_plan_can_change_what_serves_the_query(cohort: Cohort, tmp_path: Path) -> None:
+    """A policy that serves lci with no treatment in the gap and the model after one: the recorded-history
+    forecast is lci's, the forecast under a planned resection the model's, and the CLI says which served which."""
+    import dataclasses
+
+    from longitudinal.models.checkpoint import Checkpoint
+    from longitudinal.predict.serving import ServingPolicy
+
+    path = baseline_checkpoint(tmp_path / "linear.pt", "linear")
+    policy = ServingPolicy((1000.0,), ("model", "model"),
+                           by_stratum={"untreated": ("lci", "lci"), "treated": ("model", "model")})
+    ckpt = Checkpoint.load(path)
+    dataclasses.replace(ckpt, provenance={**ckpt.provenance, "serving": policy.to_meta()}).save(path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["--home", str(cohort.settings.home), "forecast", cohort.pids["sub-01"], "--store", cohort.store,
+              "--model", str(path), "--out", str(out), "--in", "30", "--plan", "surgery@+10"],
+        env={"LONGITUDINAL_PSEUDONYM_KEY": KEY, "LONGITUDINAL_MLFLOW_TRACKING_URI": cohort.settings.tracking_uri,
+             "COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    (q,) = json.loads(next(out.glob("*_forecast.json")).read_text())["queries"]
+    assert q["served_by"] == "lci" and q["counterfactual"]["served_by"] == "model"
+    text = _flat(res.output)
+    assert "served by a simple baseline at +30 d: lci" in text, text
+    assert "served under the plan" not in text, text
