@@ -22,7 +22,8 @@ beside it. Coherence: the fraction of sampled trajectories whose volume never sh
 The figures in docs/RESULTS.md come from 128 patients, so that calibration (19 validation patients) and test
 (26) rest on more patients than the default 64 give (10 and 13): the cohort is built once, each run then trains
 in its own process on one torch thread, two side by side on 2 cores, and a last call scores them together
-(``--score-only``: as trained, without resuming them). Repeat --patients on every call (the cached cohort is rebuilt when it differs):
+(``--score-only``: as trained, without resuming them). Repeat --patients on every call (the cached cohort is
+rebuilt when it differs):
 
     .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --models '' --train-only
     for k in tfm np; do for t in aware blind; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forecast_quality.py \

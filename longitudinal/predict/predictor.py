@@ -108,7 +108,8 @@ class Predictor:
     data: context size and normalisation; channels: the store channels in the model's input order (None: all of
     the series' channels in store order); spacing_mm: the grid the model was trained on (None: not checked).
     device: "auto" picks CUDA when present, where sampling runs under bfloat16 autocast. serving: which horizons
-    (per treatment stratum of the query's gap) a simple baseline serves instead of the model (``predict.serving``; None: the model everywhere).
+    (per treatment stratum of the query's gap) a simple baseline serves instead of the model
+    (``predict.serving``; None: the model everywhere).
     """
 
     def __init__(self, model: ForecastModel, crop_size: Sequence[int], data: DataSettings | None = None,

@@ -100,10 +100,10 @@ class QueryForecast:
     recorded history plus the plan, same seed (its files carry ``_plan`` in their names); the fields above are
     the forecast under the recorded history. None without a plan. served_by: "model", or the simple baseline
     ("lci", "linear") that the model's serving policy hands this horizon and treatment stratum to, because the
-    model did worse there on its validation patients (``predict.serving``). interval_calibration: the key in ``intervals`` of the
-    calibration behind the whole-tumour interval: "whole" (pooled), "whole:treated" / "whole:untreated" (the
-    query's treatment stratum: whether a treatment event lies between the last scan and the query), or None
-    (quantiles of the raw samples).
+    model did worse there on its validation patients (``predict.serving``). interval_calibration: the key in
+    ``intervals`` of the calibration behind the whole-tumour interval: "whole" (pooled), "whole:treated" /
+    "whole:untreated" (the query's treatment stratum: whether a treatment event lies between the last scan and
+    the query), or None (quantiles of the raw samples).
     """
 
     days: float

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from longitudinal.models.calibration import STRATA  # the same strata the intervals are calibrated on
+
 SOURCES = ("model", "lci", "linear")
 MIN_TARGETS = 3
-STRATA = ("untreated", "treated")
 # A stratum's own choice needs as many targets as the evaluation asks of a bin before it reports one.
 MIN_STRATUM_TARGETS = 10
 
