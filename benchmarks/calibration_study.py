@@ -28,6 +28,12 @@ confirm      (Run heldout first.) The pre-registered confirmation of the scaled 
              T+F' for reference, and the primary verdict (np, scaled, V+F on G). Records:
              <work>/calibration_confirm/.
 
+strata       The shipped per-stratum calibration of each trained kind, held out patient by patient on its own
+             validation forecasts (served, as the end-of-training calibration forecasts them; the same rows the
+             training log prints), beside the test coverage of ``<kind>_served`` in forecast_quality.py's
+             <work>/targets.csv with 95% bootstrap intervals over patients. Records:
+             <work>/calibration_strata/<kind>_val.json.
+
 Validation-like records (V, F) are forecast as the end-of-training calibration forecasts them
 (``calibration_eval_config``: calib_samples samples, seed + 1; V keeps the run's calib_targets cap), test-like
 ones (T, F', G) as forecast_quality.py scores test patients (--samples, the run's seed).
@@ -35,6 +41,7 @@ ones (T, F', G) as forecast_quality.py scores test patients (--samples, the run'
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/calibration_study.py forms --work $WORK/fq64 --models np,tfm
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_study.py heldout --work $WORK/fq128 --fresh $WORK/fq128x
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/calibration_study.py difficulty --work $WORK/fq128 --fresh $WORK/fq128x
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_study.py strata --work $WORK/fq128 --models tfm,np
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration_study.py confirm --work $WORK/fq128 \\
         --fresh $WORK/fq128x --confirm $WORK/fq128y
 """
@@ -321,6 +328,53 @@ def confirm(args: argparse.Namespace) -> None:
                           f"{lab} {cell_text(c)}" for lab, c in zip(labels, cells, strict=True)))
 
 
+# --- strata -----------------------------------------------------------------------------------------------
+def strata(args: argparse.Namespace) -> None:
+    import csv
+
+    from longitudinal.evaluation.calibration import calibration_records
+    from longitudinal.evaluation.strata import STRATUM_LABELS, leave_one_patient_out, stratum_mean
+    from longitudinal.models.checkpoint import Checkpoint
+    from longitudinal.training.validation import calibration_eval_config
+
+    console = Console(width=150)
+    work = args.work.resolve()
+    out_dir = work / "calibration_strata"
+    out_dir.mkdir(exist_ok=True)
+    tests = []
+    if (work / "targets.csv").is_file():
+        with (work / "targets.csv").open() as f:
+            for r in csv.DictReader(f):
+                tests.append({"patient_id": r["patient_id"], "model": r["model"], "treated_gap": r["treated_gap"] == "true",
+                              "horizon_days": float(r["days_after_last_context"]),
+                              **{k: float(r[k]) if r[k] != "" else float("nan") for k in ("coverage80", "coverage95")}})
+    for kind in _kinds(args.models):
+        cfg, split, run = _run(work, kind)
+        cache = out_dir / f"{kind}_val.json"
+        if cache.is_file():
+            recs = json.loads(cache.read_text())
+        else:
+            ckpt = Checkpoint.load(run / "checkpoints" / "best.pt")
+            recs = calibration_records(ckpt, str(work / "cohort.zarr"), list(split["val"]),
+                                       calibration_eval_config(cfg, "cpu"), max_targets=cfg.calib_targets)
+            cache.write_text(json.dumps(recs, default=float))
+        rows = leave_one_patient_out(recs, form=cfg.calib_form, difficulty_ml=cfg.calib_difficulty_ml)
+        table = Table(title=f"{kind}: 80% / 95% coverage, validation held out patient by patient vs test "
+                            f"({kind}_served)")
+        for col in ("stratum", "horizon", "validation, leave-one-patient-out (targets, patients)",
+                    "test [95% interval over patients] (targets, patients)"):
+            table.add_column(col)
+        for c in rows:
+            t80, t95 = (stratum_mean(tests, f"{kind}_served", key, c.stratum, c.lo_days, c.hi_days)
+                        for key in ("coverage80", "coverage95"))
+            test = ("-" if not t80.n_targets else
+                    f"{t80.mean:.2f} [{t80.lo:.2f}, {t80.hi:.2f}] / {t95.mean:.2f} [{t95.lo:.2f}, {t95.hi:.2f}] "
+                    f"({t80.n_targets}, {t80.n_patients})")
+            table.add_row(STRATUM_LABELS[c.stratum], label(c.lo_days, c.hi_days),
+                          f"{c.coverage80:.2f} / {c.coverage95:.2f} ({c.n_targets}, {c.n_patients})", test)
+        console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="study", required=True)
@@ -350,6 +404,7 @@ def main() -> None:
                    help="a work folder holding a third, unseen cohort (G)")
     p.add_argument("--samples", type=int, default=16, help="samples per test target (as forecast_quality.py)")
     p.add_argument("--c", type=float, default=10.0, help="the scaled form's c (ml); pre-registered: 10")
+    study("strata", strata, "the per-stratum calibration held out patient by patient, beside test coverage")
     args = ap.parse_args()
 
     import longitudinal.models  # noqa: F401  (registers every model kind)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/treatment_tables.py --work $WORK/fq128
 
 reads ``<work>/targets.csv`` (one row per patient, target and model; written by
-``benchmarks/forecast_quality.py --treatment both``) and prints four tables, per treatment stratum of the gap
+``benchmarks/forecast_quality.py --treatment both``) and prints five tables, per treatment stratum of the gap
 (none, or a treatment event between the last context scan and the target) and horizon bin (days after the last
 context scan):
 
@@ -13,7 +13,9 @@ context scan):
    patients (bins of at least 10 targets);
 4. each served model (``<kind>_served``) minus the better of ``lci`` and ``linear`` in the bin, on Dice and on
    volume error, with the same intervals (the better baseline is picked per bin on these held-out targets, the
-   strictest comparison).
+   strictest comparison);
+5. calibrated coverage of each served model per stratum and bin of at least 10 targets, with 95% bootstrap
+   intervals over patients and the number of patients: how far a cell's coverage moves with its patients alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from longitudinal.evaluation.strata import paired_difference
+from longitudinal.evaluation.strata import PairedDifference, paired_difference, stratum_mean
 
 ORDER = ("lci", "linear", "tfm", "tfm_blind", "tfm_served", "np", "np_blind", "np_served")
 BINS = (("0-90", 0.0, 90.0), ("90-180", 90.0, 180.0), ("180-365", 180.0, 365.0), (">365", 365.0, math.inf),
@@ -80,10 +82,14 @@ def _diff(recs: Sequence[dict], a: str, b: str, key: str, stratum: str, lo: floa
             else f"{d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}]")
 
 
+def _share(m: PairedDifference) -> str:
+    return f"{m.mean:.2f} [{m.lo:.2f}, {m.hi:.2f}]"
+
+
 def tables(recs: Sequence[dict]) -> list[Table]:
-    """The four tables of the module docstring."""
+    """The five tables of the module docstring."""
     models = [m for m in ORDER if any(r["model"] == m for r in recs)]
-    quality, coverage, aware, served = [], [], [], []
+    quality, coverage, aware, served, spread = [], [], [], [], []
     trained = [m for m in models if m not in ("lci", "linear")]
     for label, flag, _stratum in STRATA:
         for b, lo, hi in BINS:
@@ -118,6 +124,8 @@ def tables(recs: Sequence[dict]) -> list[Table]:
                 served.append((name, label, b, str(n), best_dice,
                                _diff(recs, name, best_dice, "dice_whole", stratum, lo, hi), best_err,
                                _diff(recs, name, best_err, "volume_error_ml", stratum, lo, hi)))
+                c80, c95 = (stratum_mean(recs, name, key, stratum, lo, hi) for key in ("coverage80", "coverage95"))
+                spread.append((name, label, b, str(n), str(c80.n_patients), _share(c80), _share(c95)))
     return [
         Table("Dice / volume error (ml) per stratum and horizon", ("stratum", "horizon", "n", *models), quality),
         Table("Calibrated 80% / 95% coverage of the volume intervals", ("stratum", "horizon", "n", *trained),
@@ -127,6 +135,8 @@ def tables(recs: Sequence[dict]) -> list[Table]:
               aware),
         Table("Served model minus the better of lci and linear in each bin",
               ("model", "stratum", "horizon", "n", "best Dice", "Dice - best", "best dV", "dV ml - best"), served),
+        Table("Served models' coverage with 95% bootstrap intervals over patients",
+              ("model", "stratum", "horizon", "n", "patients", "coverage 80%", "coverage 95%"), spread),
     ]
 
 

@@ -11,9 +11,11 @@ per stratum:
 - ``write_targets_csv``: one row per (patient, target, model): what a reader needs to recompute any figure by
   stratum (days only, never a date);
 - ``fit_stratified_calibration``: the pooled volume calibrations plus one per stratum that has at least
-  ``MIN_PER_STRATUM`` validation targets (``longitudinal.models.calibration``);
+  ``MIN_PER_STRATUM`` validation targets (``longitudinal.models.calibration``); ``leave_one_patient_out``: how
+  that calibration covers validation patients it was not fitted on;
 - ``paired_difference``: the mean difference of one figure between two models on the same targets of a stratum
-  and horizon bin, with a bootstrap interval over patients (targets of one patient are not independent).
+  and horizon bin, with a bootstrap interval over patients (targets of one patient are not independent);
+  ``stratum_mean``: one model's mean (a coverage, say) with the same interval.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import csv
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from longitudinal.models.calibration import (
     STRATA,
     VolumeCalibration,
     calibration_key,
+    select_calibration,
 )
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
@@ -143,6 +146,21 @@ class StratumFit:
 
 
 @dataclass(frozen=True)
+class HeldOutCoverage:
+    """Coverage of one (stratum, horizon bin) cell when each validation patient's targets get the intervals of
+    a calibration fitted on the other patients: n_targets targets of n_patients patients, the shares covered
+    by the 80% and 95% whole-tumour volume intervals. [lo_days, hi_days): the bin, days after the last scan."""
+
+    stratum: str
+    lo_days: float
+    hi_days: float
+    n_targets: int
+    n_patients: int
+    coverage80: float
+    coverage95: float
+
+
+@dataclass(frozen=True)
 class StratifiedCalibration:
     """calibrations: the pooled ``"whole"`` / ``"enhancing"`` calibrations plus ``"<structure>:<stratum>"`` for
     every stratum fitted on its own; strata: one ``StratumFit`` per stratum of ``STRATA``; min_targets: the
@@ -151,9 +169,11 @@ class StratifiedCalibration:
     calibrations: dict[str, VolumeCalibration]
     strata: tuple[StratumFit, ...]
     min_targets: int = MIN_PER_STRATUM
+    held_out: tuple[HeldOutCoverage, ...] = ()
 
     def log_lines(self) -> list[str]:
-        """One line per stratum: its own calibration, or the pooled one for lack of targets."""
+        """One line per stratum: its own calibration, or the pooled one for lack of targets; then, when
+        ``held_out`` was measured, one line per stratum of its leave-one-patient-out coverage per bin."""
         out = []
         for f in self.strata:
             head = f"volume intervals, {STRATUM_LABELS[f.stratum]} ({f.stratum}):"
@@ -161,7 +181,17 @@ class StratifiedCalibration:
                        if f.own else
                        f"{head} only {f.n_targets} validation targets (fewer than {self.min_targets}), so its "
                        f"queries use the pooled calibration")
+        for stratum in REPORT_STRATA:
+            cells = [c for c in self.held_out if c.stratum == stratum]
+            if cells:
+                out.append(f"leave-one-patient-out 80% / 95% coverage, {STRATUM_LABELS[stratum]}: " + ", ".join(
+                    f"{_bin_label(c.lo_days, c.hi_days)} d {c.coverage80:.2f} / {c.coverage95:.2f} "
+                    f"({c.n_targets} targets, {c.n_patients} patients)" for c in cells))
         return out
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    return f">{lo:g}" if math.isinf(hi) else f"{lo:g}-{hi:g}"
 
 
 def calibrations_by_stratum(
@@ -202,10 +232,55 @@ def fit_stratified_calibration(
 ) -> StratifiedCalibration:
     """``longitudinal.evaluation.calibration.fit_volume_calibration`` (same arguments, same pooled
     calibrations) plus one calibration per treatment stratum with at least ``min_targets`` of the targets
-    (``calibrations_by_stratum``). Raises ValueError when the model is not sampled or the patients give no
-    target."""
+    (``calibrations_by_stratum``), with ``held_out`` measured on the same records (``leave_one_patient_out``;
+    empty with one patient). Raises ValueError when the model is not sampled or the patients give no target."""
     recs = calibration_records(model, store_url, patient_ids, config, max_targets, progress, engine)
-    return calibrations_by_stratum(recs, config.bins, offset_years, form, difficulty_ml, min_targets)
+    fit = calibrations_by_stratum(recs, config.bins, offset_years, form, difficulty_ml, min_targets)
+    if len({r["patient_id"] for r in recs}) < 2:
+        return fit
+    return replace(fit, held_out=tuple(leave_one_patient_out(recs, config.bins, offset_years, form, difficulty_ml,
+                                                             min_targets)))
+
+
+def leave_one_patient_out(
+    records: Sequence[Mapping[str, Any]],
+    bins: Sequence[tuple[float, float]] = HORIZON_BINS,
+    offset_years: float = 0.25,
+    form: str = DEFAULT_FORM,
+    difficulty_ml: float = DEFAULT_DIFFICULTY_ML,
+    min_targets: int = MIN_PER_STRATUM,
+) -> list[HeldOutCoverage]:
+    """How the calibration design holds on patients it was not fitted on, from the validation records alone
+    (``calibration_records``): for each patient, ``calibrations_by_stratum`` on every other patient's records,
+    then the whole-tumour intervals of that patient's targets (each through its stratum's calibration, as a
+    query is served). One row per stratum of ``REPORT_STRATA`` and bin of ``bins`` (days) that holds a target.
+    Test patients are never needed, so a design can be checked without looking at the figures it is reported
+    on. Raises ValueError with fewer than two patients."""
+    pids = sorted({str(r["patient_id"]) for r in records})
+    if len(pids) < 2:
+        raise ValueError(f"leave-one-patient-out needs >= 2 patients, got {len(pids)}")
+    hits: list[tuple[Mapping[str, Any], bool, bool]] = []
+    for pid in pids:
+        rest = [r for r in records if str(r["patient_id"]) != pid]
+        cals = calibrations_by_stratum(rest, bins, offset_years, form, difficulty_ml, min_targets).calibrations
+        for r in records:
+            if str(r["patient_id"]) != pid:
+                continue
+            cal = select_calibration(cals, "whole", bool(r.get("treated_gap")))
+            if cal is None:
+                raise ValueError("leave-one-patient-out: no whole-tumour calibration was fitted")
+            q = cal.quantiles(r["volume_median_ml"], r["horizon_days"], r.get("volume_linear_ml"))
+            v = float(r["volume_true_ml"])
+            hits.append((r, q["lo80"] <= v <= q["hi80"], q["lo95"] <= v <= q["hi95"]))
+    out = []
+    for stratum in REPORT_STRATA:
+        for lo, hi in bins:
+            cell = [(c80, c95, str(r["patient_id"])) for r, c80, c95 in hits
+                    if in_stratum(r, stratum) and lo <= r["horizon_days"] < hi]
+            if cell:
+                out.append(HeldOutCoverage(stratum, float(lo), float(hi), len(cell), len({c[2] for c in cell}),
+                                           float(np.mean([c[0] for c in cell])), float(np.mean([c[1] for c in cell]))))
+    return out
 
 
 # --- paired differences -----------------------------------------------------------------------------------------
@@ -256,15 +331,47 @@ def paired_difference(
         if va is None or vb is None or math.isnan(va) or math.isnan(vb):
             continue
         per_patient.setdefault(str(tid[0]), []).append(float(va) - float(vb))
+    n_targets, n_patients, mean, lo, hi = _cluster_mean(per_patient, n_boot, level, seed)
+    return PairedDifference(model_a, model_b, key, stratum, lo_days, hi_days, n_targets, n_patients, mean, lo, hi)
+
+
+def stratum_mean(
+    records: Sequence[Mapping[str, Any]],
+    model: str,
+    key: str,
+    stratum: str = ALL_STRATUM,
+    lo_days: float = 0.0,
+    hi_days: float = math.inf,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """The mean of ``key`` for one model over its targets of a stratum and horizon bin [lo_days, hi_days), with
+    the same bootstrap interval over patients as ``paired_difference`` (``model_b`` is empty). For coverage80 /
+    coverage95 it says how far a cell's coverage can move with the patients alone: a cell of few patients
+    may miss its nominal level by chance."""
+    per_patient: dict[str, list[float]] = {}
+    for r in records:
+        v = r.get(key)
+        if (r["model"] == model and in_stratum(r, stratum) and lo_days <= r["horizon_days"] < hi_days
+                and v is not None and not math.isnan(v)):
+            per_patient.setdefault(str(r["patient_id"]), []).append(float(v))
+    n_targets, n_patients, mean, lo, hi = _cluster_mean(per_patient, n_boot, level, seed)
+    return PairedDifference(model, "", key, stratum, lo_days, hi_days, n_targets, n_patients, mean, lo, hi)
+
+
+def _cluster_mean(per_patient: Mapping[str, Sequence[float]], n_boot: int, level: float, seed: int
+                  ) -> tuple[int, int, float, float, float]:
+    """(targets, patients, mean over every target, the ``level`` percentile interval of that mean over
+    ``n_boot`` resamples of the patients with replacement); NaNs without a target."""
     n_targets = sum(len(v) for v in per_patient.values())
     if not n_targets:
         nan = float("nan")
-        return PairedDifference(model_a, model_b, key, stratum, lo_days, hi_days, 0, 0, nan, nan, nan)
+        return 0, 0, nan, nan, nan
     sums = np.array([sum(v) for v in per_patient.values()])
     counts = np.array([len(v) for v in per_patient.values()], dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(sums), size=(int(n_boot), len(sums)))
     boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(boot, [tail, 1.0 - tail])
-    return PairedDifference(model_a, model_b, key, stratum, lo_days, hi_days, n_targets, len(sums),
-                            float(sums.sum() / counts.sum()), float(lo), float(hi))
+    return n_targets, len(sums), float(sums.sum() / counts.sum()), float(lo), float(hi)

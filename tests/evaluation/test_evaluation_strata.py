@@ -185,3 +185,47 @@ def test_paired_difference_pairs_targets_and_resamples_patients() -> None:
     assert reverse.mean == pytest.approx(-0.2) and reverse.hi == pytest.approx(-0.1)
     empty = paired_difference(recs, "a", "b", "dice_whole", lo_days=1000.0)
     assert empty.n_targets == 0 and math.isnan(empty.mean)
+
+
+def test_stratum_mean_weights_targets_and_resamples_patients() -> None:
+    from longitudinal.evaluation.strata import stratum_mean
+
+    # p0 covers 1 of its 3 targets, p1 both of its 2; NaN coverage (a deterministic model) is left out.
+    recs = [{"patient_id": "p0", "model": "m", "horizon_days": d, "treated_gap": False, "coverage80": c}
+            for d, c in ((10.0, 1.0), (20.0, 0.0), (200.0, 0.0))]
+    recs += [{"patient_id": "p1", "model": "m", "horizon_days": d, "treated_gap": True, "coverage80": 1.0}
+             for d in (10.0, 300.0)]
+    recs += [{"patient_id": "p1", "model": "m", "horizon_days": 50.0, "treated_gap": True, "coverage80": math.nan},
+             {"patient_id": "p0", "model": "other", "horizon_days": 10.0, "treated_gap": False, "coverage80": 1.0}]
+    m = stratum_mean(recs, "m", "coverage80")
+    assert (m.n_targets, m.n_patients) == (5, 2) and m.mean == pytest.approx(3 / 5)
+    # Resamples: p0 twice (1/3), one of each (3/5), p1 twice (1): the interval spans the extremes.
+    assert m.lo == pytest.approx(1 / 3) and m.hi == pytest.approx(1.0)
+    untreated = stratum_mean(recs, "m", "coverage80", stratum="untreated", hi_days=90.0)
+    assert (untreated.n_targets, untreated.mean, untreated.lo, untreated.hi) == (
+        2, pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5))
+    assert stratum_mean(recs, "absent", "coverage80").n_targets == 0
+
+
+def test_leave_one_patient_out_covers_exchangeable_patients_and_misses_an_outlier() -> None:
+    from longitudinal.evaluation.strata import leave_one_patient_out
+
+    def rec(pid: str, err: float, days: float = 10.0) -> dict:
+        return {"patient_id": pid, "horizon_days": days, "treated_gap": False, "volume_true_ml": 50.0 + err,
+                "volume_median_ml": 50.0, "volume_enh_true_ml": 5.0, "volume_enh_median_ml": 5.0}
+
+    # Ten patients with the same errors 1..10 ml: every held-out fit has 90 scores, each value 9 times; the 80%
+    # half-width is the 73rd (ceil(91 * 0.8)) = 9 ml and the 95% one the 87th = 10 ml, so 9 of 10 and 10 of 10.
+    recs = [rec(f"p{i}", float(e) * (-1) ** e) for i in range(10) for e in range(1, 11)]
+    rows = leave_one_patient_out(recs, form="symmetric")
+    first = {(r.stratum, r.lo_days): r for r in rows}
+    assert set(first) == {("all", 0.0), ("untreated", 0.0)}  # no treated target, no later bin
+    cell = first[("untreated", 0.0)]
+    assert (cell.n_targets, cell.n_patients) == (100, 10)
+    assert cell.coverage80 == pytest.approx(0.9) and cell.coverage95 == pytest.approx(1.0)
+    # One more patient whose errors are 100 ml: none of its targets is covered, the others still are.
+    wild = leave_one_patient_out(recs + [rec("wild", 100.0) for _ in range(10)], form="symmetric")
+    cell = next(r for r in wild if r.stratum == "all")
+    assert cell.n_patients == 11 and cell.coverage95 == pytest.approx(100 / 110)
+    with pytest.raises(ValueError, match="2 patients"):
+        leave_one_patient_out([rec("p0", 1.0)], form="symmetric")

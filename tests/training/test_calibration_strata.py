@@ -62,6 +62,19 @@ def test_a_stratum_below_the_minimum_falls_back_to_the_pooled_calibration():
     assert treated.n == 5 and treated.quantiles(10.0, 90.0)["hi80"] > untreated.quantiles(10.0, 90.0)["hi80"]
 
 
+def test_held_out_coverage_is_logged_per_stratum_and_bin():
+    from longitudinal.evaluation.strata import leave_one_patient_out
+
+    recs = _records(30, False, 1.0) + _records(24, True, 4.0)
+    fit = dataclasses.replace(calibrations_by_stratum(recs, form="symmetric"),
+                              held_out=tuple(leave_one_patient_out(recs, form="symmetric")))
+    held = [line for line in fit.log_lines() if "leave-one-patient-out" in line]
+    assert len(held) == 3  # all targets, untreated gap, treatment in gap: one bin each (gaps 30-59 days)
+    assert "all targets: 0-90 d" in held[0] and "(54 targets, 8 patients)" in held[0]
+    assert "untreated gap" in held[1] and "(30 targets, 4 patients)" in held[1]
+    assert "treatment in gap" in held[2] and "(24 targets, 4 patients)" in held[2]
+
+
 def test_stratum_calibrations_round_trip_and_the_predictor_picks_them_per_query(tmp_path):
     """Same scans for a treated and an untreated patient, a deterministic model (so the same samples): the
     treated query's interval comes from the treated calibration, the others from the untreated one, and a
@@ -145,6 +158,7 @@ def test_calibrate_checkpoint_fits_each_stratum_with_enough_targets(tmp_path):
     assert sum("own calibration on 20 targets" in line for line in lines) == 1
     assert any("untreated gap" in line and "only 16 validation targets" in line and "pooled calibration" in line
                for line in lines)
+    assert not any("leave-one-patient-out" in line for line in lines)  # one patient: none to hold out
     # Calibrated again with the same settings: the checkpoint is left as it is.
     before = path.read_bytes()
     assert set(calibrate_checkpoint(path, url, ["V0"], cfg, torch.device("cpu"))) == keys
