@@ -30,7 +30,7 @@ confirm      (Run heldout first.) The pre-registered confirmation of the scaled 
 
 strata       The shipped per-stratum calibration of each trained kind, held out patient by patient on its own
              validation forecasts (served, as the end-of-training calibration forecasts them; the same rows the
-             training log prints), beside the test coverage of ``<kind>_served`` in forecast_quality.py's
+             training log prints), the same with one calibration pooled over both strata, and the test coverage of ``<kind>_served`` in forecast_quality.py's
              <work>/targets.csv with 95% bootstrap intervals over patients. Records:
              <work>/calibration_strata/<kind>_val.json.
 
@@ -359,10 +359,13 @@ def strata(args: argparse.Namespace) -> None:
                                        calibration_eval_config(cfg, "cpu"), max_targets=cfg.calib_targets)
             cache.write_text(json.dumps(recs, default=float))
         rows = leave_one_patient_out(recs, form=cfg.calib_form, difficulty_ml=cfg.calib_difficulty_ml)
+        # The alternative: one calibration for both strata (no stratum ever has enough targets of its own).
+        pooled = {(c.stratum, c.lo_days): c for c in leave_one_patient_out(
+            recs, form=cfg.calib_form, difficulty_ml=cfg.calib_difficulty_ml, min_targets=len(recs) + 1)}
         table = Table(title=f"{kind}: 80% / 95% coverage, validation held out patient by patient vs test "
                             f"({kind}_served)")
         for col in ("stratum", "horizon", "validation, leave-one-patient-out (targets, patients)",
-                    "test [95% interval over patients] (targets, patients)"):
+                    "the same, pooled calibration", "test [95% interval over patients] (targets, patients)"):
             table.add_column(col)
         for c in rows:
             t80, t95 = (stratum_mean(tests, f"{kind}_served", key, c.stratum, c.lo_days, c.hi_days)
@@ -371,7 +374,9 @@ def strata(args: argparse.Namespace) -> None:
                     f"{t80.mean:.2f} [{t80.lo:.2f}, {t80.hi:.2f}] / {t95.mean:.2f} [{t95.lo:.2f}, {t95.hi:.2f}] "
                     f"({t80.n_targets}, {t80.n_patients})")
             table.add_row(STRATUM_LABELS[c.stratum], label(c.lo_days, c.hi_days),
-                          f"{c.coverage80:.2f} / {c.coverage95:.2f} ({c.n_targets}, {c.n_patients})", test)
+                          f"{c.coverage80:.2f} / {c.coverage95:.2f} ({c.n_targets}, {c.n_patients})",
+                          f"{pooled[(c.stratum, c.lo_days)].coverage80:.2f} / "
+                          f"{pooled[(c.stratum, c.lo_days)].coverage95:.2f}", test)
         console.print(table)
 
 
