@@ -34,7 +34,7 @@ layers: $(STAMP)
 	$(BIN)/lint-imports
 
 test: $(STAMP) lint layers
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/python -m longitudinal.demo

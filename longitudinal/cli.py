@@ -30,6 +30,9 @@ def _root(
     ctx: typer.Context,
     home: Path | None = typer.Option(None, "--home", help="Workspace root (env LONGITUDINAL_HOME)."),
 ) -> None:
+    from longitudinal.commands._common import fit_width
+
+    fit_width()
     ctx.obj = get_settings(home=home)
 
 

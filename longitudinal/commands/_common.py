@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from longitudinal.settings import Settings
 
@@ -28,6 +28,13 @@ def output_width() -> int | None:
 
 console = Console(width=output_width())
 err_console = Console(stderr=True, width=output_width())
+
+
+def fit_width() -> None:
+    """Set both consoles' width for this invocation (``output_width``): a process that runs several commands
+    (a Python API caller, a test) sees each one's own COLUMNS and terminal, not those at import time."""
+    for c in (console, err_console):
+        c.width = output_width()  # type: ignore[assignment]  # None: rich measures the terminal / COLUMNS
 
 # Library messages name Python arguments; a CLI user needs the option that does the same.
 _CLI_WORDS = {
@@ -57,12 +64,12 @@ def with_store(settings: Settings, store: str | None) -> Settings:
 
 def print_locations(settings: Settings, keys: tuple[str, ...] | None = None) -> None:
     """Print the locations a command uses, so a user always knows where things go."""
-    locs = settings.locations()
-    table = Table(title="locations", show_header=False, box=None, title_justify="left")
+    locs = {k: v for k, v in settings.locations().items() if keys is None or k in keys}
+    console.print("locations", markup=False)
+    pad = max((len(k) for k in locs), default=0)
     for key, value in locs.items():
-        if keys is None or key in keys:
-            table.add_row(f"[bold]{key}[/bold]", value)
-    console.print(table)
+        # Whole paths on one line, however narrow the output: a cut path is no location.
+        console.print(f" [bold]{key:<{pad}}[/bold]  {escape(value)}", soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -140,8 +140,8 @@ def register(app: typer.Typer) -> None:
         except ForecastError as exc:
             fail(escape(str(exc)), exc.exit_code)
         print_forecast_table(result)
-        console.print(f"[bold]files[/bold]   {result.out_dir}")
-        console.print(f"[bold]summary[/bold] {result.summary_path}")
-        console.print(f"[bold]plot[/bold]    {result.plot_path}")
+        console.print(f"[bold]files[/bold]   {result.out_dir}", soft_wrap=True)
+        console.print(f"[bold]summary[/bold] {result.summary_path}", soft_wrap=True)
+        console.print(f"[bold]plot[/bold]    {result.plot_path}", soft_wrap=True)
         console.print(f"native grid of {result.native.session}: shape {list(result.native.shape)}; "
                       f"{result.seconds:.2f} s")

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         for problem in report.problems:
             console.print(f"[yellow]source problem:[/yellow] {problem}")
         if report.quarantined:
-            console.print(f"[yellow]{report.quarantined} session(s) quarantined[/yellow]; reasons in {report.report_path}")
+            console.print(f"[yellow]{report.quarantined} session(s) quarantined[/yellow]; reasons in {report.report_path}", soft_wrap=True)
         if report.treatments_quarantined:
             console.print(f"[yellow]{report.treatments_quarantined} treatment row(s) refused[/yellow]:")
             for p in report.patients:

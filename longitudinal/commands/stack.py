@@ -54,7 +54,7 @@ def up(
         fail(str(exc))
     print_locations(settings, ("home", "store"))
     for svc in state.services.values():
-        console.print(f"[green]up[/green] {svc.name:<15} pid {svc.pid:<8} {svc.url}  (log {svc.log})")
+        console.print(f"[green]up[/green] {svc.name:<15} pid {svc.pid:<8} {svc.url}  (log {svc.log})", soft_wrap=True)
     console.print(f"prefect database: {redact_url(cfg.prefect_database_url)}", soft_wrap=True)
     console.print(f"mlflow backend:   {redact_url(cfg.mlflow_backend_uri)}", soft_wrap=True)
     console.print(f"mlflow artifacts: {cfg.mlflow_artifacts_destination}", soft_wrap=True)
@@ -76,7 +76,7 @@ def down(ctx: typer.Context) -> None:
     stack_dir = settings_of(ctx).home_dir / "stack"
     report = stack_down(stack_dir)
     if report is None:
-        console.print(f"no stack recorded under {stack_dir}")
+        console.print(f"no stack recorded under {stack_dir}", soft_wrap=True)
         return
     for warning in report.warnings:
         # Messages quote command lines, which may hold brackets rich would read as markup.

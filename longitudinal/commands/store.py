@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         cohort = _open(ctx, store, recover=False)
         ids = cohort.patient_ids()
         if not ids:
-            console.print(f"{cohort.url} holds no patient yet: add some with `longitudinal ingest SOURCE`")
+            console.print(f"{cohort.url} holds no patient yet: add some with `longitudinal ingest SOURCE`", soft_wrap=True)
             return
         table = Table(title=f"{len(ids)} patients", title_justify="left", caption_justify="left",
                       caption="dates: the store's shifted calendar (each patient's dates are moved by a secret "
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
             for line in problems:
                 err_console.print(f"  [red]FAULT[/red] {line}")
             fail(f"{len(problems)} fault(s) in {cohort.url}")
-        console.print(f"[green]OK[/green] {cohort.url}: no faults")
+        console.print(f"[green]OK[/green] {cohort.url}: no faults", soft_wrap=True)
 
     @store_app.command("migrate")
     def migrate(ctx: typer.Context, store: str | None = STORE_ARG) -> None:
@@ -128,6 +128,6 @@ def register(app: typer.Typer) -> None:
             fail(f"{len(report.faults)} fault(s) in {report.url} after the migration")
         what = (f"schema version {report.from_version} -> {report.to_version}" if report.migrated
                 else f"already at schema version {report.to_version}")
-        console.print(f"[green]OK[/green] {report.url}: {what}, no faults")
+        console.print(f"[green]OK[/green] {report.url}: {what}, no faults", soft_wrap=True)
 
     app.add_typer(store_app, name="store")

@@ -248,7 +248,7 @@ def register(app: typer.Typer) -> None:
 
             from longitudinal.evaluation.strata import stratum_rows
 
-            console.print(f"rows written to {replace(report, rows=stratum_rows(report)).to_json(json_path)}")
+            console.print(f"rows written to {replace(report, rows=stratum_rows(report)).to_json(json_path)}", soft_wrap=True)
         if targets_csv is not None:
             from longitudinal.evaluation.strata import write_targets_csv
 
