@@ -48,6 +48,7 @@ from longitudinal.models.calibration import (
     VolumeCalibration,
     calibration_key,
     select_calibration,
+    volume_quantiles,
 )
 from longitudinal.models.checkpoint import Checkpoint
 from longitudinal.predict import Predictor
@@ -253,7 +254,7 @@ def leave_one_patient_out(
     """How the calibration design holds on patients it was not fitted on, from the validation records alone
     (``calibration_records``): for each patient, ``calibrations_by_stratum`` on every other patient's records,
     then the whole-tumour intervals of that patient's targets (each through its stratum's calibration, as a
-    query is served). One row per stratum of ``REPORT_STRATA`` and bin of ``bins`` (days) that holds a target.
+    query is served; not capped at a crop volume, which the records do not carry). One row per stratum of ``REPORT_STRATA`` and bin of ``bins`` (days) that holds a target.
     Test patients are never needed, so a design can be checked without looking at the figures it is reported
     on. Raises ValueError with fewer than two patients."""
     pids = sorted({str(r["patient_id"]) for r in records})
@@ -269,7 +270,7 @@ def leave_one_patient_out(
             cal = select_calibration(cals, "whole", bool(r.get("treated_gap")))
             if cal is None:
                 raise ValueError("leave-one-patient-out: no whole-tumour calibration was fitted")
-            q = cal.quantiles(r["volume_median_ml"], r["horizon_days"], r.get("volume_linear_ml"))
+            q = volume_quantiles([r["volume_median_ml"]], r["horizon_days"], cal, r.get("volume_linear_ml"))
             v = float(r["volume_true_ml"])
             hits.append((r, q["lo80"] <= v <= q["hi80"], q["lo95"] <= v <= q["hi95"]))
     out = []
