@@ -187,8 +187,12 @@ class StratifiedCalibration:
             if cells:
                 out.append(f"leave-one-patient-out 80% / 95% coverage, {STRATUM_LABELS[stratum]}: " + ", ".join(
                     f"{_bin_label(c.lo_days, c.hi_days)} d {c.coverage80:.2f} / {c.coverage95:.2f} "
-                    f"({c.n_targets} targets, {c.n_patients} patients)" for c in cells))
+                    f"({_count(c.n_targets, 'target')}, {_count(c.n_patients, 'patient')})" for c in cells))
         return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _bin_label(lo: float, hi: float) -> str:
