@@ -31,6 +31,14 @@ rebuilt when it differs):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work W --patients 128 --treatment both \
         --no-fk --score-only
 
+More held-out patients: ``--runs-from W`` scores the runs trained under W, as they are, on every patient of
+--work's cohort, one of another --seed that they never saw (refused if any patient was in their training or
+validation split); its tables and targets.csv are written under --work:
+
+    .venv/bin/python benchmarks/forecast_quality.py --work F --patients 40 --seed 1 --models '' --train-only
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/forecast_quality.py --work F --patients 40 --seed 1 \
+        --runs-from W --models tfm,np --treatment both --no-fk
+
 Treatment: every table is printed for all targets, then for targets whose gap holds no treatment event and for
 those whose gap holds one (``longitudinal.evaluation.strata``); ``<work>/targets.csv`` has one row per (patient,
 target, model). ``--treatment both`` also trains each kind's treatment-blind setting (``treatment_aware: false``, run
@@ -74,10 +82,18 @@ def main() -> None:
     ap.add_argument("--score-only", action="store_true",
                     help="score the runs already trained under --work as they are (their best checkpoints), "
                          "without resuming them")
+    ap.add_argument("--runs-from", type=Path,
+                    help="score the runs trained under this other work folder (as --score-only) on EVERY patient of "
+                         "--work's cohort: a cohort of another --seed that those runs never saw, so more held-out "
+                         "patients than their own test split")
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training (train kinds in separate runs, then score them together with a run "
                          "without this flag: finished runs are reused)")
     args = ap.parse_args()
+    if args.runs_from is not None:
+        if args.train_only:
+            ap.error("--runs-from scores runs trained elsewhere: it cannot be combined with --train-only")
+        args.score_only = True
 
     import longitudinal.models  # noqa: F401  (registers every model kind)
     from longitudinal.evaluation.harness import EvalConfig, evaluate_models
@@ -139,8 +155,9 @@ def main() -> None:
             runs.append((kind, kind, options))
         if args.treatment in ("blind", "both"):
             runs.append((f"{kind}_blind", kind, {**options, "treatment_aware": False}))
+    runs_root = (args.runs_from.resolve() if args.runs_from else work) / "runs"
     for name, kind, options in runs:
-        run = work / "runs" / name
+        run = runs_root / name
         t = time.perf_counter()
         if args.score_only:
             from longitudinal.data.splits import Split
@@ -174,13 +191,21 @@ def main() -> None:
 
     if args.train_only:
         return
+    held_out = list(split.test)
+    if args.runs_from is not None:
+        # Every patient of this cohort is held out from those runs; none may be one they trained or chose on.
+        held_out = list(CohortStore.open(store_url).patient_ids())
+        seen = set(held_out) & (set(split.train) | set(split.val))
+        if seen:
+            raise SystemExit(f"--runs-from: {len(seen)} patients of {store_url} were in those runs' training or "
+                             "validation split; use a cohort of another --seed")
     # 4. evaluate on the held-out patients, every model beside lci, linear and the physical reference fk (fitted
     # per patient from its context scans, with the store's tissue maps and treatments; nothing trained)
     t = time.perf_counter()
     ecfg = EvalConfig(crop_size=tuple(cfg.crop_size), max_context=cfg.max_context, normalize=cfg.normalize,
                       n_samples=args.samples, seed=cfg.seed)
     scored = {**trained, **served, "fk": build_model("fk")} if args.fk else {**trained, **served}
-    report = evaluate_models(scored, store_url, list(split.test), ecfg, progress=_every_tenth(console))
+    report = evaluate_models(scored, store_url, held_out, ecfg, progress=_every_tenth(console))
     timings["evaluate_s"] = time.perf_counter() - t
     out = report.to_json(args.json or work / "forecast_quality.json")
 
@@ -188,7 +213,8 @@ def main() -> None:
     from longitudinal.evaluation.strata import write_targets_csv
 
     console.print(f"forecast quality: {report.n_targets} targets of {len(report.patients)} held-out patients "
-                  f"(split {split.split_id})")
+                  + (f"(every patient of {store_url}; runs of {args.runs_from})" if args.runs_from
+                     else f"(split {split.split_id})"))
     print_strata_tables(report)
     console.print(f"rows: {out}; per-target rows: {write_targets_csv(report.records, work / 'targets.csv')}")
     console.print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -208,7 +234,7 @@ def main() -> None:
     coherence = {}
     for kind, model in trained.items():
         if model.stochastic and not kind.endswith("_blind"):
-            c = trajectory_coherence(kind, model, store_url, list(split.test), crop_size=tuple(cfg.crop_size),
+            c = trajectory_coherence(kind, model, store_url, held_out, crop_size=tuple(cfg.crop_size),
                                      max_context=cfg.max_context, normalize=cfg.normalize,
                                      n_samples=args.samples, seed=cfg.seed)
             coherence[kind] = c.__dict__
