@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/treatment_tables.py --work $WORK/fq128
 
 reads ``<work>/targets.csv`` (one row per patient, target and model; written by
-``benchmarks/forecast_quality.py --treatment both``) and prints five tables, per treatment stratum of the gap
+``benchmarks/forecast_quality.py --treatment both``; with several --work folders, their rows together, each
+folder's patients kept apart) and prints five tables, per treatment stratum of the gap
 (none, or a treatment event between the last context scan and the target) and horizon bin (days after the last
 context scan):
 
@@ -142,12 +143,18 @@ def tables(recs: Sequence[dict]) -> list[Table]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="forecast_quality.py's --work folder")
+    ap.add_argument("--work", type=Path, required=True, nargs="+",
+                    help="forecast_quality.py's --work folder; several: their held-out patients pooled (the same "
+                         "runs scored on their own test split and, with --runs-from, on unseen cohorts)")
     args = ap.parse_args(argv)
-    path = args.work / "targets.csv"
-    if not path.is_file():
-        ap.error(f"{path}: not found; run benchmarks/forecast_quality.py --work {args.work} --treatment both first")
-    for t in tables(read_targets(path)):
+    recs = []
+    for i, work in enumerate(args.work):
+        path = work / "targets.csv"
+        if not path.is_file():
+            ap.error(f"{path}: not found; run benchmarks/forecast_quality.py --work {work} --treatment both first")
+        # Patients of different folders are different patients, even should a pseudonym repeat (a shared key).
+        recs += [{**r, "patient_id": f"{i}:{r['patient_id']}"} if i else r for r in read_targets(path)]
+    for t in tables(recs):
         print(t.markdown() + "\n")
     return 0
 
