@@ -75,6 +75,7 @@ from _coverage import (
 )
 from rich.console import Console
 from rich.table import Table
+from treatment_tables import read_targets
 
 DEFAULT_WORK = Path("workspace/bench/forecast_quality")
 PRIMARY = ("np", "scaled", "V+F")
@@ -330,8 +331,6 @@ def confirm(args: argparse.Namespace) -> None:
 
 # --- strata -----------------------------------------------------------------------------------------------
 def strata(args: argparse.Namespace) -> None:
-    import csv
-
     from longitudinal.evaluation.calibration import calibration_records
     from longitudinal.evaluation.strata import STRATUM_LABELS, leave_one_patient_out, stratum_mean
     from longitudinal.models.checkpoint import Checkpoint
@@ -341,13 +340,7 @@ def strata(args: argparse.Namespace) -> None:
     work = args.work.resolve()
     out_dir = work / "calibration_strata"
     out_dir.mkdir(exist_ok=True)
-    tests = []
-    if (work / "targets.csv").is_file():
-        with (work / "targets.csv").open() as f:
-            for r in csv.DictReader(f):
-                tests.append({"patient_id": r["patient_id"], "model": r["model"], "treated_gap": r["treated_gap"] == "true",
-                              "horizon_days": float(r["days_after_last_context"]),
-                              **{k: float(r[k]) if r[k] != "" else float("nan") for k in ("coverage80", "coverage95")}})
+    tests = read_targets(work / "targets.csv") if (work / "targets.csv").is_file() else []
     for kind in _kinds(args.models):
         cfg, split, run = _run(work, kind)
         cache = out_dir / f"{kind}_val.json"

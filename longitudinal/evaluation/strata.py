@@ -37,6 +37,7 @@ from longitudinal.evaluation.harness import (
     EvalConfig,
     EvaluationReport,
     aggregate,
+    bin_label,
     in_stratum,
 )
 from longitudinal.models.base import ForecastModel
@@ -186,17 +187,13 @@ class StratifiedCalibration:
             cells = [c for c in self.held_out if c.stratum == stratum]
             if cells:
                 out.append(f"leave-one-patient-out 80% / 95% coverage, {STRATUM_LABELS[stratum]}: " + ", ".join(
-                    f"{_bin_label(c.lo_days, c.hi_days)} d {c.coverage80:.2f} / {c.coverage95:.2f} "
+                    f"{bin_label(c.lo_days, c.hi_days)} d {c.coverage80:.2f} / {c.coverage95:.2f} "
                     f"({_count(c.n_targets, 'target')}, {_count(c.n_patients, 'patient')})" for c in cells))
         return out
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _bin_label(lo: float, hi: float) -> str:
-    return f">{lo:g}" if math.isinf(hi) else f"{lo:g}-{hi:g}"
 
 
 def calibrations_by_stratum(
@@ -258,19 +255,20 @@ def leave_one_patient_out(
     """How the calibration design holds on patients it was not fitted on, from the validation records alone
     (``calibration_records``): for each patient, ``calibrations_by_stratum`` on every other patient's records,
     then the whole-tumour intervals of that patient's targets (each through its stratum's calibration, as a
-    query is served; not capped at a crop volume, which the records do not carry). One row per stratum of ``REPORT_STRATA`` and bin of ``bins`` (days) that holds a target.
-    Test patients are never needed, so a design can be checked without looking at the figures it is reported
-    on. Raises ValueError with fewer than two patients."""
-    pids = sorted({str(r["patient_id"]) for r in records})
-    if len(pids) < 2:
-        raise ValueError(f"leave-one-patient-out needs >= 2 patients, got {len(pids)}")
+    query is served; not capped at a crop volume, which the records do not carry). One row per stratum of
+    ``REPORT_STRATA`` and bin of ``bins`` (days) that holds a target. Test patients are never needed, so a
+    design can be checked without looking at the figures it is reported on. Raises ValueError with fewer than
+    two patients."""
+    by_patient: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_patient.setdefault(str(r["patient_id"]), []).append(r)
+    if len(by_patient) < 2:
+        raise ValueError(f"leave-one-patient-out needs >= 2 patients, got {len(by_patient)}")
     hits: list[tuple[Mapping[str, Any], bool, bool]] = []
-    for pid in pids:
+    for pid, mine in sorted(by_patient.items()):
         rest = [r for r in records if str(r["patient_id"]) != pid]
         cals = calibrations_by_stratum(rest, bins, offset_years, form, difficulty_ml, min_targets).calibrations
-        for r in records:
-            if str(r["patient_id"]) != pid:
-                continue
+        for r in mine:
             cal = select_calibration(cals, "whole", bool(r.get("treated_gap")))
             if cal is None:
                 raise ValueError("leave-one-patient-out: no whole-tumour calibration was fitted")
